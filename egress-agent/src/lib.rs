@@ -1,0 +1,1 @@
+//! egress agent library.

@@ -1,0 +1,211 @@
+//! Names and map types shared by the kernel programs (`egress-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of fixed-width integers and has no implicit
+//! padding, so the kernel and userspace see the same bytes. Addresses are stored as four
+//! 32-bit words in network byte order, exactly as `bpf_sock_addr.user_ip6` holds them; IPv4
+//! addresses use the v4-mapped form `::ffff:a.b.c.d`. Ports are in host byte order.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod user;
+
+/// Original destination of each captured socket, keyed by socket cookie (`u64`).
+///
+/// Written by connect4/connect6, read by getpeername4/6, removed when the socket closes.
+pub const MAP_SOCKETS: &str = "EGRESS_SOCKETS";
+/// Capture records keyed by what the agent sees on accept ([`ConnKey`]).
+///
+/// Copied from [`MAP_SOCKETS`] by sockops when the actor's connection is established; removed
+/// by the agent when it accepts the connection, or by sockops when the socket closes first.
+pub const MAP_CONNS: &str = "EGRESS_CONNS";
+/// Captured actor cgroups (cgroup id, `u64`) and where their agent listener is ([`ActorEntry`]).
+pub const MAP_ACTORS: &str = "EGRESS_ACTORS";
+/// One [`Settings`] at index 0: how the kernel side recognises the agent's own sockets.
+pub const MAP_SETTINGS: &str = "EGRESS_SETTINGS";
+/// Per-CPU event counters, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS";
+
+/// Bound of [`MAP_SOCKETS`] (LRU: a backstop, cleanup is done on close).
+pub const SOCKETS_MAX_ENTRIES: u32 = 65_536;
+/// Bound of [`MAP_CONNS`] (LRU: a backstop, cleanup is done on accept and on close).
+pub const CONNS_MAX_ENTRIES: u32 = 65_536;
+/// Bound of [`MAP_ACTORS`]: the most actor cgroups one node can capture.
+pub const ACTORS_MAX_ENTRIES: u32 = 4_096;
+
+/// How many cgroup levels connect4/6 walk up from the caller's cgroup to find its actor.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+/// Program (function) names in the eBPF object.
+pub const PROG_CONNECT4: &str = "egress_connect4";
+/// See [`PROG_CONNECT4`].
+pub const PROG_CONNECT6: &str = "egress_connect6";
+/// See [`PROG_CONNECT4`].
+pub const PROG_GETPEERNAME4: &str = "egress_getpeername4";
+/// See [`PROG_CONNECT4`].
+pub const PROG_GETPEERNAME6: &str = "egress_getpeername6";
+/// See [`PROG_CONNECT4`].
+pub const PROG_SOCKOPS: &str = "egress_sockops";
+/// See [`PROG_CONNECT4`].
+pub const PROG_SOCK_RELEASE: &str = "egress_sock_release";
+
+/// Every program the agent attaches to each actor cgroup, in attach order.
+pub const PROGRAMS: [&str; 6] = [
+    PROG_SOCKOPS,
+    PROG_SOCK_RELEASE,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+];
+
+/// The original destination of one captured connection, and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Destination address, network byte order words (IPv4 as `::ffff:a.b.c.d`).
+    pub dst_ip: [u32; 4],
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+    /// Thread-group id (the pid userspace sees, in the init pid namespace) of the caller.
+    pub pid: u32,
+    /// cgroup id of the captured actor cgroup (a key of [`MAP_ACTORS`]).
+    pub actor_cgroup: u64,
+    /// cgroup id of the calling process (the actor cgroup or one of its descendants).
+    pub cgroup: u64,
+}
+
+/// What the agent can compute from an accepted connection: the listener's network namespace
+/// cookie and the client's address and port (the actor socket's local end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Network namespace cookie (`SO_NETNS_COOKIE` of the listener, `bpf_get_netns_cookie`).
+    pub netns: u64,
+    /// Client address, network byte order words (IPv4 as `::ffff:a.b.c.d`).
+    pub ip: [u32; 4],
+    /// Client port, host byte order.
+    pub port: u16,
+    /// Reserved, zero.
+    pub _pad: [u16; 3],
+}
+
+/// [`ActorEntry::flags`] bit: an IPv4 listener is open at `listen_ip4:listen_port`.
+pub const ACTOR_LISTEN_V4: u16 = 1;
+/// [`ActorEntry::flags`] bit: an IPv6 listener is open at `listen_ip6:listen_port`.
+pub const ACTOR_LISTEN_V6: u16 = 2;
+
+/// Where the connects of one actor cgroup are sent: the agent's listener in the actor's
+/// network namespace. An actor without the listener a connect needs has that connect refused
+/// (`EPERM`): capture fails closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActorEntry {
+    /// IPv4 listener address, network byte order.
+    pub listen_ip4: u32,
+    /// IPv6 listener address, network byte order words.
+    pub listen_ip6: [u32; 4],
+    /// Listener port, host byte order.
+    pub listen_port: u16,
+    /// [`ACTOR_LISTEN_V4`] | [`ACTOR_LISTEN_V6`].
+    pub flags: u16,
+}
+
+/// How the kernel side tells the agent's own sockets from an actor's.
+///
+/// A socket is the agent's when it carries `agent_mark` (`SO_MARK`, which needs
+/// `CAP_NET_ADMIN` over the socket's network namespace) *and* lives in the agent's network
+/// namespace. An actor that owns its network namespace can set the mark there, but not make
+/// its socket live in the agent's namespace, so it cannot opt out of capture.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Network namespace cookie of the agent's upstream sockets.
+    pub agent_netns: u64,
+    /// `SO_MARK` of the agent's upstream sockets; zero disables the exemption.
+    pub agent_mark: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// Indexes of [`MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect was redirected to the agent.
+    Redirected = 0,
+    /// A connect from an attached cgroup was refused: no actor entry or no listener for its
+    /// address family, or the record could not be stored.
+    Refused = 1,
+    /// A connect of the agent's own (marked) socket was left alone.
+    AgentSkipped = 2,
+    /// A connect straight to the agent's listener was left alone.
+    ListenerSkipped = 3,
+    /// An established connection's record was published for the agent.
+    Published = 4,
+    /// A record could not be published (map full or error).
+    PublishFailed = 5,
+}
+
+/// Number of [`Counter`] values (size of [`MAP_COUNTERS`]).
+pub const COUNTERS_LEN: u32 = 6;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTERS_LEN as usize] = [
+        Counter::Redirected,
+        Counter::Refused,
+        Counter::AgentSkipped,
+        Counter::ListenerSkipped,
+        Counter::Published,
+        Counter::PublishFailed,
+    ];
+
+    /// Stable snake_case name, for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::Refused => "refused",
+            Counter::AgentSkipped => "agent_skipped",
+            Counter::ListenerSkipped => "listener_skipped",
+            Counter::Published => "published",
+            Counter::PublishFailed => "publish_failed",
+        }
+    }
+}
+
+/// The word that makes an IPv6 address v4-mapped (`::ffff:0:0/96`), in network byte order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4 address (network byte order) as v4-mapped IPv6 words.
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Whether IPv6 words are a v4-mapped IPv4 address.
+#[inline(always)]
+pub const fn is_v4_mapped(ip6: &[u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Record>(), 16 + 2 + 2 + 4 + 8 + 8);
+        assert_eq!(core::mem::size_of::<ConnKey>(), 8 + 16 + 2 + 6);
+        assert_eq!(core::mem::size_of::<ActorEntry>(), 4 + 16 + 2 + 2);
+        assert_eq!(core::mem::size_of::<Settings>(), 8 + 4 + 4);
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! What the connect programs share: finding the caller's actor, recognising the agent's own
+//! sockets, and storing the record.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
+    programs::SockAddrContext,
+};
+use egress_common::{ActorEntry, MAX_CGROUP_DEPTH, Record};
+
+use crate::maps::{ACTORS, SETTINGS, SOCKETS};
+
+/// `SOCK_STREAM`: TCP (and MPTCP) sockets are the ones captured.
+pub const SOCK_STREAM: u32 = 1;
+/// Verdict of a cgroup sock_addr program: let the call proceed.
+pub const ALLOW: i32 = 1;
+/// Verdict of a cgroup sock_addr program: fail the call with `EPERM`.
+pub const REFUSE: i32 = 0;
+
+/// The actor cgroup the caller belongs to: its own cgroup, or the deepest of its ancestors
+/// that the agent registered. Only cgroups with attached programs reach here, so `None`
+/// means the agent does not (or no longer) serve that cgroup.
+#[inline(always)]
+pub fn find_actor() -> Option<(u64, ActorEntry)> {
+    // SAFETY: helper without arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is Copy and read at once.
+    if let Some(entry) = unsafe { ACTORS.get(&own) } {
+        return Some((own, *entry));
+    }
+    let mut found = None;
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: helper with a scalar argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(entry) = unsafe { ACTORS.get(&id) } {
+            found = Some((id, *entry));
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Whether the connecting socket is one of the agent's own upstream sockets: it carries the
+/// agent's mark *and* lives in the agent's network namespace.
+#[inline(always)]
+pub fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    if settings.agent_mark == 0 {
+        return false;
+    }
+    // SAFETY: the kernel always sets `sk` for sock_addr programs.
+    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
+    if mark != settings.agent_mark {
+        return false;
+    }
+    // SAFETY: helper taking the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    netns == settings.agent_netns
+}
+
+/// Stores the original destination of the connecting socket under its cookie.
+#[inline(always)]
+pub fn record(
+    ctx: &SockAddrContext,
+    dst_ip: [u32; 4],
+    dst_port: u16,
+    actor_cgroup: u64,
+) -> Result<(), ()> {
+    // SAFETY: helpers taking the program's context or nothing.
+    let (cookie, pid_tgid, cgroup) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let record = Record {
+        dst_ip,
+        dst_port,
+        _pad: 0,
+        pid: (pid_tgid >> 32) as u32,
+        actor_cgroup,
+        cgroup,
+    };
+    SOCKETS.insert(&cookie, &record, 0).map_err(|_| ())
+}
+
+/// Host-order port from `user_port` (network order in the low 16 bits).
+#[inline(always)]
+pub fn port_from_user(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+/// `user_port` value for a host-order port.
+#[inline(always)]
+pub fn port_to_user(port: u16) -> u32 {
+    u32::from(port.to_be())
+}

@@ -1,0 +1,51 @@
+//! cgroup/connect4: redirect an actor's IPv4 TCP connect to the agent.
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_log_ebpf::warn;
+use egress_common::{ACTOR_LISTEN_V4, Counter, v4_mapped};
+
+use crate::{
+    actor::{ALLOW, REFUSE, SOCK_STREAM, find_actor, is_agent_socket, port_from_user, port_to_user, record},
+    maps::count,
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(Counter::Refused);
+            warn!(&ctx, "egress: connect4 refused: {}", reason);
+            REFUSE
+        }
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, &'static str> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run.
+    if unsafe { (*sa).type_ } != SOCK_STREAM {
+        return Ok(ALLOW);
+    }
+    if is_agent_socket(ctx) {
+        count(Counter::AgentSkipped);
+        return Ok(ALLOW);
+    }
+    let (actor_cgroup, entry) = find_actor().ok_or("no actor registered for this cgroup")?;
+    if entry.flags & ACTOR_LISTEN_V4 == 0 {
+        return Err("the actor has no IPv4 listener");
+    }
+    // SAFETY: as above.
+    let (dst_ip, dst_port) = unsafe { ((*sa).user_ip4, port_from_user((*sa).user_port)) };
+    if dst_ip == entry.listen_ip4 && dst_port == entry.listen_port {
+        count(Counter::ListenerSkipped);
+        return Ok(ALLOW);
+    }
+    record(ctx, v4_mapped(dst_ip), dst_port, actor_cgroup).map_err(|()| "record not stored")?;
+    // SAFETY: as above; user_ip4 and user_port are writable in connect4.
+    unsafe {
+        (*sa).user_ip4 = entry.listen_ip4;
+        (*sa).user_port = port_to_user(entry.listen_port);
+    }
+    count(Counter::Redirected);
+    Ok(ALLOW)
+}
