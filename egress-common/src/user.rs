@@ -104,6 +104,8 @@ impl ActorEntry {
 
 #[cfg(test)]
 mod tests {
+    use std::string::ToString as _;
+
     use super::*;
 
     #[test]
