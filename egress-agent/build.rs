@@ -76,11 +76,41 @@ fn main() -> anyhow::Result<()> {
             Toolchain::Custom(name)
         }
     };
-    aya_build::build_ebpf([package], toolchain).context("building egress-ebpf")?;
+    // aya-build forwards every line of the nested cargo as a cargo warning, which cargo then
+    // replays on every build. Keep those lines for a failed build only.
+    let (result, lines) = capture_stdout(&out_dir, || aya_build::build_ebpf([package], toolchain))?;
+    for line in &lines {
+        if !line.starts_with("cargo:warning=") || result.is_err() {
+            println!("{line}");
+        }
+    }
+    result.context("building egress-ebpf")?;
     if fs::metadata(&object).map(|m| m.len()).unwrap_or(0) == 0 {
         bail!("aya-build produced no {}", object.display());
     }
     Ok(())
+}
+
+/// Runs `f` with this process's stdout (fd 1) sent to a file, and returns its lines.
+fn capture_stdout<T>(out_dir: &std::path::Path, f: impl FnOnce() -> T) -> anyhow::Result<(T, Vec<String>)> {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+    let path = out_dir.join("aya-build.log");
+    let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::stdout().flush()?;
+    // SAFETY: plain fd duplication; fd 1 is restored before returning.
+    let saved = unsafe { libc::dup(1) };
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+        bail!("redirecting stdout: {}", std::io::Error::last_os_error());
+    }
+    let value = f();
+    std::io::stdout().flush()?;
+    // SAFETY: as above.
+    unsafe {
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((value, text.lines().map(str::to_owned).collect()))
 }
 
 enum Found {

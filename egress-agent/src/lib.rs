@@ -1,1 +1,15 @@
-//! egress agent library.
+//! egress agent: captures actors' outbound TCP and tunnels it to the PEP with their identity.
+//!
+//! The path of a connection: [`ebpf`] programs redirect an actor's connect to a [`capture`]
+//! listener in the actor's network namespace and record where it was going; the listener
+//! takes the record; [`proxy`] classifies the first bytes ([`classify`]), opens a CONNECT
+//! tunnel through the PEP ([`tunnel`]) and relays.
+pub mod app;
+pub mod capture;
+pub mod classify;
+pub mod config;
+pub mod ebpf;
+pub mod netns;
+pub mod proxy;
+pub mod socket;
+pub mod tunnel;

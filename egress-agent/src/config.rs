@@ -1,0 +1,543 @@
+//! Configuration: command-line flags (each with an `EGRESS_*` environment variable) for the
+//! one-actor case, a TOML file for many, validated once at start-up into a [`Config`].
+use std::{
+    fmt, fs,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{classify, ebpf};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Errors that stop the agent before it starts, each saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No PEP address anywhere.
+    #[error("no PEP configured: pass --pep HOST:PORT (env EGRESS_PEP) or set `pep` in the config file")]
+    NoPep,
+    /// The PEP address does not parse.
+    #[error(
+        "PEP address {0:?} is malformed: expected HOST:PORT, e.g. 127.0.0.1:3128, [fd00::1]:3128 \
+         or squid.egress.svc:3128 (no scheme, no path)"
+    )]
+    BadPep(String),
+    /// No actor at all.
+    #[error(
+        "no actor configured: pass --actor-id and --actor-cgroup (and --actor-template, \
+         --actor-template-namespace, optionally --actor-netns), or list [[actor]] tables in \
+         --config FILE"
+    )]
+    NoActors,
+    /// Half the actor flags given.
+    #[error("--actor-{0} needs --actor-id and --actor-cgroup too")]
+    PartialActor(&'static str),
+    /// The config file cannot be read.
+    #[error("reading config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("config file {path}: {source}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause, with line and column.
+        source: toml::de::Error,
+    },
+    /// An actor field is unusable.
+    #[error("actor {actor:?}: {problem}")]
+    Actor {
+        /// The actor id (or its position when the id is the problem).
+        actor: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// Another setting is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the PEP listens: `host:port`, the host a name or an IP literal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PepAddr {
+    /// Name or IP literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl PepAddr {
+    /// The socket address when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl FromStr for PepAddr {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::BadPep(s.to_string());
+        if s.contains("://") || s.contains('/') {
+            return Err(bad());
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(PepAddr {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if port == 0 || !valid_name {
+            return Err(bad());
+        }
+        Ok(PepAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for PepAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.socket_addr() {
+            Some(addr) => addr.fmt(f),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// One captured actor: its identity and where it lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// Actor id (`x-ate-actor-id`).
+    pub id: String,
+    /// Actor template (`x-ate-actor-template`).
+    pub template: String,
+    /// Namespace of the template (`x-ate-actor-template-namespace`).
+    pub template_namespace: String,
+    /// The actor's cgroup v2 directory; its processes and their descendants are captured.
+    pub cgroup: PathBuf,
+    /// The cgroup's id (the directory's inode number), filled in by validation.
+    pub cgroup_id: u64,
+    /// The actor's network namespace file; `None` means the agent's own.
+    pub netns: Option<PathBuf>,
+}
+
+/// The validated configuration of `egress-agent run`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The PEP every connection is tunnelled to.
+    pub pep: PepAddr,
+    /// Captured actors.
+    pub actors: Vec<Actor>,
+    /// bpffs directory for pinned maps and links.
+    pub bpffs_dir: PathBuf,
+    /// Port of the agent's listeners (127.0.0.1 and ::1 in each actor network namespace).
+    pub listen_port: u16,
+    /// Bounds of the first-bytes classification.
+    pub peek: classify::Limits,
+    /// Bound on connecting to the PEP and getting its CONNECT answer.
+    pub pep_timeout: Duration,
+    /// `SO_MARK` of the agent's own sockets (exempt from capture).
+    pub socket_mark: u32,
+    /// Size of each of the two relay buffers of a tunnel.
+    pub relay_buffer: usize,
+    /// Most connections served at once; more are reset.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pep: PepAddr {
+                host: "127.0.0.1".into(),
+                port: 3128,
+            },
+            actors: Vec::new(),
+            bpffs_dir: PathBuf::from(ebpf::DEFAULT_DIR),
+            listen_port: 15001,
+            peek: classify::Limits::default(),
+            pep_timeout: Duration::from_secs(5),
+            socket_mark: DEFAULT_SOCKET_MARK,
+            relay_buffer: 16 * 1024,
+            max_connections: 65_536,
+        }
+    }
+}
+
+/// Default `SO_MARK` of the agent's sockets ("eg" in the high half).
+pub const DEFAULT_SOCKET_MARK: u32 = 0x6567_0000;
+
+/// Flags of `egress-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// PEP (HTTP CONNECT proxy) address, HOST:PORT. Overrides `pep` in the config file.
+    #[arg(long, env = "EGRESS_PEP")]
+    pub pep: Option<String>,
+    /// TOML file with `pep` and [[actor]] tables (id, template, template_namespace, cgroup,
+    /// netns). Flags for a single actor add one more.
+    #[arg(long, env = "EGRESS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Id of the single actor given by flags.
+    #[arg(long, env = "EGRESS_ACTOR_ID")]
+    pub actor_id: Option<String>,
+    /// Template of the single actor.
+    #[arg(long, env = "EGRESS_ACTOR_TEMPLATE")]
+    pub actor_template: Option<String>,
+    /// Template namespace of the single actor.
+    #[arg(long, env = "EGRESS_ACTOR_TEMPLATE_NAMESPACE")]
+    pub actor_template_namespace: Option<String>,
+    /// cgroup v2 directory of the single actor.
+    #[arg(long, env = "EGRESS_ACTOR_CGROUP")]
+    pub actor_cgroup: Option<PathBuf>,
+    /// Network namespace file of the single actor (e.g. /var/run/netns/NAME or
+    /// /proc/PID/ns/net); omitted: the agent's own.
+    #[arg(long, env = "EGRESS_ACTOR_NETNS")]
+    pub actor_netns: Option<PathBuf>,
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, env = "EGRESS_BPFFS_DIR", default_value = ebpf::DEFAULT_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Port of the agent's listeners on 127.0.0.1 and ::1 inside each actor network namespace.
+    #[arg(long, env = "EGRESS_LISTEN_PORT", default_value_t = 15001)]
+    pub listen_port: u16,
+    /// How long to wait for the client's first bytes (TLS ClientHello, HTTP request) before
+    /// using the original IP:port as the authority (server-first protocols).
+    #[arg(long, env = "EGRESS_PEEK_TIMEOUT_MS", default_value_t = 200)]
+    pub peek_timeout_ms: u64,
+    /// Most bytes read from the client to find the SNI or Host.
+    #[arg(long, env = "EGRESS_PEEK_MAX_BYTES", default_value_t = classify::Limits::default().max_bytes)]
+    pub peek_max_bytes: usize,
+    /// Bound on connecting to the PEP and receiving its CONNECT answer; past it the actor's
+    /// connection is reset.
+    #[arg(long, env = "EGRESS_PEP_TIMEOUT_MS", default_value_t = 5000)]
+    pub pep_timeout_ms: u64,
+    /// SO_MARK of the agent's own sockets, which capture leaves alone (decimal or 0x hex).
+    #[arg(long, env = "EGRESS_SOCKET_MARK", default_value = "0x65670000", value_parser = parse_u32)]
+    pub socket_mark: u32,
+    /// Size of each of a tunnel's two relay buffers, in bytes.
+    #[arg(long, env = "EGRESS_RELAY_BUFFER_BYTES", default_value_t = 16 * 1024)]
+    pub relay_buffer_bytes: usize,
+    /// Most connections served at once; connections beyond it are reset.
+    #[arg(long, env = "EGRESS_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The config file's schema.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// PEP address, HOST:PORT.
+    pub pep: Option<String>,
+    /// Captured actors.
+    #[serde(default, rename = "actor")]
+    pub actors: Vec<FileActor>,
+}
+
+/// One `[[actor]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileActor {
+    /// Actor id.
+    pub id: String,
+    /// Actor template.
+    #[serde(default)]
+    pub template: String,
+    /// Template namespace.
+    #[serde(default)]
+    pub template_namespace: String,
+    /// cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Network namespace file; omitted: the agent's own.
+    pub netns: Option<PathBuf>,
+}
+
+impl File {
+    /// Reads and parses a config file.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = fs::read_to_string(path).map_err(|source| Error::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| Error::ParseFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+impl RunArgs {
+    /// Merges flags and file and validates everything against this machine.
+    pub fn into_config(self) -> Result<Config, Error> {
+        let file = match &self.config {
+            Some(path) => File::read(path)?,
+            None => File::default(),
+        };
+        let pep = self.pep.or(file.pep).ok_or(Error::NoPep)?.parse()?;
+        let mut actors: Vec<Actor> = file
+            .actors
+            .into_iter()
+            .map(|a| Actor {
+                id: a.id,
+                template: a.template,
+                template_namespace: a.template_namespace,
+                cgroup: a.cgroup,
+                cgroup_id: 0,
+                netns: a.netns,
+            })
+            .collect();
+        match (self.actor_id, self.actor_cgroup) {
+            (Some(id), Some(cgroup)) => actors.push(Actor {
+                id,
+                template: self.actor_template.unwrap_or_default(),
+                template_namespace: self.actor_template_namespace.unwrap_or_default(),
+                cgroup,
+                cgroup_id: 0,
+                netns: self.actor_netns,
+            }),
+            (None, None) => {
+                for (flag, given) in [
+                    ("template", self.actor_template.is_some()),
+                    ("template-namespace", self.actor_template_namespace.is_some()),
+                    ("netns", self.actor_netns.is_some()),
+                ] {
+                    if given {
+                        return Err(Error::PartialActor(flag));
+                    }
+                }
+            }
+            (Some(_), None) => return Err(Error::PartialActor("id")),
+            (None, Some(_)) => return Err(Error::PartialActor("cgroup")),
+        }
+        if self.peek_max_bytes < 64 {
+            return Err(Error::Invalid(format!(
+                "--peek-max-bytes {} is too small to hold a request line or ClientHello header; use at least 64",
+                self.peek_max_bytes
+            )));
+        }
+        if self.relay_buffer_bytes == 0 || self.max_connections == 0 || self.listen_port == 0 {
+            return Err(Error::Invalid(
+                "--relay-buffer-bytes, --max-connections and --listen-port must be above zero".into(),
+            ));
+        }
+        let config = Config {
+            pep,
+            actors,
+            bpffs_dir: self.bpffs_dir,
+            listen_port: self.listen_port,
+            peek: classify::Limits {
+                max_bytes: self.peek_max_bytes,
+                timeout: Duration::from_millis(self.peek_timeout_ms),
+            },
+            pep_timeout: Duration::from_millis(self.pep_timeout_ms),
+            socket_mark: self.socket_mark,
+            relay_buffer: self.relay_buffer_bytes,
+            max_connections: self.max_connections,
+        };
+        config.validate()
+    }
+}
+
+impl Config {
+    /// Checks the actors against this machine (cgroup v2 directories, network namespace files,
+    /// header-safe identities, no duplicates) and fills in their cgroup ids.
+    pub fn validate(mut self) -> Result<Self, Error> {
+        if self.actors.is_empty() {
+            return Err(Error::NoActors);
+        }
+        let mut seen_ids = std::collections::HashSet::new();
+        let mut seen_cgroups = std::collections::HashMap::new();
+        for (i, actor) in self.actors.iter_mut().enumerate() {
+            let label = if actor.id.is_empty() {
+                format!("#{}", i + 1)
+            } else {
+                actor.id.clone()
+            };
+            let problem = |p: String| Error::Actor {
+                actor: label.clone(),
+                problem: p,
+            };
+            if actor.id.is_empty() {
+                return Err(problem("id is empty".into()));
+            }
+            for (field, value) in [
+                ("id", &actor.id),
+                ("template", &actor.template),
+                ("template_namespace", &actor.template_namespace),
+            ] {
+                if !header_safe(value) {
+                    return Err(problem(format!(
+                        "{field} {value:?} cannot be sent in an HTTP header: use printable ASCII \
+                         without control characters, at most 253 bytes"
+                    )));
+                }
+            }
+            if !seen_ids.insert(actor.id.clone()) {
+                return Err(problem("the same id is configured twice".into()));
+            }
+            actor.cgroup_id = cgroup_id(&actor.cgroup).map_err(&problem)?;
+            if let Some(other) = seen_cgroups.insert(actor.cgroup_id, actor.id.clone()) {
+                return Err(problem(format!(
+                    "cgroup {} is already actor {other:?}'s",
+                    actor.cgroup.display()
+                )));
+            }
+            if let Some(netns) = &actor.netns {
+                check_netns(netns).map_err(&problem)?;
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Printable ASCII (space included), no control characters, bounded.
+fn header_safe(s: &str) -> bool {
+    s.len() <= 253 && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// The id of a cgroup v2 directory (its inode number), or what is wrong with it.
+pub fn cgroup_id(path: &Path) -> Result<u64, String> {
+    let meta = fs::metadata(path).map_err(|e| {
+        format!(
+            "cgroup {}: {e}; give the actor's cgroup v2 directory (find the cgroup2 mount with \
+             `findmnt -t cgroup2`)",
+            path.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("cgroup {} is not a directory", path.display()));
+    }
+    let fs_type = nix::sys::statfs::statfs(path)
+        .map_err(|e| format!("statfs {}: {e}", path.display()))?
+        .filesystem_type()
+        .0 as i64;
+    if fs_type != CGROUP2_SUPER_MAGIC {
+        return Err(format!(
+            "{} is not on cgroup v2 (filesystem magic {fs_type:#x}); capture needs a cgroup v2 \
+             directory: find the cgroup2 mount with `findmnt -t cgroup2` (on hybrid hosts often \
+             /sys/fs/cgroup/unified)",
+            path.display()
+        ));
+    }
+    Ok(meta.ino())
+}
+
+fn check_netns(path: &Path) -> Result<(), String> {
+    let fs_type = nix::sys::statfs::statfs(path)
+        .map_err(|e| {
+            format!(
+                "network namespace {}: {e}; give a namespace file such as /var/run/netns/NAME \
+                 or /proc/PID/ns/net",
+                path.display()
+            )
+        })?
+        .filesystem_type()
+        .0 as i64;
+    if fs_type != NSFS_MAGIC {
+        return Err(format!(
+            "{} is not a namespace file (e.g. /var/run/netns/NAME or /proc/PID/ns/net)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pep_addresses_parse() {
+        let p: PepAddr = "127.0.0.1:3128".parse().unwrap();
+        assert_eq!(p.socket_addr(), Some("127.0.0.1:3128".parse().unwrap()));
+        let p: PepAddr = "[fd00::1]:3128".parse().unwrap();
+        assert_eq!(p.to_string(), "[fd00::1]:3128");
+        let p: PepAddr = "Squid.egress.svc:3128".parse().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("squid.egress.svc", 3128));
+        assert_eq!(p.to_string(), "squid.egress.svc:3128");
+        for bad in ["", "127.0.0.1", "http://squid:3128", "squid:0", "squid:99999", "squid/x:1", ":3128", "a..b:1"] {
+            assert!(bad.parse::<PepAddr>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn file_schema_is_strict() {
+        let f: File = toml::from_str(
+            r#"
+            pep = "127.0.0.1:3128"
+            [[actor]]
+            id = "a1"
+            template = "t"
+            template_namespace = "ns"
+            cgroup = "/sys/fs/cgroup/unified/x"
+            netns = "/var/run/netns/x"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.actors.len(), 1);
+        assert_eq!(f.actors[0].netns.as_deref(), Some(Path::new("/var/run/netns/x")));
+        let err = toml::from_str::<File>("[[actor]]\nid = \"a\"\ncgroup = \"/x\"\ncgroupp = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cgroupp"), "{err}");
+    }
+
+    #[test]
+    fn header_values_are_checked() {
+        assert!(header_safe("actor-1 / team"));
+        assert!(!header_safe("a\r\nx-evil: 1"));
+        assert!(!header_safe("é"));
+    }
+
+    #[test]
+    fn missing_cgroup_says_what_to_do() {
+        let err = cgroup_id(Path::new("/nonexistent/egress")).unwrap_err();
+        assert!(err.contains("cgroup v2 directory"), "{err}");
+    }
+
+    #[test]
+    fn non_cgroup2_directory_is_refused() {
+        let err = cgroup_id(Path::new("/tmp")).unwrap_err();
+        assert!(err.contains("not on cgroup v2"), "{err}");
+    }
+
+    #[test]
+    fn actor_flags_must_come_together() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128", "--actor-id", "a"]).unwrap();
+        assert!(matches!(t.run.into_config(), Err(Error::PartialActor("id"))));
+        let t = T::try_parse_from(["t", "--actor-id", "a"]).unwrap();
+        assert!(matches!(t.run.into_config(), Err(Error::NoPep)));
+        let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128"]).unwrap();
+        assert!(matches!(t.run.into_config(), Err(Error::NoActors)));
+    }
+}

@@ -1,0 +1,302 @@
+//! The one pipeline every captured connection goes through, whichever front captured it:
+//! accept -> classify (SNI / Host / IP) -> CONNECT to the PEP with the actor's identity ->
+//! relay. Any failure resets the actor's connection (fail closed) and says why in the log.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use egress_common::Record;
+use tokio::{net::TcpStream, sync::Semaphore};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::{
+    classify::{self, Authority},
+    config::{Actor, Config},
+    ebpf,
+    socket::{self, SocketFactory},
+    tunnel,
+};
+
+/// How a connection ended, as logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Tunnelled through the PEP and relayed to the end.
+    Tunneled,
+    /// The PEP answered non-2xx (policy deny or its upstream failed).
+    PepRefused,
+    /// The PEP did not answer in time.
+    PepTimeout,
+    /// The PEP could not be reached (or its name resolved).
+    PepUnreachable,
+    /// The HTTP exchange with the PEP failed.
+    PepError,
+    /// No capture record for the accepted connection.
+    NoRecord,
+    /// A record whose cgroup is no configured actor.
+    UnknownActor,
+    /// Too many connections at once.
+    Overloaded,
+    /// Reading the client's first bytes failed.
+    ClientError,
+    /// The relay ended with an I/O error (reset passed on).
+    RelayError,
+}
+
+impl Outcome {
+    /// Stable name for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Tunneled => "tunneled",
+            Outcome::PepRefused => "pep_refused",
+            Outcome::PepTimeout => "pep_timeout",
+            Outcome::PepUnreachable => "pep_unreachable",
+            Outcome::PepError => "pep_error",
+            Outcome::NoRecord => "no_record",
+            Outcome::UnknownActor => "unknown_actor",
+            Outcome::Overloaded => "overloaded",
+            Outcome::ClientError => "client_error",
+            Outcome::RelayError => "relay_error",
+        }
+    }
+}
+
+/// One captured connection: who made it and where it was going.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    /// Connection number, for logs.
+    pub id: u64,
+    /// The actor that made it.
+    pub actor: Arc<Actor>,
+    /// Where the actor connected to.
+    pub original_dst: SocketAddr,
+    /// The actor socket's address (as seen by the agent's listener).
+    pub client: SocketAddr,
+    /// pid of the connecting process (0 when unknown).
+    pub pid: u32,
+}
+
+/// What every connection needs: configuration, actors, the socket factory, the bound.
+pub struct Context {
+    config: Arc<Config>,
+    actors: HashMap<u64, Arc<Actor>>,
+    sockets: SocketFactory,
+    limit: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+impl Context {
+    /// A context serving `config.actors`.
+    pub fn new(config: Arc<Config>) -> Self {
+        let actors = config
+            .actors
+            .iter()
+            .map(|a| (a.cgroup_id, Arc::new(a.clone())))
+            .collect();
+        Context {
+            sockets: SocketFactory::new(config.socket_mark),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            actors,
+            config,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Connection ids, in accept order.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes an accepted connection and its capture record (if any) and serves it on a task
+    /// of its own, or resets it at once when it cannot be served.
+    pub fn accept(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        record: Result<Option<Record>, ebpf::Error>,
+    ) {
+        let id = self.next_id();
+        let record = match record {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                // A process that connected to the listener directly, or a record lost to the
+                // LRU bound: there is no identity to vouch for, so it does not go out.
+                warn!(id, client = %client, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                return socket::reset(stream);
+            }
+            Err(e) => {
+                warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                return socket::reset(stream);
+            }
+        };
+        let Some(actor) = self.actors.get(&record.actor_cgroup).cloned() else {
+            warn!(id, client = %client, cgroup_id = record.actor_cgroup, pid = record.pid,
+                original_dst = %record.destination(), outcome = Outcome::UnknownActor.as_str(),
+                "connection closed");
+            return socket::reset(stream);
+        };
+        let flow = Flow {
+            id,
+            actor,
+            original_dst: record.destination(),
+            client,
+            pid: record.pid,
+        };
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            warn!(id, actor = %flow.actor.id, pid = flow.pid, original_dst = %flow.original_dst,
+                limit = self.config.max_connections, outcome = Outcome::Overloaded.as_str(),
+                "connection closed");
+            return socket::reset(stream);
+        };
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            ctx.serve(stream, flow).await;
+            drop(permit);
+        });
+    }
+
+    /// Serves one connection to the end: classify, tunnel, relay, log.
+    pub async fn serve(&self, mut stream: TcpStream, flow: Flow) -> Outcome {
+        let span = info_span!("conn", id = flow.id, actor = %flow.actor.id, original_dst = %flow.original_dst);
+        async move {
+            let start = Instant::now();
+            let _ = stream.set_nodelay(true);
+            let mut peeked = BytesMut::with_capacity(1024);
+            let authority = match classify::classify(
+                &mut stream,
+                &mut peeked,
+                flow.original_dst,
+                &self.config.peek,
+            )
+            .await
+            {
+                Ok(authority) => authority,
+                Err(e) => {
+                    let outcome = Outcome::ClientError;
+                    log_closed(&flow, None, None, 0, 0, start, outcome, Some(&e as &dyn std::fmt::Display));
+                    socket::reset(stream);
+                    return outcome;
+                }
+            };
+            let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority) {
+                Ok(r) => r,
+                Err(e) => {
+                    let outcome = Outcome::PepError;
+                    log_closed(&flow, Some(&authority), None, 0, 0, start, outcome, Some(&e));
+                    socket::reset(stream);
+                    return outcome;
+                }
+            };
+            let tunnel = match tunnel::open(
+                &self.config.pep,
+                &self.sockets,
+                self.config.pep_timeout,
+                request,
+            )
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    let outcome = match &e {
+                        tunnel::Error::Refused(_) => Outcome::PepRefused,
+                        tunnel::Error::Timeout(_) => Outcome::PepTimeout,
+                        tunnel::Error::Unreachable { .. } | tunnel::Error::Resolve { .. } => {
+                            Outcome::PepUnreachable
+                        }
+                        tunnel::Error::Http(_) | tunnel::Error::Header(_) => Outcome::PepError,
+                    };
+                    log_closed(&flow, Some(&authority), e.status().map(|s| s.as_u16()), 0, 0, start, outcome, Some(&e));
+                    socket::reset(stream);
+                    return outcome;
+                }
+            };
+            let status = tunnel.status.as_u16();
+            let mut pep = tunnel.stream;
+            let (up, down, result) = tunnel::relay(
+                &mut stream,
+                &mut pep,
+                &peeked,
+                &tunnel.leftover,
+                self.config.relay_buffer,
+            )
+            .await;
+            match result {
+                Ok(()) => {
+                    let outcome = Outcome::Tunneled;
+                    log_closed(&flow, Some(&authority), Some(status), up, down, start, outcome, None);
+                    outcome
+                }
+                Err(e) => {
+                    // One side failed mid-stream: pass the failure on as resets, not as a
+                    // clean end the other side could mistake for complete data.
+                    let outcome = Outcome::RelayError;
+                    log_closed(&flow, Some(&authority), Some(status), up, down, start, outcome, Some(&e));
+                    socket::reset(stream);
+                    socket::reset(pep);
+                    outcome
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_closed(
+    flow: &Flow,
+    authority: Option<&Authority>,
+    pep_status: Option<u16>,
+    bytes_up: u64,
+    bytes_down: u64,
+    start: Instant,
+    outcome: Outcome,
+    error: Option<&dyn std::fmt::Display>,
+) {
+    let authority_s = authority.map(ToString::to_string).unwrap_or_default();
+    let source = authority.map_or("", |a| a.source.as_str());
+    let duration_ms = start.elapsed().as_millis() as u64;
+    let pep_status = pep_status.unwrap_or(0);
+    match error {
+        None => info!(
+            id = flow.id,
+            actor = %flow.actor.id,
+            pid = flow.pid,
+            original_dst = %flow.original_dst,
+            authority = %authority_s,
+            source,
+            pep_status,
+            bytes_up,
+            bytes_down,
+            duration_ms,
+            outcome = outcome.as_str(),
+            "connection closed"
+        ),
+        Some(error) => warn!(
+            id = flow.id,
+            actor = %flow.actor.id,
+            pid = flow.pid,
+            original_dst = %flow.original_dst,
+            authority = %authority_s,
+            source,
+            pep_status,
+            bytes_up,
+            bytes_down,
+            duration_ms,
+            outcome = outcome.as_str(),
+            error = %error,
+            "connection closed"
+        ),
+    }
+}
