@@ -1,0 +1,192 @@
+//! `cargo xtask setup`: everything a fresh Debian bookworm machine needs, installed only when
+//! missing, so running it again is cheap.
+//!
+//! The eBPF crate needs `-Z build-std=core` for bpfel-unknown-none, i.e. a compiler plus its
+//! *matching* library source, and bpf-linker. Two ways are supported:
+//! - Debian's `rustc-web` + `rust-web-src` (1.96, LLVM 22) registered with rustup as the
+//!   `debian-web` toolchain, and bpf-linker built against Debian's llvm-22 (what this installs);
+//! - rustup's nightly with the `rust-src` component (used when present, e.g. on a developer
+//!   machine with internet access).
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: the eBPF toolchain, and the real peers the tests and demo run.
+const PACKAGES: &[&str] = &[
+    // eBPF toolchain: compiler + library source + the LLVM bpf-linker links against.
+    "rustc-web",
+    "rust-web-src",
+    "cargo-web",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // Build of C-based crates.
+    "gcc",
+    "pkg-config",
+    // Real peers and tools for tests, demo and operators.
+    "squid-openssl",
+    "curl",
+    "openssl",
+    "iproute2",
+    "nftables",
+    "bpftool",
+    "util-linux",
+];
+
+/// bpf-linker release known to build against llvm-22 here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// The rustup toolchain name given to Debian's rustc-web.
+pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
+
+/// Runs the whole setup.
+pub fn run() -> anyhow::Result<()> {
+    let toolchain = ensure_toolchain()?;
+    ensure_bpffs()?;
+    println!("setup: done (eBPF toolchain: {toolchain})");
+    Ok(())
+}
+
+/// Installs what is missing and returns the rustup toolchain that builds the eBPF crate.
+pub fn ensure_toolchain() -> anyhow::Result<String> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let apt = Path::new("/usr/bin/apt-get").exists();
+    if !missing.is_empty() {
+        if !apt {
+            if nightly_has_rust_src() && which("bpf-linker") {
+                println!("setup: no apt-get; using rustup nightly with rust-src");
+                return Ok("nightly".into());
+            }
+            bail!(
+                "this is not a Debian machine (no apt-get) and rustup's nightly has no rust-src.\n\
+                 Install: `rustup toolchain install nightly --component rust-src` and \
+                 `cargo install bpf-linker`, plus squid (with OpenSSL), curl, openssl, iproute2, \
+                 nftables and bpftool from your distribution; then run this again."
+            );
+        }
+        if !is_root() {
+            bail!(
+                "these Debian packages are missing: {}.\nRun `cargo xtask setup` as root, or \
+                 install them with `sudo apt-get install -y {}`",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        println!("setup: installing {}", missing.join(" "));
+        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        // The squid package may start a system squid; the tests start their own.
+        let _ = Command::new("sh")
+            .args(["-c", "command -v systemctl >/dev/null && systemctl disable --now squid 2>/dev/null; true"])
+            .status();
+    }
+    if !which("rustup") {
+        bail!("rustup is not on PATH: install it from https://rustup.rs (the host crates build with rustup's stable)");
+    }
+    let toolchain = if Path::new("/usr/lib/rustlib/src/rust/library/Cargo.lock").exists() {
+        if !rustup_has_toolchain(DEBIAN_TOOLCHAIN) {
+            println!("setup: registering Debian's rustc-web with rustup as `{DEBIAN_TOOLCHAIN}`");
+            run_cmd(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))?;
+        }
+        DEBIAN_TOOLCHAIN.to_string()
+    } else if nightly_has_rust_src() {
+        "nightly".to_string()
+    } else {
+        bail!(
+            "no Rust library source for the eBPF build: install Debian's `rustc-web rust-web-src \
+             cargo-web` (run `cargo xtask setup` as root) or `rustup toolchain install nightly \
+             --component rust-src`"
+        );
+    };
+    if !bpf_linker_ok() {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against llvm-22 (about a minute)");
+        run_cmd(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    Ok(toolchain)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at /sys/fs/bpf: run as root `mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf`");
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    println!("setup: mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn rustup_has_toolchain(name: &str) -> bool {
+    Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().next() == Some(name)))
+}
+
+fn nightly_has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Whether `program` is on PATH.
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // The effective uid, read from /proc (keeps the xtask free of libc).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a command, failing with its command line when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
