@@ -1,0 +1,341 @@
+//! Tier 2: the whole per-connection pipeline (classify -> CONNECT -> relay) in-process, on
+//! 127.0.0.1:0, against a recording CONNECT proxy. No eBPF and no root: the test accepts the
+//! "actor" connection itself and hands it to the pipeline with a made-up record.
+//!
+//! The original destinations below are only labels: nothing ever connects to them.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use egress_agent::{
+    classify::Limits,
+    config::{Actor, Config, PepAddr},
+    proxy::{Context, Flow, Outcome},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// A real ClientHello curl sent for `https://fixture.egress.test:8443/` (see fixtures/README.md).
+const CURL_CLIENT_HELLO: &[u8] = include_bytes!("fixtures/tls/curl.bin");
+const CURL_SNI: &str = "fixture.egress.test";
+
+/// What the recording proxy saw of one CONNECT.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    target: String,
+    headers: Vec<(String, String)>,
+    /// Bytes received through the tunnel after the CONNECT head, until EOF.
+    tunnel_bytes: Vec<u8>,
+    /// Whether the client's half-close (EOF) arrived.
+    got_eof: bool,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the recording proxy answers.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// 200, then read the tunnel to EOF, then write `reply` and close.
+    Answer { reply: &'static [u8] },
+    /// 200 with `banner` in the same write (a server-first upstream), then as `Answer`.
+    Banner { banner: &'static [u8] },
+    /// Answer this status and close.
+    Status(u16),
+    /// Accept and never answer.
+    Silent,
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn recording_proxy(behaviour: Behaviour) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen2.clone();
+            tokio::spawn(serve_proxy(stream, behaviour, seen));
+        }
+    });
+    Proxy { addr, seen }
+}
+
+async fn serve_proxy(mut stream: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<Seen>>>) {
+    let mut buf = Vec::new();
+    let head_len = loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.expect("proxy read");
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&buf[..head_len]).expect("CONNECT head parses");
+    assert_eq!(req.method, Some("CONNECT"));
+    let mut record = Seen {
+        target: req.path.unwrap_or_default().to_string(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let index = {
+        let mut s = seen.lock().unwrap();
+        s.push(record.clone());
+        s.len() - 1
+    };
+    let reply = match behaviour {
+        Behaviour::Silent => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        Behaviour::Status(code) => {
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {code} Denied\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await;
+            return;
+        }
+        Behaviour::Answer { reply } => {
+            stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+            reply
+        }
+        Behaviour::Banner { banner } => {
+            let mut head = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+            head.extend_from_slice(banner);
+            stream.write_all(&head).await.unwrap();
+            b""
+        }
+    };
+    // Whatever came with the head belongs to the tunnel.
+    record.tunnel_bytes.extend_from_slice(&buf[head_len..]);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) => {
+                record.got_eof = true;
+                break;
+            }
+            Ok(n) => record.tunnel_bytes.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        seen.lock().unwrap()[index] = record.clone();
+    }
+    seen.lock().unwrap()[index] = record.clone();
+    let _ = stream.write_all(reply).await;
+    let _ = stream.shutdown().await;
+}
+
+fn actor() -> Arc<Actor> {
+    Arc::new(Actor {
+        id: "actor-7".into(),
+        template: "coder".into(),
+        template_namespace: "team-a".into(),
+        cgroup: PathBuf::from("/sys/fs/cgroup/unified/none"),
+        cgroup_id: 42,
+        netns: None,
+    })
+}
+
+fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
+    let config = Config {
+        pep: PepAddr {
+            host: pep.ip().to_string(),
+            port: pep.port(),
+        },
+        actors: vec![(*actor()).clone()],
+        peek: Limits {
+            max_bytes: Limits::default().max_bytes,
+            timeout: Duration::from_millis(100),
+        },
+        pep_timeout,
+        // Unprivileged: no SO_MARK.
+        socket_mark: 0,
+        ..Default::default()
+    };
+    Arc::new(Context::new(Arc::new(config)))
+}
+
+/// Connects a client to a fresh "agent listener" and serves the accepted side with the
+/// pipeline as if it came from `original_dst`. Returns the client side and the pipeline task.
+async fn captured(
+    ctx: &Arc<Context>,
+    original_dst: &str,
+) -> (TcpStream, tokio::task::JoinHandle<Outcome>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (server, peer) = listener.accept().await.unwrap();
+    let flow = Flow {
+        id: ctx.next_id(),
+        actor: actor(),
+        original_dst: original_dst.parse().unwrap(),
+        client: peer,
+        pid: 4242,
+    };
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move { ctx.serve(server, flow).await });
+    (client, task)
+}
+
+async fn read_to_end_or_error(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("client read timed out")?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn sni_authority_all_headers_and_byte_exact_replay() {
+    let proxy = recording_proxy(Behaviour::Answer { reply: b"hello from upstream" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:8443").await;
+    client.write_all(CURL_CLIENT_HELLO).await.unwrap();
+    client.shutdown().await.unwrap();
+    let reply = read_to_end_or_error(&mut client).await.expect("tunnel answer");
+    assert_eq!(reply, b"hello from upstream");
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+
+    let seen = proxy.seen.lock().unwrap()[0].clone();
+    let authority = format!("{CURL_SNI}:8443");
+    assert_eq!(seen.target, authority);
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
+    assert_eq!(seen.header("x-ate-actor-id"), Some("actor-7"));
+    assert_eq!(seen.header("x-ate-actor-template"), Some("coder"));
+    assert_eq!(seen.header("x-ate-actor-template-namespace"), Some("team-a"));
+    assert_eq!(seen.header("x-ate-original-destination"), Some("10.9.8.7:8443"));
+    assert_eq!(seen.header("x-ate-connect-authority"), Some(authority.as_str()));
+    assert_eq!(seen.tunnel_bytes, CURL_CLIENT_HELLO, "peeked bytes must be replayed unchanged");
+    assert!(seen.got_eof);
+}
+
+#[tokio::test]
+async fn host_authority_keeps_the_original_port() {
+    let proxy = recording_proxy(Behaviour::Answer { reply: b"HTTP/1.1 204 No Content\r\n\r\n" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:8080").await;
+    let request = b"GET /x HTTP/1.1\r\nHost: API.Example.test:9999\r\nUser-Agent: t\r\n\r\n";
+    // In pieces, as a slow client would send it.
+    for piece in request.chunks(7) {
+        client.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client.shutdown().await.unwrap();
+    let reply = read_to_end_or_error(&mut client).await.unwrap();
+    assert_eq!(reply, b"HTTP/1.1 204 No Content\r\n\r\n");
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+    let seen = proxy.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.target, "api.example.test:8080", "name from Host, port from the original destination");
+    assert_eq!(seen.header("x-ate-connect-authority"), Some("api.example.test:8080"));
+    assert_eq!(seen.header("x-ate-original-destination"), Some("10.9.8.7:8080"));
+    assert_eq!(seen.tunnel_bytes, request);
+}
+
+#[tokio::test]
+async fn server_first_protocol_gets_ip_authority_and_the_banner() {
+    let proxy = recording_proxy(Behaviour::Banner { banner: b"SSH-2.0-egress-test\r\n" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "[fd00::7]:22").await;
+    // The client waits for the server to speak first.
+    let mut banner = vec![0u8; 21];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut banner))
+        .await
+        .expect("banner within the peek timeout")
+        .unwrap();
+    assert_eq!(&banner, b"SSH-2.0-egress-test\r\n");
+    client.write_all(b"SSH-2.0-client\r\n").await.unwrap();
+    client.shutdown().await.unwrap();
+    let rest = read_to_end_or_error(&mut client).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+    let seen = proxy.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.target, "[fd00::7]:22");
+    assert_eq!(seen.header("x-ate-original-destination"), Some("[fd00::7]:22"));
+    assert_eq!(seen.header("x-ate-connect-authority"), Some("[fd00::7]:22"));
+    assert_eq!(seen.tunnel_bytes, b"SSH-2.0-client\r\n");
+}
+
+#[tokio::test]
+async fn half_close_is_passed_on_both_ways() {
+    let proxy = recording_proxy(Behaviour::Answer { reply: b"pong" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:7000").await;
+    client.write_all(b"ping").await.unwrap();
+    // The client closes its sending side and keeps reading: the upstream must see EOF, and
+    // its answer written after that EOF must still reach the client.
+    client.shutdown().await.unwrap();
+    let reply = read_to_end_or_error(&mut client).await.unwrap();
+    assert_eq!(reply, b"pong");
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+    let seen = proxy.seen.lock().unwrap()[0].clone();
+    assert!(seen.got_eof, "the client's half-close reached the upstream");
+    assert_eq!(seen.tunnel_bytes, b"ping");
+}
+
+#[tokio::test]
+async fn pep_deny_resets_the_actor() {
+    let proxy = recording_proxy(Behaviour::Status(403)).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    client.write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n").await.unwrap();
+    let err = read_to_end_or_error(&mut client).await.expect_err("the actor must see a reset, not an EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(task.await.unwrap(), Outcome::PepRefused);
+    assert_eq!(proxy.seen.lock().unwrap()[0].target, "denied.example.test:443");
+}
+
+#[tokio::test]
+async fn pep_down_resets_the_actor() {
+    // A port that was just free: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let ctx = context(closed, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    client.write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n").await.unwrap();
+    let err = read_to_end_or_error(&mut client).await.expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(task.await.unwrap(), Outcome::PepUnreachable);
+}
+
+#[tokio::test]
+async fn silent_pep_resets_the_actor_after_the_timeout() {
+    let proxy = recording_proxy(Behaviour::Silent).await;
+    let timeout = Duration::from_millis(300);
+    let ctx = context(proxy.addr, timeout);
+    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    let start = Instant::now();
+    client.write_all(b"GET / HTTP/1.1\r\nHost: slow.example.test\r\n\r\n").await.unwrap();
+    let err = read_to_end_or_error(&mut client).await.expect_err("reset expected");
+    let elapsed = start.elapsed();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(task.await.unwrap(), Outcome::PepTimeout);
+    // Not a timing assertion on speed: only that the configured bound, not something else
+    // (the proxy holds the connection for 30 s), ended it.
+    assert!(elapsed >= timeout, "reset came before the timeout: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(20), "reset came from elsewhere: {elapsed:?}");
+}
