@@ -113,6 +113,8 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
                     "bpf-linker",
                     "--version",
                     BPF_LINKER_VERSION,
+                    // Its own lock file: the versions verified with this compiler.
+                    "--locked",
                     "--no-default-features",
                     "--features",
                     "llvm-22",
