@@ -1,0 +1,329 @@
+//! Smoke tests of the rig itself: real namespaces, cgroups, squid, curl and upstream servers.
+//! They need root; run with `cargo test -p egress-tests` as root (or `cargo xtask test`).
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use egress_tests::cgroup::Cgroup;
+use egress_tests::client::{connect_in, http_connect, read_line};
+use egress_tests::netns::Netns;
+use egress_tests::pki::TestCa;
+use egress_tests::process::{ChildGuard, command_in, run};
+use egress_tests::squid::{Squid, SquidConfig};
+use egress_tests::topology::Topology;
+use egress_tests::upstream::{BANNER, Upstream, UpstreamSpec};
+use egress_tests::{require_commands, require_root};
+
+const WEB: &str = "web.egress.test";
+const WEB6: &str = "web6.egress.test";
+const DENIED: &str = "denied.egress.test";
+const T: Duration = Duration::from_secs(20);
+
+fn identity_headers() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("x-ate-actor-id", "a1"),
+        ("x-ate-actor-template", "tmpl-1"),
+        ("x-ate-actor-template-namespace", "team-a"),
+        ("x-ate-original-destination", "10.251.1.1:8443"),
+        ("x-ate-connect-authority", "web.egress.test:8443"),
+    ]
+}
+
+/// curl through squid from inside `netns`, with the identity headers as proxy headers.
+fn curl_via_proxy(
+    netns: &Netns,
+    proxy: SocketAddr,
+    ca: &TestCa,
+    url: &str,
+) -> egress_tests::process::Output {
+    let mut cmd = netns.command("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--proxy",
+        &format!("http://{proxy}"),
+    ]);
+    for (k, v) in identity_headers() {
+        cmd.arg("--proxy-header").arg(format!("{k}: {v}"));
+    }
+    cmd.arg("--cacert").arg(ca.cert_path()).arg(url);
+    run(&mut cmd, T)
+}
+
+#[test]
+fn squid_forwards_connect_and_http_and_logs_identity() {
+    require_root();
+    require_commands(&["squid", "curl", "ip", "nsenter"]);
+    let topo = Topology::new(1);
+    let ca = TestCa::new();
+    let https = topo.node_addr(8443);
+    let https6 = topo.node_addr6(8443);
+    let http = topo.node_addr(8080);
+    let banner = topo.node_addr(2525);
+    let https443 = topo.node_addr(443);
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new()
+            .names(&[WEB, WEB6])
+            .https(https443)
+            .https(https)
+            .https(https6)
+            .http(http)
+            .banner(banner),
+    );
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default()
+            .host(WEB, IpAddr::V4(topo.node_v4()))
+            .host(WEB6, IpAddr::V6(topo.node_v6()))
+            .host(DENIED, IpAddr::V4(topo.node_v4()))
+            .deny_domain(DENIED),
+    );
+
+    // HTTPS through CONNECT: the upstream sees the SNI, squid logs authority and headers.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("https://{WEB}:8443/hello"),
+    );
+    out.expect_success("curl https via squid");
+    assert!(
+        out.stdout.contains(&format!(
+            "upstream=https:{https} sni={WEB} host={WEB}:8443 path=/hello"
+        )),
+        "{}",
+        out.stdout
+    );
+    let seen = upstream.seen_on(https);
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(seen[0].sni.as_deref(), Some(WEB));
+
+    let e = squid.wait_for_request("CONNECT", &format!("{WEB}:8443"), T);
+    assert_eq!(e.status, Some(200));
+    assert_eq!(
+        e.server.as_deref(),
+        Some(topo.node_v4().to_string().as_str())
+    );
+    assert_eq!(e.actor_id.as_deref(), Some("a1"));
+    assert_eq!(e.actor_template.as_deref(), Some("tmpl-1"));
+    assert_eq!(e.actor_template_namespace.as_deref(), Some("team-a"));
+    assert_eq!(e.original_destination.as_deref(), Some("10.251.1.1:8443"));
+    assert_eq!(e.connect_authority.as_deref(), Some("web.egress.test:8443"));
+
+    // IPv6 upstream, resolved from squid's hosts file.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("https://{WEB6}:8443/"),
+    );
+    out.expect_success("curl https (IPv6 upstream) via squid");
+    assert_eq!(upstream.seen_on(https6).len(), 1);
+    assert_eq!(upstream.seen_on(https6)[0].sni.as_deref(), Some(WEB6));
+
+    // Plain HTTP: squid forwards the GET itself; the upstream sees the Host header.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("http://{WEB}:8080/plain"),
+    );
+    out.expect_success("curl http via squid");
+    assert!(
+        out.stdout.contains(&format!(
+            "upstream=http:{http} sni=- host={WEB}:8080 path=/plain"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        upstream.seen_on(http)[0].host.as_deref(),
+        Some(format!("{WEB}:8080").as_str())
+    );
+    let e = squid.wait_for_request("GET", &format!("http://{WEB}:8080/plain"), T);
+    assert_eq!(e.status, Some(200));
+    assert_eq!(e.actor_id.as_deref(), Some("a1"));
+
+    // Server-first service through a hand-made CONNECT: the banner arrives before we send.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let status = http_connect(&mut s, &format!("{WEB}:2525"), &identity_headers())
+        .expect("CONNECT to banner");
+    assert_eq!(status, 200);
+    assert_eq!(
+        read_line(&mut s).expect("read banner"),
+        BANNER.trim_end_matches('\n').to_string() + "\n"
+    );
+    s.write_all(b"ping\r\n").expect("write to banner service");
+    assert_eq!(read_line(&mut s).expect("read echo"), "ping\r\n");
+    drop(s);
+    squid.wait_for_request("CONNECT", &format!("{WEB}:2525"), T);
+    assert_eq!(upstream.accepted(banner), 1);
+
+    // A denied authority: squid answers 403 and the upstream never sees a connection.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let status = http_connect(&mut s, &format!("{DENIED}:443"), &identity_headers())
+        .expect("CONNECT to denied");
+    assert_eq!(status, 403);
+    // Squid keeps the client connection open after a 403 (keep-alive): close it ourselves.
+    drop(s);
+    assert_eq!(
+        squid
+            .wait_for_request("CONNECT", &format!("{DENIED}:443"), T)
+            .status,
+        Some(403)
+    );
+    assert_eq!(upstream.accepted(https443), 0);
+    // Every request above left exactly one entry (no probe or error entries).
+    assert_eq!(
+        squid.access_log_entries().len(),
+        5,
+        "{:#?}",
+        squid.access_log_entries()
+    );
+}
+
+#[test]
+fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
+    require_root();
+    require_commands(&["curl", "ip", "sleep"]);
+    let topo = Topology::new(2);
+    let cgroup = Cgroup::new();
+    let ca = TestCa::new();
+    let https = topo.node_addr(8443);
+    let https6 = topo.node_addr6(8443);
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new().names(&[WEB]).https(https).https(https6),
+    );
+
+    // A long-lived process: check its cgroup and netns from outside.
+    let mut cmd = command_in("sleep", Some(&topo.actor), Some(&cgroup));
+    cmd.arg("30");
+    let sleeper = ChildGuard::spawn(&mut cmd);
+    let pid = sleeper.pid();
+    let proc_cgroup =
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read /proc/PID/cgroup");
+    let want = format!("0::{}", cgroup.relative_path().display());
+    assert!(
+        proc_cgroup.lines().any(|l| l == want),
+        "{pid} not in {want}: {proc_cgroup}"
+    );
+    assert!(
+        cgroup.pids().contains(&(pid as i32)),
+        "cgroup.procs lacks {pid}"
+    );
+    let ns_ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("/proc/{pid}/ns/net")).expect("stat ns"),
+    );
+    assert_eq!(ns_ino, topo.actor.inode(), "process not in the actor netns");
+    assert_ne!(topo.actor.inode(), topo.node.inode());
+    assert!(cgroup.id() > 1);
+
+    // The same from inside: what the program itself sees.
+    let out = run(
+        command_in("sh", Some(&topo.actor), Some(&cgroup))
+            .args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"]),
+        T,
+    );
+    out.expect_success("sh in actor");
+    assert!(out.stdout.contains(&want), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("net:[{}]", topo.actor.inode())),
+        "{}",
+        out.stdout
+    );
+
+    // Direct (uncaptured) traffic from the actor reaches the upstream over the veth.
+    assert_eq!(upstream.accepted(https), 0);
+    let curl = |resolve: String, url: String| {
+        let mut cmd = command_in("curl", Some(&topo.actor), Some(&cgroup));
+        cmd.args(["-sS", "--max-time", "10", "--resolve", &resolve, "--cacert"])
+            .arg(ca.cert_path())
+            .arg(url);
+        run(&mut cmd, T)
+    };
+    let out = curl(
+        format!("{WEB}:8443:{}", topo.node_v4()),
+        format!("https://{WEB}:8443/direct"),
+    );
+    out.expect_success("curl from actor to upstream");
+    assert!(out.stdout.contains(&format!("sni={WEB}")), "{}", out.stdout);
+    assert_eq!(upstream.accepted(https), 1);
+    assert_eq!(
+        upstream.seen_on(https)[0].peer.ip(),
+        IpAddr::V4(topo.actor_v4())
+    );
+
+    let out = curl(
+        format!("{WEB}:8443:[{}]", topo.node_v6()),
+        format!("https://{WEB}:8443/direct6"),
+    );
+    out.expect_success("curl from actor to upstream over IPv6");
+    assert_eq!(upstream.accepted(https6), 1);
+    assert_eq!(
+        upstream.seen_on(https6)[0].peer.ip(),
+        IpAddr::V6(topo.actor_v6())
+    );
+}
+
+#[test]
+fn guards_clean_up_on_drop() {
+    require_root();
+    require_commands(&["squid", "ip", "sleep"]);
+    let (names, cgroup_paths, squid_pid, squid_dir) = {
+        let topo = Topology::new(3);
+        let cgroup = Cgroup::new();
+        let child = cgroup.child("inner");
+        // A process left behind in the child cgroup: Drop must kill it to remove the cgroup.
+        let mut cmd = command_in("sleep", Some(&topo.actor), Some(&child));
+        cmd.arg("60");
+        let orphan = cmd.spawn().expect("spawn sleep");
+        let squid = Squid::start(&topo.node, SquidConfig::default());
+        let names = vec![topo.node.name().to_string(), topo.actor.name().to_string()];
+        for n in &names {
+            assert!(PathBuf::from("/var/run/netns").join(n).exists());
+        }
+        let paths = vec![cgroup.path().to_path_buf(), child.path().to_path_buf()];
+        let out = (names, paths, squid.pid(), squid.dir().to_path_buf());
+        // The orphan is reaped by nobody but must still be killed by the cgroup guard.
+        std::mem::forget(orphan);
+        out
+    };
+    for n in &names {
+        assert!(
+            !PathBuf::from("/var/run/netns").join(n).exists(),
+            "netns {n} left behind"
+        );
+    }
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in &names {
+        assert!(
+            !list.lines().any(|l| l.split_whitespace().next() == Some(n)),
+            "ip netns list still has {n}"
+        );
+    }
+    for p in &cgroup_paths {
+        assert!(!p.exists(), "cgroup {} left behind", p.display());
+    }
+    assert!(
+        !squid_dir.exists(),
+        "squid dir {} left behind",
+        squid_dir.display()
+    );
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(squid_pid as i32), None).is_ok();
+    assert!(!alive, "squid {squid_pid} still running");
+}
