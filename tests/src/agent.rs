@@ -326,7 +326,17 @@ impl Agent {
     /// Starts `EGRESS_AGENT_BIN` with `opts` inside `netns` (and `cgroup`, if given).
     /// Does not wait for readiness: see [`Agent::wait_ready`].
     pub fn start(netns: &Netns, cgroup: Option<&Cgroup>, opts: AgentOptions) -> Agent {
-        let bin = agent_bin();
+        Agent::start_with_bin(&agent_bin(), netns, cgroup, opts)
+    }
+
+    /// Like [`Agent::start`] with an explicit binary (the rig's own tests use a stand-in).
+    pub fn start_with_bin(
+        bin: &Path,
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        opts: AgentOptions,
+    ) -> Agent {
+        let bin = bin.to_path_buf();
         crate::ensure_bpffs();
         let config_dir = crate::pki::private_readable_dir("egress-test-agent-");
         let config_path = config_dir.path().join("agent.toml");

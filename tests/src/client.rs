@@ -4,6 +4,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use std::process::Command;
+
+use crate::cgroup::Cgroup;
 use crate::netns::Netns;
 
 /// Connects to `addr` from inside `netns` (the socket stays in that namespace), with
@@ -73,6 +76,41 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
     let mut line = String::new();
     BufReader::with_capacity(1, stream).read_line(&mut line)?;
     Ok(line)
+}
+
+/// A command that runs bash `body` inside `netns`/`cgroup` with fd 3 connected to `addr`
+/// (bash's `/dev/tcp`): a client whose first byte and timing the test controls, e.g. one that
+/// waits for a server-first banner without sending anything. Exits 7 if the connect fails.
+pub fn bash_tcp_command(
+    netns: Option<&Netns>,
+    cgroup: Option<&Cgroup>,
+    addr: SocketAddr,
+    body: &str,
+) -> Command {
+    let mut cmd = crate::process::command_in("bash", netns, cgroup);
+    let script = format!("exec 3<>\"/dev/tcp/$0/$1\" || exit 7\n{body}");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string());
+    cmd
+}
+
+/// A server-first exchange: reads the banner, sends `ping`, reads the echo, and prints both
+/// lines (CR stripped) on stdout; exits 8/9 if a line does not arrive within 10 s.
+pub fn banner_exchange_command(
+    netns: Option<&Netns>,
+    cgroup: Option<&Cgroup>,
+    addr: SocketAddr,
+) -> Command {
+    bash_tcp_command(
+        netns,
+        cgroup,
+        addr,
+        "IFS= read -r -t 10 l <&3 || exit 8; printf '%s\\n' \"${l%$'\\r'}\"\n\
+         printf 'ping\\r\\n' >&3\n\
+         IFS= read -r -t 10 l <&3 || exit 9; printf '%s\\n' \"${l%$'\\r'}\"\n",
+    )
 }
 
 #[cfg(test)]

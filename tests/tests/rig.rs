@@ -6,8 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use egress_tests::agent::{ActorSpec, Agent, AgentOptions};
 use egress_tests::cgroup::Cgroup;
-use egress_tests::client::{connect_in, http_connect, read_line};
+use egress_tests::client::{banner_exchange_command, connect_in, http_connect, read_line};
 use egress_tests::netns::Netns;
 use egress_tests::pki::TestCa;
 use egress_tests::process::{ChildGuard, command_in, run};
@@ -196,10 +197,15 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
     let ca = TestCa::new();
     let https = topo.node_addr(8443);
     let https6 = topo.node_addr6(8443);
+    let banner6 = topo.node_addr6(2525);
     let upstream = Upstream::start(
         &topo.node,
         &ca,
-        UpstreamSpec::new().names(&[WEB]).https(https).https(https6),
+        UpstreamSpec::new()
+            .names(&[WEB])
+            .https(https)
+            .https(https6)
+            .banner(banner6),
     );
 
     // A long-lived process: check its cgroup and netns from outside.
@@ -270,6 +276,109 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
     assert_eq!(
         upstream.seen_on(https6)[0].peer.ip(),
         IpAddr::V6(topo.actor_v6())
+    );
+
+    // A server-first exchange from the actor: the client sends nothing until the banner came.
+    let out = run(
+        &mut banner_exchange_command(Some(&topo.actor), Some(&cgroup), banner6),
+        T,
+    );
+    out.expect_success("banner exchange from actor");
+    assert_eq!(out.stdout, format!("{}\nping\n", BANNER.trim_end()));
+    assert_eq!(upstream.accepted(banner6), 1);
+}
+
+/// A stand-in for the agent binary: logs like the real one (JSON on stderr), pins nothing,
+/// and records `detach` calls, so the guard's mechanics are tested before the agent exists.
+const FAKE_AGENT: &str = r#"#!/bin/sh
+cmd=$1; shift
+bpffs=""; actor=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bpffs-dir) bpffs=$2; shift ;;
+    --actor-id) actor=$2; shift ;;
+  esac
+  shift
+done
+case "$cmd" in
+  run)
+    mkdir -p "$bpffs" || exit 2
+    echo "fake agent starting (not JSON)" >&2
+    if [ "$actor" = crash ]; then
+      printf '{"level":"ERROR","fields":{"message":"cannot attach","error":"fake failure"}}\n' >&2
+      exit 3
+    fi
+    printf '{"level":"INFO","fields":{"message":"ready","netns":"%s"}}\n' "$(readlink /proc/self/ns/net)" >&2
+    printf '{"level":"INFO","fields":{"message":"connection closed","actor":"%s","pid":%s,"original_dst":"10.251.4.1:443","authority":"web.egress.test:443","source":"sni","pep_status":200,"bytes_up":517,"bytes_down":1024,"duration_ms":5,"outcome":"ok"}}\n' "$actor" "$$" >&2
+    exec sleep 60
+    ;;
+  detach)
+    rmdir "$bpffs" && touch "$(dirname "$0")/detached"
+    ;;
+esac
+"#;
+
+#[test]
+fn agent_guard_collects_logs_places_and_detaches() {
+    require_root();
+    require_commands(&["sh", "sleep", "ip"]);
+    let topo = Topology::new(4);
+    let cgroup = Cgroup::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = dir.path().join("fake-agent");
+    std::fs::write(&bin, FAKE_AGENT).expect("write fake agent");
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+
+    let opts = AgentOptions::new("127.0.0.1:3128")
+        .actor(ActorSpec::new("a1", "t", "ns", &cgroup).netns(&topo.actor));
+    let bpffs = opts.bpffs_dir.clone();
+    {
+        let mut agent = Agent::start_with_bin(&bin, &topo.node, Some(&cgroup), opts);
+        let ready = agent.wait_ready(T);
+        assert_eq!(
+            ready.field_str("netns"),
+            Some(format!("net:[{}]", topo.node.inode()))
+        );
+        assert!(
+            bpffs.is_dir(),
+            "fake agent did not create {}",
+            bpffs.display()
+        );
+        let conns = agent.wait_for_connections(1, T);
+        assert_eq!(conns[0].actor.as_deref(), Some("a1"));
+        assert_eq!(conns[0].pid, Some(agent.pid()));
+        assert_eq!(conns[0].pep_status, Some(200));
+        assert!(agent.lines().iter().any(|l| l.contains("not JSON")));
+        assert_eq!(agent.json_lines().len(), 2);
+        assert!(
+            cgroup.pids().contains(&(agent.pid() as i32)),
+            "agent not in its cgroup"
+        );
+        assert!(agent.is_running());
+    }
+    assert!(
+        dir.path().join("detached").exists(),
+        "Drop did not run `detach`"
+    );
+    assert!(!bpffs.exists(), "{} left behind", bpffs.display());
+
+    // An agent that dies before `ready`: the wait fails at once with the agent's own log.
+    let opts =
+        AgentOptions::new("127.0.0.1:3128").actor(ActorSpec::new("crash", "t", "ns", &cgroup));
+    let mut agent = Agent::start_with_bin(&bin, &topo.node, None, opts);
+    let started = std::time::Instant::now();
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.wait_ready(T)))
+        .expect_err("wait_ready must panic when the agent exits");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("agent exited") && msg.contains("fake failure"),
+        "{msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit noticed only after {:?}",
+        started.elapsed()
     );
 }
 
