@@ -1,7 +1,8 @@
 //! Small blocking clients for tests: TCP connects from inside a namespace and HTTP CONNECT.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::Duration;
 
 use std::process::Command;
@@ -111,6 +112,28 @@ pub fn banner_exchange_command(
          printf 'ping\\r\\n' >&3\n\
          IFS= read -r -t 10 l <&3 || exit 9; printf '%s\\n' \"${l%$'\\r'}\"\n",
     )
+}
+
+/// A `curl -sS --max-time 10` command inside `netns`/`cgroup` that trusts `ca` and resolves
+/// each `(name, port, ip)` locally (`--resolve`), so no DNS is ever asked.
+pub fn curl_command(
+    netns: Option<&Netns>,
+    cgroup: Option<&Cgroup>,
+    ca: &Path,
+    resolve: &[(&str, u16, IpAddr)],
+    url: &str,
+) -> Command {
+    let mut cmd = crate::process::command_in("curl", netns, cgroup);
+    cmd.args(["-sS", "--max-time", "10", "--cacert"]).arg(ca);
+    for (name, port, ip) in resolve {
+        let ip = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        cmd.arg("--resolve").arg(format!("{name}:{port}:{ip}"));
+    }
+    cmd.arg(url);
+    cmd
 }
 
 #[cfg(test)]

@@ -3,6 +3,41 @@
 //!
 //! Every guard cleans up in `Drop` and never panics there; everything else panics with
 //! context, because a test that cannot set itself up must fail loudly, never pass.
+//! Declare guards in dependency order (topology first): locals drop in reverse, so processes
+//! stop before their namespaces and cgroups go.
+//!
+//! ```no_run
+//! use std::net::IpAddr;
+//! use std::time::Duration;
+//! use egress_tests::{agent::*, cgroup::Cgroup, client::curl_command, pki::TestCa, process::run};
+//! use egress_tests::{squid::*, topology::Topology, upstream::*};
+//!
+//! egress_tests::require_root();
+//! let topo = Topology::new(7); // 10.251.7.0/24, fd7e:251:7::/64; unique per test
+//! let cgroup = Cgroup::new();
+//! let ca = TestCa::new();
+//! let web = topo.node_addr(443);
+//! let upstream = Upstream::start(&topo.node, &ca, UpstreamSpec::new().names(&["web.egress.test"]).https(web));
+//! let squid = Squid::start(
+//!     &topo.node,
+//!     SquidConfig::default().host("web.egress.test", IpAddr::V4(topo.node_v4())),
+//! );
+//! let opts = AgentOptions::new(squid.addr())
+//!     .actor(ActorSpec::new("a1", "tmpl", "team", &cgroup).netns(&topo.actor));
+//! let mut agent = Agent::start(&topo.node, None, opts);
+//! agent.wait_ready(Duration::from_secs(20));
+//! let out = run(
+//!     &mut curl_command(Some(&topo.actor), Some(&cgroup), &ca.cert_path(),
+//!         &[("web.egress.test", 443, IpAddr::V4(topo.node_v4()))], "https://web.egress.test/"),
+//!     Duration::from_secs(20),
+//! );
+//! out.expect_success("curl from the actor");
+//! let conn = &agent.wait_for_connections(1, Duration::from_secs(20))[0];
+//! assert_eq!(conn.pid, Some(out.pid));
+//! let entry = squid.wait_for_request("CONNECT", "web.egress.test:443", Duration::from_secs(20));
+//! assert_eq!(entry.actor_id.as_deref(), Some("a1"));
+//! assert_eq!(upstream.seen_on(web)[0].sni.as_deref(), Some("web.egress.test"));
+//! ```
 
 pub mod agent;
 pub mod cgroup;

@@ -60,6 +60,8 @@ pub fn place(cmd: &mut Command, netns: Option<&Netns>, cgroup: Option<&Cgroup>) 
 /// What a bounded run produced.
 #[derive(Debug)]
 pub struct Output {
+    /// The child's pid (to match against the agent's `pid` field).
+    pub pid: u32,
     /// Exit status; `None` if the run timed out and was killed.
     pub status: Option<ExitStatus>,
     /// Standard output, lossily decoded.
@@ -122,6 +124,7 @@ pub fn run_with_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Out
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
     let stdin = child.stdin.take().map(|mut w| {
         let input = input.to_vec();
         // On its own thread: a child that does not read its stdin must not block us.
@@ -143,6 +146,7 @@ pub fn run_with_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Out
         let _ = t.join();
     }
     Output {
+        pid,
         status,
         stdout: String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
         stderr: String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),

@@ -28,6 +28,8 @@ pub struct SquidConfig {
     /// Domains (squid `dstdomain` syntax, e.g. `denied.egress.test` or `.denied.test`) that
     /// squid refuses with 403.
     pub deny_domains: Vec<String>,
+    /// CONNECT target ports that squid refuses with 403.
+    pub deny_ports: Vec<u16>,
     /// Raw squid.conf lines placed just before the final `http_access allow all`.
     pub extra: Vec<String>,
 }
@@ -38,6 +40,7 @@ impl Default for SquidConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
             hosts: Vec::new(),
             deny_domains: Vec::new(),
+            deny_ports: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -47,6 +50,12 @@ impl SquidConfig {
     /// Adds a hosts-file entry.
     pub fn host(mut self, name: &str, ip: IpAddr) -> Self {
         self.hosts.push((name.to_string(), ip));
+        self
+    }
+
+    /// Makes squid answer 403 to CONNECT requests for `port`.
+    pub fn deny_port(mut self, port: u16) -> Self {
+        self.deny_ports.push(port);
         self
     }
 
@@ -376,6 +385,11 @@ fn render_config(dir: &Path, config: &SquidConfig) -> String {
             config.deny_domains.join(" ")
         ));
         line("http_access deny egress_denied");
+    }
+    if !config.deny_ports.is_empty() {
+        let ports: Vec<String> = config.deny_ports.iter().map(u16::to_string).collect();
+        line(&format!("acl egress_denied_ports port {}", ports.join(" ")));
+        line("http_access deny CONNECT egress_denied_ports");
     }
     for l in &config.extra {
         line(l);

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use egress_tests::agent::{ActorSpec, Agent, AgentOptions};
 use egress_tests::cgroup::Cgroup;
-use egress_tests::client::{banner_exchange_command, connect_in, http_connect, read_line};
+use egress_tests::client::{
+    banner_exchange_command, connect_in, curl_command, http_connect, read_line,
+};
 use egress_tests::netns::Netns;
 use egress_tests::pki::TestCa;
 use egress_tests::process::{ChildGuard, command_in, run};
@@ -82,7 +84,8 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
             .host(WEB, IpAddr::V4(topo.node_v4()))
             .host(WEB6, IpAddr::V6(topo.node_v6()))
             .host(DENIED, IpAddr::V4(topo.node_v4()))
-            .deny_domain(DENIED),
+            .deny_domain(DENIED)
+            .deny_port(2526),
     );
 
     // HTTPS through CONNECT: the upstream sees the SNI, squid logs authority and headers.
@@ -179,10 +182,22 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
         Some(403)
     );
     assert_eq!(upstream.accepted(https443), 0);
+
+    // A denied port, by IP authority.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let authority = format!("{}:2526", topo.node_v4());
+    assert_eq!(
+        http_connect(&mut s, &authority, &[]).expect("CONNECT to denied port"),
+        403
+    );
+    drop(s);
+    let e = squid.wait_for_request("CONNECT", &authority, T);
+    assert_eq!((e.status, e.actor_id), (Some(403), None));
+
     // Every request above left exactly one entry (no probe or error entries).
     assert_eq!(
         squid.access_log_entries().len(),
-        5,
+        6,
         "{:#?}",
         squid.access_log_entries()
     );
@@ -248,17 +263,18 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
 
     // Direct (uncaptured) traffic from the actor reaches the upstream over the veth.
     assert_eq!(upstream.accepted(https), 0);
-    let curl = |resolve: String, url: String| {
-        let mut cmd = command_in("curl", Some(&topo.actor), Some(&cgroup));
-        cmd.args(["-sS", "--max-time", "10", "--resolve", &resolve, "--cacert"])
-            .arg(ca.cert_path())
-            .arg(url);
+    let curl = |ip: IpAddr, path: &str| {
+        let url = format!("https://{WEB}:8443{path}");
+        let mut cmd = curl_command(
+            Some(&topo.actor),
+            Some(&cgroup),
+            &ca.cert_path(),
+            &[(WEB, 8443, ip)],
+            &url,
+        );
         run(&mut cmd, T)
     };
-    let out = curl(
-        format!("{WEB}:8443:{}", topo.node_v4()),
-        format!("https://{WEB}:8443/direct"),
-    );
+    let out = curl(IpAddr::V4(topo.node_v4()), "/direct");
     out.expect_success("curl from actor to upstream");
     assert!(out.stdout.contains(&format!("sni={WEB}")), "{}", out.stdout);
     assert_eq!(upstream.accepted(https), 1);
@@ -267,10 +283,7 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
         IpAddr::V4(topo.actor_v4())
     );
 
-    let out = curl(
-        format!("{WEB}:8443:[{}]", topo.node_v6()),
-        format!("https://{WEB}:8443/direct6"),
-    );
+    let out = curl(IpAddr::V6(topo.node_v6()), "/direct6");
     out.expect_success("curl from actor to upstream over IPv6");
     assert_eq!(upstream.accepted(https6), 1);
     assert_eq!(
