@@ -267,7 +267,10 @@ impl Squid {
     /// Every access-log entry written so far (squid logs a CONNECT when its tunnel closes).
     pub fn access_log_entries(&self) -> Vec<AccessEntry> {
         let text = std::fs::read_to_string(self.access_log_path()).unwrap_or_default();
-        text.lines()
+        // A line squid is still writing has no newline yet: leave it for the next read.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
                 AccessEntry::parse(l)
