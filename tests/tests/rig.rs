@@ -1,0 +1,451 @@
+//! Smoke tests of the rig itself: real namespaces, cgroups, squid, curl and upstream servers.
+//! They need root; run with `cargo test -p egress-tests` as root (or `cargo xtask test`).
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use egress_tests::agent::{ActorSpec, Agent, AgentOptions};
+use egress_tests::cgroup::Cgroup;
+use egress_tests::client::{
+    banner_exchange_command, connect_in, curl_command, http_connect, read_line,
+};
+use egress_tests::netns::Netns;
+use egress_tests::pki::TestCa;
+use egress_tests::process::{ChildGuard, command_in, run};
+use egress_tests::squid::{Squid, SquidConfig};
+use egress_tests::topology::Topology;
+use egress_tests::upstream::{BANNER, Upstream, UpstreamSpec};
+use egress_tests::{require_commands, require_root};
+
+const WEB: &str = "web.egress.test";
+const WEB6: &str = "web6.egress.test";
+const DENIED: &str = "denied.egress.test";
+const T: Duration = Duration::from_secs(20);
+
+fn identity_headers() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("x-ate-actor-id", "a1"),
+        ("x-ate-actor-template", "tmpl-1"),
+        ("x-ate-actor-template-namespace", "team-a"),
+        ("x-ate-original-destination", "10.251.1.1:8443"),
+        ("x-ate-connect-authority", "web.egress.test:8443"),
+    ]
+}
+
+/// curl through squid from inside `netns`, with the identity headers as proxy headers.
+fn curl_via_proxy(
+    netns: &Netns,
+    proxy: SocketAddr,
+    ca: &TestCa,
+    url: &str,
+) -> egress_tests::process::Output {
+    let mut cmd = netns.command("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--proxy",
+        &format!("http://{proxy}"),
+    ]);
+    for (k, v) in identity_headers() {
+        cmd.arg("--proxy-header").arg(format!("{k}: {v}"));
+    }
+    cmd.arg("--cacert").arg(ca.cert_path()).arg(url);
+    run(&mut cmd, T)
+}
+
+#[test]
+fn squid_forwards_connect_and_http_and_logs_identity() {
+    require_root();
+    require_commands(&["squid", "curl", "ip", "nsenter"]);
+    let topo = Topology::new(1);
+    let ca = TestCa::new();
+    let https = topo.node_addr(8443);
+    let https6 = topo.node_addr6(8443);
+    let http = topo.node_addr(8080);
+    let banner = topo.node_addr(2525);
+    let https443 = topo.node_addr(443);
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new()
+            .names(&[WEB, WEB6])
+            .https(https443)
+            .https(https)
+            .https(https6)
+            .http(http)
+            .banner(banner),
+    );
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default()
+            .host(WEB, IpAddr::V4(topo.node_v4()))
+            .host(WEB6, IpAddr::V6(topo.node_v6()))
+            .host(DENIED, IpAddr::V4(topo.node_v4()))
+            .deny_domain(DENIED)
+            .deny_port(2526),
+    );
+
+    // HTTPS through CONNECT: the upstream sees the SNI, squid logs authority and headers.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("https://{WEB}:8443/hello"),
+    );
+    out.expect_success("curl https via squid");
+    assert!(
+        out.stdout.contains(&format!(
+            "upstream=https:{https} sni={WEB} host={WEB}:8443 path=/hello"
+        )),
+        "{}",
+        out.stdout
+    );
+    let seen = upstream.seen_on(https);
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(seen[0].sni.as_deref(), Some(WEB));
+
+    let e = squid.wait_for_request("CONNECT", &format!("{WEB}:8443"), T);
+    assert_eq!(e.status, Some(200));
+    assert_eq!(
+        e.server.as_deref(),
+        Some(topo.node_v4().to_string().as_str())
+    );
+    assert_eq!(e.actor_id.as_deref(), Some("a1"));
+    assert_eq!(e.actor_template.as_deref(), Some("tmpl-1"));
+    assert_eq!(e.actor_template_namespace.as_deref(), Some("team-a"));
+    assert_eq!(e.original_destination.as_deref(), Some("10.251.1.1:8443"));
+    assert_eq!(e.connect_authority.as_deref(), Some("web.egress.test:8443"));
+
+    // IPv6 upstream, resolved from squid's hosts file.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("https://{WEB6}:8443/"),
+    );
+    out.expect_success("curl https (IPv6 upstream) via squid");
+    assert_eq!(upstream.seen_on(https6).len(), 1);
+    assert_eq!(upstream.seen_on(https6)[0].sni.as_deref(), Some(WEB6));
+
+    // Plain HTTP: squid forwards the GET itself; the upstream sees the Host header.
+    let out = curl_via_proxy(
+        &topo.node,
+        squid.addr(),
+        &ca,
+        &format!("http://{WEB}:8080/plain"),
+    );
+    out.expect_success("curl http via squid");
+    assert!(
+        out.stdout.contains(&format!(
+            "upstream=http:{http} sni=- host={WEB}:8080 path=/plain"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        upstream.seen_on(http)[0].host.as_deref(),
+        Some(format!("{WEB}:8080").as_str())
+    );
+    let e = squid.wait_for_request("GET", &format!("http://{WEB}:8080/plain"), T);
+    assert_eq!(e.status, Some(200));
+    assert_eq!(e.actor_id.as_deref(), Some("a1"));
+
+    // Server-first service through a hand-made CONNECT: the banner arrives before we send.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let status = http_connect(&mut s, &format!("{WEB}:2525"), &identity_headers())
+        .expect("CONNECT to banner");
+    assert_eq!(status, 200);
+    assert_eq!(
+        read_line(&mut s).expect("read banner"),
+        BANNER.trim_end_matches('\n').to_string() + "\n"
+    );
+    s.write_all(b"ping\r\n").expect("write to banner service");
+    assert_eq!(read_line(&mut s).expect("read echo"), "ping\r\n");
+    drop(s);
+    squid.wait_for_request("CONNECT", &format!("{WEB}:2525"), T);
+    assert_eq!(upstream.accepted(banner), 1);
+
+    // A denied authority: squid answers 403 and the upstream never sees a connection.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let status = http_connect(&mut s, &format!("{DENIED}:443"), &identity_headers())
+        .expect("CONNECT to denied");
+    assert_eq!(status, 403);
+    // Squid keeps the client connection open after a 403 (keep-alive): close it ourselves.
+    drop(s);
+    assert_eq!(
+        squid
+            .wait_for_request("CONNECT", &format!("{DENIED}:443"), T)
+            .status,
+        Some(403)
+    );
+    assert_eq!(upstream.accepted(https443), 0);
+
+    // A denied port, by IP authority.
+    let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
+    let authority = format!("{}:2526", topo.node_v4());
+    assert_eq!(
+        http_connect(&mut s, &authority, &[]).expect("CONNECT to denied port"),
+        403
+    );
+    drop(s);
+    let e = squid.wait_for_request("CONNECT", &authority, T);
+    assert_eq!((e.status, e.actor_id), (Some(403), None));
+
+    // Every request above left exactly one entry (no probe or error entries).
+    assert_eq!(
+        squid.access_log_entries().len(),
+        6,
+        "{:#?}",
+        squid.access_log_entries()
+    );
+}
+
+#[test]
+fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
+    require_root();
+    require_commands(&["curl", "ip", "sleep"]);
+    let topo = Topology::new(2);
+    let cgroup = Cgroup::new();
+    let ca = TestCa::new();
+    let https = topo.node_addr(8443);
+    let https6 = topo.node_addr6(8443);
+    let banner6 = topo.node_addr6(2525);
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new()
+            .names(&[WEB])
+            .https(https)
+            .https(https6)
+            .banner(banner6),
+    );
+
+    // A long-lived process: check its cgroup and netns from outside.
+    let mut cmd = command_in("sleep", Some(&topo.actor), Some(&cgroup));
+    cmd.arg("30");
+    let sleeper = ChildGuard::spawn(&mut cmd);
+    let pid = sleeper.pid();
+    let proc_cgroup =
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read /proc/PID/cgroup");
+    let want = format!("0::{}", cgroup.relative_path().display());
+    assert!(
+        proc_cgroup.lines().any(|l| l == want),
+        "{pid} not in {want}: {proc_cgroup}"
+    );
+    assert!(
+        cgroup.pids().contains(&(pid as i32)),
+        "cgroup.procs lacks {pid}"
+    );
+    let ns_ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("/proc/{pid}/ns/net")).expect("stat ns"),
+    );
+    assert_eq!(ns_ino, topo.actor.inode(), "process not in the actor netns");
+    assert_ne!(topo.actor.inode(), topo.node.inode());
+    assert!(cgroup.id() > 1);
+
+    // The same from inside: what the program itself sees.
+    let out = run(
+        command_in("sh", Some(&topo.actor), Some(&cgroup))
+            .args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"]),
+        T,
+    );
+    out.expect_success("sh in actor");
+    assert!(out.stdout.contains(&want), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("net:[{}]", topo.actor.inode())),
+        "{}",
+        out.stdout
+    );
+
+    // Direct (uncaptured) traffic from the actor reaches the upstream over the veth.
+    assert_eq!(upstream.accepted(https), 0);
+    let curl = |ip: IpAddr, path: &str| {
+        let url = format!("https://{WEB}:8443{path}");
+        let mut cmd = curl_command(
+            Some(&topo.actor),
+            Some(&cgroup),
+            &ca.cert_path(),
+            &[(WEB, 8443, ip)],
+            &url,
+        );
+        run(&mut cmd, T)
+    };
+    let out = curl(IpAddr::V4(topo.node_v4()), "/direct");
+    out.expect_success("curl from actor to upstream");
+    assert!(out.stdout.contains(&format!("sni={WEB}")), "{}", out.stdout);
+    assert_eq!(upstream.accepted(https), 1);
+    assert_eq!(
+        upstream.seen_on(https)[0].peer.ip(),
+        IpAddr::V4(topo.actor_v4())
+    );
+
+    let out = curl(IpAddr::V6(topo.node_v6()), "/direct6");
+    out.expect_success("curl from actor to upstream over IPv6");
+    assert_eq!(upstream.accepted(https6), 1);
+    assert_eq!(
+        upstream.seen_on(https6)[0].peer.ip(),
+        IpAddr::V6(topo.actor_v6())
+    );
+
+    // A server-first exchange from the actor: the client sends nothing until the banner came.
+    let out = run(
+        &mut banner_exchange_command(Some(&topo.actor), Some(&cgroup), banner6),
+        T,
+    );
+    out.expect_success("banner exchange from actor");
+    assert_eq!(out.stdout, format!("{}\nping\n", BANNER.trim_end()));
+    assert_eq!(upstream.accepted(banner6), 1);
+}
+
+/// A stand-in for the agent binary: logs like the real one (JSON on stderr), pins nothing,
+/// and records `detach` calls, so the guard's mechanics are tested before the agent exists.
+const FAKE_AGENT: &str = r#"#!/bin/sh
+cmd=$1; shift
+bpffs=""; actor=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bpffs-dir) bpffs=$2; shift ;;
+    --actor-id) actor=$2; shift ;;
+  esac
+  shift
+done
+case "$cmd" in
+  run)
+    mkdir -p "$bpffs" || exit 2
+    echo "fake agent starting (not JSON)" >&2
+    if [ "$actor" = crash ]; then
+      printf '{"level":"ERROR","fields":{"message":"cannot attach","error":"fake failure"}}\n' >&2
+      exit 3
+    fi
+    printf '{"level":"INFO","fields":{"message":"ready","netns":"%s"}}\n' "$(readlink /proc/self/ns/net)" >&2
+    printf '{"level":"INFO","fields":{"message":"connection closed","actor":"%s","pid":%s,"original_dst":"10.251.4.1:443","authority":"web.egress.test:443","source":"sni","pep_status":200,"bytes_up":517,"bytes_down":1024,"duration_ms":5,"outcome":"ok"}}\n' "$actor" "$$" >&2
+    exec sleep 60
+    ;;
+  detach)
+    rmdir "$bpffs" && touch "$(dirname "$0")/detached"
+    ;;
+esac
+"#;
+
+#[test]
+fn agent_guard_collects_logs_places_and_detaches() {
+    require_root();
+    require_commands(&["sh", "sleep", "ip"]);
+    let topo = Topology::new(4);
+    let cgroup = Cgroup::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = dir.path().join("fake-agent");
+    std::fs::write(&bin, FAKE_AGENT).expect("write fake agent");
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+
+    let opts = AgentOptions::new("127.0.0.1:3128")
+        .actor(ActorSpec::new("a1", "t", "ns", &cgroup).netns(&topo.actor));
+    let bpffs = opts.bpffs_dir.clone();
+    {
+        let mut agent = Agent::start_with_bin(&bin, &topo.node, Some(&cgroup), opts);
+        let ready = agent.wait_ready(T);
+        assert_eq!(
+            ready.field_str("netns"),
+            Some(format!("net:[{}]", topo.node.inode()))
+        );
+        assert!(
+            bpffs.is_dir(),
+            "fake agent did not create {}",
+            bpffs.display()
+        );
+        let conns = agent.wait_for_connections(1, T);
+        assert_eq!(conns[0].actor.as_deref(), Some("a1"));
+        assert_eq!(conns[0].pid, Some(agent.pid()));
+        assert_eq!(conns[0].pep_status, Some(200));
+        assert!(agent.lines().iter().any(|l| l.contains("not JSON")));
+        assert_eq!(agent.json_lines().len(), 2);
+        assert!(
+            cgroup.pids().contains(&(agent.pid() as i32)),
+            "agent not in its cgroup"
+        );
+        assert!(agent.is_running());
+    }
+    assert!(
+        dir.path().join("detached").exists(),
+        "Drop did not run `detach`"
+    );
+    assert!(!bpffs.exists(), "{} left behind", bpffs.display());
+
+    // An agent that dies before `ready`: the wait fails at once with the agent's own log.
+    let opts =
+        AgentOptions::new("127.0.0.1:3128").actor(ActorSpec::new("crash", "t", "ns", &cgroup));
+    let mut agent = Agent::start_with_bin(&bin, &topo.node, None, opts);
+    let started = std::time::Instant::now();
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.wait_ready(T)))
+        .expect_err("wait_ready must panic when the agent exits");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("agent exited") && msg.contains("fake failure"),
+        "{msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit noticed only after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn guards_clean_up_on_drop() {
+    require_root();
+    require_commands(&["squid", "ip", "sleep"]);
+    let (names, cgroup_paths, squid_pid, squid_dir) = {
+        let topo = Topology::new(3);
+        let cgroup = Cgroup::new();
+        let child = cgroup.child("inner");
+        // A process left behind in the child cgroup: Drop must kill it to remove the cgroup.
+        let mut cmd = command_in("sleep", Some(&topo.actor), Some(&child));
+        cmd.arg("60");
+        let orphan = cmd.spawn().expect("spawn sleep");
+        let squid = Squid::start(&topo.node, SquidConfig::default());
+        let names = vec![topo.node.name().to_string(), topo.actor.name().to_string()];
+        for n in &names {
+            assert!(PathBuf::from("/var/run/netns").join(n).exists());
+        }
+        let paths = vec![cgroup.path().to_path_buf(), child.path().to_path_buf()];
+        let out = (names, paths, squid.pid(), squid.dir().to_path_buf());
+        // The orphan is reaped by nobody but must still be killed by the cgroup guard.
+        std::mem::forget(orphan);
+        out
+    };
+    for n in &names {
+        assert!(
+            !PathBuf::from("/var/run/netns").join(n).exists(),
+            "netns {n} left behind"
+        );
+    }
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in &names {
+        assert!(
+            !list.lines().any(|l| l.split_whitespace().next() == Some(n)),
+            "ip netns list still has {n}"
+        );
+    }
+    for p in &cgroup_paths {
+        assert!(!p.exists(), "cgroup {} left behind", p.display());
+    }
+    assert!(
+        !squid_dir.exists(),
+        "squid dir {} left behind",
+        squid_dir.display()
+    );
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(squid_pid as i32), None).is_ok();
+    assert!(!alive, "squid {squid_pid} still running");
+}
