@@ -1,1 +1,3 @@
 //! egress agent library.
+
+pub mod classify;
