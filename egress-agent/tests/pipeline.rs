@@ -20,9 +20,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-/// A real ClientHello curl sent for `https://fixture.egress.test:8443/` (see fixtures/README.md).
-const CURL_CLIENT_HELLO: &[u8] = include_bytes!("fixtures/tls/curl.bin");
-const CURL_SNI: &str = "fixture.egress.test";
+/// A real ClientHello curl sent for `https://curl.fixture.egress.test:18443/` (see fixtures/README.md).
+const CURL_CLIENT_HELLO: &[u8] = include_bytes!("fixtures/curl_client_hello.bin");
+const CURL_SNI: &str = "curl.fixture.egress.test";
 
 /// What the recording proxy saw of one CONNECT.
 #[derive(Clone, Debug, Default)]

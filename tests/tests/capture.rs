@@ -98,7 +98,11 @@ impl World {
     fn agent_line(&mut self, dst: SocketAddr) -> ConnectionLog {
         let want = dst.to_string();
         self.agent.wait_until(T, &format!("a connection line for {want}"), |lines| {
-            lines.iter().find(|c| c.original_dst.as_deref() == Some(want.as_str())).cloned()
+            lines
+                .iter()
+                .filter_map(|l| egress_tests::agent::LogLine::parse(l))
+                .filter_map(|l| ConnectionLog::from_line(&l))
+                .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
         })
     }
 }
@@ -186,7 +190,7 @@ fn openssl_s_client_sni_is_classified() {
     let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
     cmd.args(["s_client", "-connect", &original.to_string(), "-servername", NAME, "-CAfile"])
         .arg(w.ca.cert_path())
-        .args(["-verify_return_error", "-brief"]);
+        .args(["-verify_return_error", "-brief", "-ign_eof"]);
     let out = process::run_with_input(&mut cmd, b"GET / HTTP/1.1\r\nHost: web.egress.test\r\nConnection: close\r\n\r\n", T);
     out.expect_success("openssl s_client from the actor");
     assert!(out.stdout.contains(&format!("sni={NAME}")), "{}", out.describe());
@@ -198,7 +202,7 @@ fn openssl_s_client_sni_is_classified() {
 
 #[test]
 fn ipv6_destination_is_captured() {
-    let mut w = World::new(15);
+    let w = World::new(15);
     let original = w.topo.node_addr6(8443);
     let out = w.curl(NAME6, IpAddr::V6(w.topo.node_v6()), 8443, &format!("https://{NAME6}:8443/"));
     out.expect_success("curl over IPv6 from the actor");
@@ -279,7 +283,7 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
 
 #[test]
 fn a_process_outside_the_cgroup_is_not_captured() {
-    let mut w = World::new(18);
+    let w = World::new(18);
     // Same namespace, no cgroup: goes straight over the veth.
     let out = process::run(
         &mut curl_command(
