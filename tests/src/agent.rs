@@ -555,10 +555,15 @@ fn collect(
     lines: Lines,
     tag: String,
 ) -> std::thread::JoinHandle<()> {
+    // The waits print the whole log when they fail; echoing every line as well is opt-in
+    // (a 10,000-connection test would print 10,000 lines).
+    let echo = std::env::var_os("EGRESS_TEST_AGENT_LOG").is_some_and(|v| v == "1");
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            eprintln!("[{tag}] {line}");
+            if echo {
+                eprintln!("[{tag}] {line}");
+            }
             let (lock, cvar) = &*lines;
             lock.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             cvar.notify_all();
