@@ -92,7 +92,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Runs `f` with this process's stdout (fd 1) sent to a file, and returns its lines.
-fn capture_stdout<T>(out_dir: &std::path::Path, f: impl FnOnce() -> T) -> anyhow::Result<(T, Vec<String>)> {
+fn capture_stdout<T>(
+    out_dir: &std::path::Path,
+    f: impl FnOnce() -> T,
+) -> anyhow::Result<(T, Vec<String>)> {
     use std::{io::Write as _, os::fd::AsRawFd as _};
     let path = out_dir.join("aya-build.log");
     let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -155,7 +158,9 @@ fn has_library_source(toolchain: &str) -> bool {
         return false;
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").is_file()
+    sysroot
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .is_file()
 }
 
 fn which(program: &str) -> Option<PathBuf> {

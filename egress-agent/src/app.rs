@@ -52,11 +52,22 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let mut by_netns: BTreeMap<(u64, u64), (Option<PathBuf>, Vec<usize>)> = BTreeMap::new();
     for (i, actor) in config.actors.iter().enumerate() {
         let identity = netns::identity(actor.netns.as_deref()).map_err(|source| Error::Netns {
-            path: actor.netns.as_ref().map_or("-".into(), |p| p.display().to_string()),
+            path: actor
+                .netns
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string()),
             source,
         })?;
-        let netns = if identity == own_identity { None } else { actor.netns.clone() };
-        by_netns.entry(identity).or_insert_with(|| (netns, Vec::new())).1.push(i);
+        let netns = if identity == own_identity {
+            None
+        } else {
+            actor.netns.clone()
+        };
+        by_netns
+            .entry(identity)
+            .or_insert_with(|| (netns, Vec::new()))
+            .1
+            .push(i);
     }
     let mut listeners = Vec::new();
     for (netns, actors) in by_netns.into_values() {

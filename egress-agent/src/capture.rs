@@ -48,7 +48,10 @@ pub struct Listener {
 impl Listener {
     /// Opens the listeners inside `netns` (bringing its loopback up if needed).
     pub fn open(netns: Option<&Path>, port: u16) -> Result<Self, Error> {
-        let label = netns.map_or_else(|| "the agent's network namespace".to_string(), |p| p.display().to_string());
+        let label = netns.map_or_else(
+            || "the agent's network namespace".to_string(),
+            |p| p.display().to_string(),
+        );
         let err = |source| Error::Open {
             netns: label.clone(),
             port,
@@ -61,7 +64,10 @@ impl Listener {
                 Ok(l) => Some(l),
                 // No IPv6 in this namespace: IPv6 connects of its actors are refused.
                 Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) =>
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                    ) =>
                 {
                     None
                 }
@@ -114,7 +120,8 @@ impl Listener {
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::app::Error> {
         let mut tasks = Vec::new();
         for std_listener in std::iter::once(self.v4).chain(self.v6) {
-            let listener = TcpListener::from_std(std_listener).map_err(crate::app::Error::Runtime)?;
+            let listener =
+                TcpListener::from_std(std_listener).map_err(crate::app::Error::Runtime)?;
             let conns = ebpf::Conns::open(bpffs_dir)?;
             tasks.push(tokio::spawn(accept_loop(
                 listener,

@@ -20,7 +20,9 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No PEP address anywhere.
-    #[error("no PEP configured: pass --pep HOST:PORT (env EGRESS_PEP) or set `pep` in the config file")]
+    #[error(
+        "no PEP configured: pass --pep HOST:PORT (env EGRESS_PEP) or set `pep` in the config file"
+    )]
     NoPep,
     /// The PEP address does not parse.
     #[error(
@@ -79,7 +81,10 @@ pub struct PepAddr {
 impl PepAddr {
     /// The socket address when the host is an IP literal.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
-        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
     }
 }
 
@@ -101,9 +106,11 @@ impl FromStr for PepAddr {
         let port: u16 = port.parse().map_err(|_| bad())?;
         let valid_name = !host.is_empty()
             && host.len() <= 253
-            && host
-                .split('.')
-                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
         if port == 0 || !valid_name {
             return Err(bad());
         }
@@ -322,7 +329,10 @@ impl RunArgs {
             (None, None) => {
                 for (flag, given) in [
                     ("template", self.actor_template.is_some()),
-                    ("template-namespace", self.actor_template_namespace.is_some()),
+                    (
+                        "template-namespace",
+                        self.actor_template_namespace.is_some(),
+                    ),
                     ("netns", self.actor_netns.is_some()),
                 ] {
                     if given {
@@ -341,7 +351,8 @@ impl RunArgs {
         }
         if self.relay_buffer_bytes == 0 || self.max_connections == 0 || self.listen_port == 0 {
             return Err(Error::Invalid(
-                "--relay-buffer-bytes, --max-connections and --listen-port must be above zero".into(),
+                "--relay-buffer-bytes, --max-connections and --listen-port must be above zero"
+                    .into(),
             ));
         }
         let config = Config {
@@ -479,7 +490,16 @@ mod tests {
         let p: PepAddr = "Squid.egress.svc:3128".parse().unwrap();
         assert_eq!((p.host.as_str(), p.port), ("squid.egress.svc", 3128));
         assert_eq!(p.to_string(), "squid.egress.svc:3128");
-        for bad in ["", "127.0.0.1", "http://squid:3128", "squid:0", "squid:99999", "squid/x:1", ":3128", "a..b:1"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            "http://squid:3128",
+            "squid:0",
+            "squid:99999",
+            "squid/x:1",
+            ":3128",
+            "a..b:1",
+        ] {
             assert!(bad.parse::<PepAddr>().is_err(), "{bad:?} should not parse");
         }
     }
@@ -499,7 +519,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.actors.len(), 1);
-        assert_eq!(f.actors[0].netns.as_deref(), Some(Path::new("/var/run/netns/x")));
+        assert_eq!(
+            f.actors[0].netns.as_deref(),
+            Some(Path::new("/var/run/netns/x"))
+        );
         let err = toml::from_str::<File>("[[actor]]\nid = \"a\"\ncgroup = \"/x\"\ncgroupp = 1\n")
             .unwrap_err()
             .to_string();
@@ -534,7 +557,10 @@ mod tests {
             run: RunArgs,
         }
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128", "--actor-id", "a"]).unwrap();
-        assert!(matches!(t.run.into_config(), Err(Error::PartialActor("id"))));
+        assert!(matches!(
+            t.run.into_config(),
+            Err(Error::PartialActor("id"))
+        ));
         let t = T::try_parse_from(["t", "--actor-id", "a"]).unwrap();
         assert!(matches!(t.run.into_config(), Err(Error::NoPep)));
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128"]).unwrap();

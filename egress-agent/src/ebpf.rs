@@ -170,12 +170,10 @@ impl Capture {
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
         for name in PROGRAMS {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(Error::Program {
-                    name,
-                    source: ProgramError::NotLoaded,
-                })?;
+            let program = ebpf.program_mut(name).ok_or(Error::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?;
             match program {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
@@ -203,10 +201,12 @@ impl Capture {
 
     /// Tells the kernel side how to recognise the agent's own sockets.
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_SETTINGS)
-            .ok_or(Error::Map { name: MAP_SETTINGS, source: MapError::InvalidName { name: MAP_SETTINGS.into() } })?;
+        let map = self.ebpf.map_mut(MAP_SETTINGS).ok_or(Error::Map {
+            name: MAP_SETTINGS,
+            source: MapError::InvalidName {
+                name: MAP_SETTINGS.into(),
+            },
+        })?;
         let mut array: Array<&mut MapData, Settings> =
             Array::try_from(map).map_err(map_err(MAP_SETTINGS))?;
         array.set(0, settings, 0).map_err(map_err(MAP_SETTINGS))
@@ -214,20 +214,29 @@ impl Capture {
 
     /// Registers an actor cgroup and attaches (or re-attaches) every program to it. The actor
     /// entry is written first, so an attached program never runs without it.
-    pub fn register(&mut self, cgroup: &Path, cgroup_id: u64, entry: ActorEntry) -> Result<(), Error> {
+    pub fn register(
+        &mut self,
+        cgroup: &Path,
+        cgroup_id: u64,
+        entry: ActorEntry,
+    ) -> Result<(), Error> {
         {
             let map = self.ebpf.map_mut(MAP_ACTORS).ok_or(Error::Map {
                 name: MAP_ACTORS,
-                source: MapError::InvalidName { name: MAP_ACTORS.into() },
+                source: MapError::InvalidName {
+                    name: MAP_ACTORS.into(),
+                },
             })?;
             let mut actors: HashMap<&mut MapData, u64, ActorEntry> =
                 HashMap::try_from(map).map_err(map_err(MAP_ACTORS))?;
-            actors.insert(cgroup_id, entry, 0).map_err(map_err(MAP_ACTORS))?;
+            actors
+                .insert(cgroup_id, entry, 0)
+                .map_err(map_err(MAP_ACTORS))?;
         }
         let links = link_dir(&self.dir, cgroup_id);
         fs::create_dir_all(&links).map_err(io_err(format!("creating {}", links.display())))?;
-        let cgroup_file =
-            fs::File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
+        let cgroup_file = fs::File::open(cgroup)
+            .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
         for name in PROGRAMS {
             let pin = links.join(name);
             let program = self.ebpf.program_mut(name).ok_or(Error::Program {
@@ -250,21 +259,30 @@ impl Capture {
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err(name))?;
                     let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link { path: pin.clone(), source })?
+                    FdLink::try_from(link).map_err(|source| Error::Link {
+                        path: pin.clone(),
+                        source,
+                    })?
                 }
                 aya::programs::Program::SockOps(p) => {
                     let id = p
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err(name))?;
                     let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link { path: pin.clone(), source })?
+                    FdLink::try_from(link).map_err(|source| Error::Link {
+                        path: pin.clone(),
+                        source,
+                    })?
                 }
                 aya::programs::Program::CgroupSock(p) => {
                     let id = p
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err(name))?;
                     let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link { path: pin.clone(), source })?
+                    FdLink::try_from(link).map_err(|source| Error::Link {
+                        path: pin.clone(),
+                        source,
+                    })?
                 }
                 _ => return Err(prog_err(name)(ProgramError::UnexpectedProgramType)),
             };
@@ -306,11 +324,31 @@ fn pinned_cgroups(dir: &Path) -> BTreeSet<u64> {
 fn check_pinned_maps(maps_dir: &Path) -> Result<(), Error> {
     use std::mem::size_of;
     let expected: [(&str, usize, usize, u32); 5] = [
-        (MAP_SOCKETS, size_of::<u64>(), size_of::<Record>(), SOCKETS_MAX_ENTRIES),
-        (MAP_CONNS, size_of::<ConnKey>(), size_of::<Record>(), CONNS_MAX_ENTRIES),
-        (MAP_ACTORS, size_of::<u64>(), size_of::<ActorEntry>(), ACTORS_MAX_ENTRIES),
+        (
+            MAP_SOCKETS,
+            size_of::<u64>(),
+            size_of::<Record>(),
+            SOCKETS_MAX_ENTRIES,
+        ),
+        (
+            MAP_CONNS,
+            size_of::<ConnKey>(),
+            size_of::<Record>(),
+            CONNS_MAX_ENTRIES,
+        ),
+        (
+            MAP_ACTORS,
+            size_of::<u64>(),
+            size_of::<ActorEntry>(),
+            ACTORS_MAX_ENTRIES,
+        ),
         (MAP_SETTINGS, size_of::<u32>(), size_of::<Settings>(), 1),
-        (MAP_COUNTERS, size_of::<u32>(), size_of::<u64>(), egress_common::COUNTERS_LEN),
+        (
+            MAP_COUNTERS,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            egress_common::COUNTERS_LEN,
+        ),
     ];
     for (name, key, value, max) in expected {
         let path = maps_dir.join(name);
@@ -318,11 +356,18 @@ fn check_pinned_maps(maps_dir: &Path) -> Result<(), Error> {
             continue;
         }
         let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(MAP_SOCKETS))?;
-        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
         if found != (key, value, max) {
             return Err(Error::IncompatibleMap {
                 path,
-                found: format!("key {} / value {} bytes / {} entries", found.0, found.1, found.2),
+                found: format!(
+                    "key {} / value {} bytes / {} entries",
+                    found.0, found.1, found.2
+                ),
                 expected: format!("key {key} / value {value} bytes / {max} entries"),
             });
         }
@@ -339,7 +384,8 @@ pub struct Conns {
 impl Conns {
     /// Opens the pinned `EGRESS_CONNS` under `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let data = MapData::from_pin(dir.join(MAPS_DIR).join(MAP_CONNS)).map_err(map_err(MAP_CONNS))?;
+        let data =
+            MapData::from_pin(dir.join(MAPS_DIR).join(MAP_CONNS)).map_err(map_err(MAP_CONNS))?;
         let map = HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(MAP_CONNS))?;
         Ok(Conns { map })
     }
@@ -386,10 +432,13 @@ pub fn map_stats(dir: &Path) -> Result<MapStats, Error> {
     let actors: HashMap<_, u64, ActorEntry> =
         HashMap::try_from(Map::HashMap(open(MAP_ACTORS)?)).map_err(map_err(MAP_ACTORS))?;
     let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(map_err(MAP_COUNTERS))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
+            .map_err(map_err(MAP_COUNTERS))?;
     let mut totals = Vec::new();
     for c in Counter::ALL {
-        let values = counters.get(&(c as u32), 0).map_err(map_err(MAP_COUNTERS))?;
+        let values = counters
+            .get(&(c as u32), 0)
+            .map_err(map_err(MAP_COUNTERS))?;
         totals.push((c, values.iter().sum()));
     }
     Ok(MapStats {

@@ -29,9 +29,8 @@ where
                 let file = File::open(&path).map_err(|e| {
                     io::Error::new(e.kind(), format!("opening netns {}: {e}", path.display()))
                 })?;
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    io::Error::other(format!("setns into {}: {e}", path.display()))
-                })?;
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| io::Error::other(format!("setns into {}: {e}", path.display())))?;
             }
             f()
         })?

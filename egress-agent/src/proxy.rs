@@ -184,16 +184,35 @@ impl Context {
                 Ok(authority) => authority,
                 Err(e) => {
                     let outcome = Outcome::ClientError;
-                    log_closed(&flow, None, None, 0, 0, start, outcome, Some(&e as &dyn std::fmt::Display));
+                    log_closed(
+                        &flow,
+                        None,
+                        None,
+                        0,
+                        0,
+                        start,
+                        outcome,
+                        Some(&e as &dyn std::fmt::Display),
+                    );
                     socket::reset(stream);
                     return outcome;
                 }
             };
-            let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority) {
+            let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority)
+            {
                 Ok(r) => r,
                 Err(e) => {
                     let outcome = Outcome::PepError;
-                    log_closed(&flow, Some(&authority), None, 0, 0, start, outcome, Some(&e));
+                    log_closed(
+                        &flow,
+                        Some(&authority),
+                        None,
+                        0,
+                        0,
+                        start,
+                        outcome,
+                        Some(&e),
+                    );
                     socket::reset(stream);
                     return outcome;
                 }
@@ -216,7 +235,16 @@ impl Context {
                         }
                         tunnel::Error::Http(_) | tunnel::Error::Header(_) => Outcome::PepError,
                     };
-                    log_closed(&flow, Some(&authority), e.status().map(|s| s.as_u16()), 0, 0, start, outcome, Some(&e));
+                    log_closed(
+                        &flow,
+                        Some(&authority),
+                        e.status().map(|s| s.as_u16()),
+                        0,
+                        0,
+                        start,
+                        outcome,
+                        Some(&e),
+                    );
                     socket::reset(stream);
                     return outcome;
                 }
@@ -234,14 +262,32 @@ impl Context {
             match result {
                 Ok(()) => {
                     let outcome = Outcome::Tunneled;
-                    log_closed(&flow, Some(&authority), Some(status), up, down, start, outcome, None);
+                    log_closed(
+                        &flow,
+                        Some(&authority),
+                        Some(status),
+                        up,
+                        down,
+                        start,
+                        outcome,
+                        None,
+                    );
                     outcome
                 }
                 Err(e) => {
                     // One side failed mid-stream: pass the failure on as resets, not as a
                     // clean end the other side could mistake for complete data.
                     let outcome = Outcome::RelayError;
-                    log_closed(&flow, Some(&authority), Some(status), up, down, start, outcome, Some(&e));
+                    log_closed(
+                        &flow,
+                        Some(&authority),
+                        Some(status),
+                        up,
+                        down,
+                        start,
+                        outcome,
+                        Some(&e),
+                    );
                     socket::reset(stream);
                     socket::reset(pep);
                     outcome

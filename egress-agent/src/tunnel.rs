@@ -90,13 +90,17 @@ pub fn connect_request(
     authority: &Authority,
 ) -> Result<Request<Empty<Bytes>>, Error> {
     let target = authority.to_string();
-    let value = |name: &'static str, v: &str| HeaderValue::from_str(v).map_err(|_| Error::Header(name));
+    let value =
+        |name: &'static str, v: &str| HeaderValue::from_str(v).map_err(|_| Error::Header(name));
     Request::builder()
         .method(Method::CONNECT)
         .uri(target.as_str())
         .header(HOST, value("host", &target)?)
         .header(HEADER_ACTOR_ID, value(HEADER_ACTOR_ID, &actor.id)?)
-        .header(HEADER_ACTOR_TEMPLATE, value(HEADER_ACTOR_TEMPLATE, &actor.template)?)
+        .header(
+            HEADER_ACTOR_TEMPLATE,
+            value(HEADER_ACTOR_TEMPLATE, &actor.template)?,
+        )
         .header(
             HEADER_ACTOR_TEMPLATE_NAMESPACE,
             value(HEADER_ACTOR_TEMPLATE_NAMESPACE, &actor.template_namespace)?,
@@ -105,7 +109,10 @@ pub fn connect_request(
             HEADER_ORIGINAL_DESTINATION,
             value(HEADER_ORIGINAL_DESTINATION, &original_dst.to_string())?,
         )
-        .header(HEADER_CONNECT_AUTHORITY, value(HEADER_CONNECT_AUTHORITY, &target)?)
+        .header(
+            HEADER_CONNECT_AUTHORITY,
+            value(HEADER_CONNECT_AUTHORITY, &target)?,
+        )
         .body(Empty::new())
         .map_err(|_| Error::Header("uri"))
 }

@@ -69,7 +69,9 @@ async fn recording_proxy(behaviour: Behaviour) -> Proxy {
     let seen2 = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let seen = seen2.clone();
             tokio::spawn(serve_proxy(stream, behaviour, seen));
         }
@@ -99,7 +101,12 @@ async fn serve_proxy(mut stream: TcpStream, behaviour: Behaviour, seen: Arc<Mute
         headers: req
             .headers
             .iter()
-            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect(),
         ..Default::default()
     };
@@ -115,12 +122,17 @@ async fn serve_proxy(mut stream: TcpStream, behaviour: Behaviour, seen: Arc<Mute
         }
         Behaviour::Status(code) => {
             let _ = stream
-                .write_all(format!("HTTP/1.1 {code} Denied\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .write_all(
+                    format!("HTTP/1.1 {code} Denied\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                )
                 .await;
             return;
         }
         Behaviour::Answer { reply } => {
-            stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
             reply
         }
         Behaviour::Banner { banner } => {
@@ -186,7 +198,9 @@ async fn captured(
     original_dst: &str,
 ) -> (TcpStream, tokio::task::JoinHandle<Outcome>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
     let (server, peer) = listener.accept().await.unwrap();
     let flow = Flow {
         id: ctx.next_id(),
@@ -210,12 +224,17 @@ async fn read_to_end_or_error(stream: &mut TcpStream) -> std::io::Result<Vec<u8>
 
 #[tokio::test]
 async fn sni_authority_all_headers_and_byte_exact_replay() {
-    let proxy = recording_proxy(Behaviour::Answer { reply: b"hello from upstream" }).await;
+    let proxy = recording_proxy(Behaviour::Answer {
+        reply: b"hello from upstream",
+    })
+    .await;
     let ctx = context(proxy.addr, Duration::from_secs(5));
     let (mut client, task) = captured(&ctx, "10.9.8.7:8443").await;
     client.write_all(CURL_CLIENT_HELLO).await.unwrap();
     client.shutdown().await.unwrap();
-    let reply = read_to_end_or_error(&mut client).await.expect("tunnel answer");
+    let reply = read_to_end_or_error(&mut client)
+        .await
+        .expect("tunnel answer");
     assert_eq!(reply, b"hello from upstream");
     assert_eq!(task.await.unwrap(), Outcome::Tunneled);
 
@@ -225,16 +244,31 @@ async fn sni_authority_all_headers_and_byte_exact_replay() {
     assert_eq!(seen.header("host"), Some(authority.as_str()));
     assert_eq!(seen.header("x-ate-actor-id"), Some("actor-7"));
     assert_eq!(seen.header("x-ate-actor-template"), Some("coder"));
-    assert_eq!(seen.header("x-ate-actor-template-namespace"), Some("team-a"));
-    assert_eq!(seen.header("x-ate-original-destination"), Some("10.9.8.7:8443"));
-    assert_eq!(seen.header("x-ate-connect-authority"), Some(authority.as_str()));
-    assert_eq!(seen.tunnel_bytes, CURL_CLIENT_HELLO, "peeked bytes must be replayed unchanged");
+    assert_eq!(
+        seen.header("x-ate-actor-template-namespace"),
+        Some("team-a")
+    );
+    assert_eq!(
+        seen.header("x-ate-original-destination"),
+        Some("10.9.8.7:8443")
+    );
+    assert_eq!(
+        seen.header("x-ate-connect-authority"),
+        Some(authority.as_str())
+    );
+    assert_eq!(
+        seen.tunnel_bytes, CURL_CLIENT_HELLO,
+        "peeked bytes must be replayed unchanged"
+    );
     assert!(seen.got_eof);
 }
 
 #[tokio::test]
 async fn host_authority_keeps_the_original_port() {
-    let proxy = recording_proxy(Behaviour::Answer { reply: b"HTTP/1.1 204 No Content\r\n\r\n" }).await;
+    let proxy = recording_proxy(Behaviour::Answer {
+        reply: b"HTTP/1.1 204 No Content\r\n\r\n",
+    })
+    .await;
     let ctx = context(proxy.addr, Duration::from_secs(5));
     let (mut client, task) = captured(&ctx, "10.9.8.7:8080").await;
     let request = b"GET /x HTTP/1.1\r\nHost: API.Example.test:9999\r\nUser-Agent: t\r\n\r\n";
@@ -248,15 +282,27 @@ async fn host_authority_keeps_the_original_port() {
     assert_eq!(reply, b"HTTP/1.1 204 No Content\r\n\r\n");
     assert_eq!(task.await.unwrap(), Outcome::Tunneled);
     let seen = proxy.seen.lock().unwrap()[0].clone();
-    assert_eq!(seen.target, "api.example.test:8080", "name from Host, port from the original destination");
-    assert_eq!(seen.header("x-ate-connect-authority"), Some("api.example.test:8080"));
-    assert_eq!(seen.header("x-ate-original-destination"), Some("10.9.8.7:8080"));
+    assert_eq!(
+        seen.target, "api.example.test:8080",
+        "name from Host, port from the original destination"
+    );
+    assert_eq!(
+        seen.header("x-ate-connect-authority"),
+        Some("api.example.test:8080")
+    );
+    assert_eq!(
+        seen.header("x-ate-original-destination"),
+        Some("10.9.8.7:8080")
+    );
     assert_eq!(seen.tunnel_bytes, request);
 }
 
 #[tokio::test]
 async fn server_first_protocol_gets_ip_authority_and_the_banner() {
-    let proxy = recording_proxy(Behaviour::Banner { banner: b"SSH-2.0-egress-test\r\n" }).await;
+    let proxy = recording_proxy(Behaviour::Banner {
+        banner: b"SSH-2.0-egress-test\r\n",
+    })
+    .await;
     let ctx = context(proxy.addr, Duration::from_secs(5));
     let (mut client, task) = captured(&ctx, "[fd00::7]:22").await;
     // The client waits for the server to speak first.
@@ -273,7 +319,10 @@ async fn server_first_protocol_gets_ip_authority_and_the_banner() {
     assert_eq!(task.await.unwrap(), Outcome::Tunneled);
     let seen = proxy.seen.lock().unwrap()[0].clone();
     assert_eq!(seen.target, "[fd00::7]:22");
-    assert_eq!(seen.header("x-ate-original-destination"), Some("[fd00::7]:22"));
+    assert_eq!(
+        seen.header("x-ate-original-destination"),
+        Some("[fd00::7]:22")
+    );
     assert_eq!(seen.header("x-ate-connect-authority"), Some("[fd00::7]:22"));
     assert_eq!(seen.tunnel_bytes, b"SSH-2.0-client\r\n");
 }
@@ -300,11 +349,19 @@ async fn pep_deny_resets_the_actor() {
     let proxy = recording_proxy(Behaviour::Status(403)).await;
     let ctx = context(proxy.addr, Duration::from_secs(5));
     let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
-    client.write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n").await.unwrap();
-    let err = read_to_end_or_error(&mut client).await.expect_err("the actor must see a reset, not an EOF");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let err = read_to_end_or_error(&mut client)
+        .await
+        .expect_err("the actor must see a reset, not an EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert_eq!(task.await.unwrap(), Outcome::PepRefused);
-    assert_eq!(proxy.seen.lock().unwrap()[0].target, "denied.example.test:443");
+    assert_eq!(
+        proxy.seen.lock().unwrap()[0].target,
+        "denied.example.test:443"
+    );
 }
 
 #[tokio::test]
@@ -316,8 +373,13 @@ async fn pep_down_resets_the_actor() {
     };
     let ctx = context(closed, Duration::from_secs(5));
     let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
-    client.write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n").await.unwrap();
-    let err = read_to_end_or_error(&mut client).await.expect_err("reset expected");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let err = read_to_end_or_error(&mut client)
+        .await
+        .expect_err("reset expected");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert_eq!(task.await.unwrap(), Outcome::PepUnreachable);
 }
@@ -329,13 +391,24 @@ async fn silent_pep_resets_the_actor_after_the_timeout() {
     let ctx = context(proxy.addr, timeout);
     let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
     let start = Instant::now();
-    client.write_all(b"GET / HTTP/1.1\r\nHost: slow.example.test\r\n\r\n").await.unwrap();
-    let err = read_to_end_or_error(&mut client).await.expect_err("reset expected");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let err = read_to_end_or_error(&mut client)
+        .await
+        .expect_err("reset expected");
     let elapsed = start.elapsed();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert_eq!(task.await.unwrap(), Outcome::PepTimeout);
     // Not a timing assertion on speed: only that the configured bound, not something else
     // (the proxy holds the connection for 30 s), ended it.
-    assert!(elapsed >= timeout, "reset came before the timeout: {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(20), "reset came from elsewhere: {elapsed:?}");
+    assert!(
+        elapsed >= timeout,
+        "reset came before the timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "reset came from elsewhere: {elapsed:?}"
+    );
 }

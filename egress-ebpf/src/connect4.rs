@@ -4,7 +4,10 @@ use aya_log_ebpf::warn;
 use egress_common::{ACTOR_LISTEN_V4, Counter, v4_mapped};
 
 use crate::{
-    actor::{ALLOW, REFUSE, SOCK_STREAM, find_actor, is_agent_socket, port_from_user, port_to_user, record},
+    actor::{
+        ALLOW, REFUSE, SOCK_STREAM, find_actor, is_agent_socket, port_from_user, port_to_user,
+        record,
+    },
     maps::count,
 };
 

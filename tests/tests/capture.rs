@@ -67,14 +67,19 @@ impl World {
                 .host(NAME, IpAddr::V4(topo.node_v4()))
                 .host(NAME6, IpAddr::V6(topo.node_v6())),
         );
-        let opts = tune(
-            AgentOptions::new(squid.addr()).actor(
-                ActorSpec::new(&format!("actor-{net}"), "coder", "team-a", &cgroup).netns(&topo.actor),
-            ),
-        );
+        let opts = tune(AgentOptions::new(squid.addr()).actor(
+            ActorSpec::new(&format!("actor-{net}"), "coder", "team-a", &cgroup).netns(&topo.actor),
+        ));
         let mut agent = Agent::start(&topo.node, None, opts);
         agent.wait_ready(T);
-        World { topo, cgroup, ca, upstream, squid, agent }
+        World {
+            topo,
+            cgroup,
+            ca,
+            upstream,
+            squid,
+            agent,
+        }
     }
 
     fn curl(&self, name: &str, ip: IpAddr, port: u16, url: &str) -> process::Output {
@@ -97,13 +102,14 @@ impl World {
     /// The agent's log line for the connection whose original destination is `dst`.
     fn agent_line(&mut self, dst: SocketAddr) -> ConnectionLog {
         let want = dst.to_string();
-        self.agent.wait_until(T, &format!("a connection line for {want}"), |lines| {
-            lines
-                .iter()
-                .filter_map(|l| egress_tests::agent::LogLine::parse(l))
-                .filter_map(|l| ConnectionLog::from_line(&l))
-                .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
-        })
+        self.agent
+            .wait_until(T, &format!("a connection line for {want}"), |lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| egress_tests::agent::LogLine::parse(l))
+                    .filter_map(|l| ConnectionLog::from_line(&l))
+                    .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
+            })
     }
 }
 
@@ -111,7 +117,11 @@ fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, autho
     assert_eq!(entry.method, "CONNECT");
     assert_eq!(entry.uri, authority, "CONNECT authority");
     assert_eq!(entry.actor_id.as_deref(), Some(actor), "x-ate-actor-id");
-    assert_eq!(entry.actor_template.as_deref(), Some("coder"), "x-ate-actor-template");
+    assert_eq!(
+        entry.actor_template.as_deref(),
+        Some("coder"),
+        "x-ate-actor-template"
+    );
     assert_eq!(
         entry.actor_template_namespace.as_deref(),
         Some("team-a"),
@@ -122,7 +132,11 @@ fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, autho
         Some(original.to_string().as_str()),
         "x-ate-original-destination"
     );
-    assert_eq!(entry.connect_authority.as_deref(), Some(authority), "x-ate-connect-authority");
+    assert_eq!(
+        entry.connect_authority.as_deref(),
+        Some(authority),
+        "x-ate-connect-authority"
+    );
 }
 
 #[test]
@@ -132,7 +146,11 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
         let url = format!("https://{NAME}:{port}/");
         let out = w.curl(NAME, w.v4(), port, &url);
         out.expect_success(&format!("curl {url} from the actor"));
-        assert!(out.stdout.contains(&format!("sni={NAME}")), "upstream answer: {}", out.stdout);
+        assert!(
+            out.stdout.contains(&format!("sni={NAME}")),
+            "upstream answer: {}",
+            out.stdout
+        );
 
         let original = w.topo.node_addr(port);
         let authority = format!("{NAME}:{port}");
@@ -147,9 +165,17 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
         assert_eq!(conn.outcome.as_deref(), Some("tunneled"));
         assert!(conn.bytes_up.unwrap_or(0) > 0 && conn.bytes_down.unwrap_or(0) > 0);
         let seen = w.upstream.seen_on(original);
-        assert_eq!(seen.len(), 1, "one connection reached the upstream on {port}");
+        assert_eq!(
+            seen.len(),
+            1,
+            "one connection reached the upstream on {port}"
+        );
         assert_eq!(seen[0].sni.as_deref(), Some(NAME));
-        assert_eq!(seen[0].peer.ip(), w.v4(), "it came from squid in the node namespace, not from the actor");
+        assert_eq!(
+            seen[0].peer.ip(),
+            w.v4(),
+            "it came from squid in the node namespace, not from the actor"
+        );
     }
 }
 
@@ -158,7 +184,11 @@ fn http_host_on_a_non_80_port() {
     let mut w = World::new(12);
     let out = w.curl(NAME, w.v4(), 8080, &format!("http://{NAME}:8080/x"));
     out.expect_success("curl http from the actor");
-    assert!(out.stdout.contains(&format!("host={NAME}:8080")), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("host={NAME}:8080")),
+        "{}",
+        out.stdout
+    );
     let original = w.topo.node_addr(8080);
     let authority = format!("{NAME}:8080");
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
@@ -172,10 +202,17 @@ fn http_host_on_a_non_80_port() {
 fn server_first_protocol_works_via_ip_port() {
     let mut w = World::new(13);
     let original = w.topo.node_addr(2222);
-    let out = process::run(&mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), original), T);
+    let out = process::run(
+        &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), original),
+        T,
+    );
     out.expect_success("server-first exchange from the actor");
     let banner = BANNER.trim_end();
-    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), vec![banner, "ping"], "banner then echo");
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        vec![banner, "ping"],
+        "banner then echo"
+    );
     let authority = original.to_string();
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
     assert_identity(&entry, "actor-13", original, &authority);
@@ -188,12 +225,27 @@ fn openssl_s_client_sni_is_classified() {
     let mut w = World::new(14);
     let original = w.topo.node_addr(8443);
     let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
-    cmd.args(["s_client", "-connect", &original.to_string(), "-servername", NAME, "-CAfile"])
-        .arg(w.ca.cert_path())
-        .args(["-verify_return_error", "-brief", "-ign_eof"]);
-    let out = process::run_with_input(&mut cmd, b"GET / HTTP/1.1\r\nHost: web.egress.test\r\nConnection: close\r\n\r\n", T);
+    cmd.args([
+        "s_client",
+        "-connect",
+        &original.to_string(),
+        "-servername",
+        NAME,
+        "-CAfile",
+    ])
+    .arg(w.ca.cert_path())
+    .args(["-verify_return_error", "-brief", "-ign_eof"]);
+    let out = process::run_with_input(
+        &mut cmd,
+        b"GET / HTTP/1.1\r\nHost: web.egress.test\r\nConnection: close\r\n\r\n",
+        T,
+    );
     out.expect_success("openssl s_client from the actor");
-    assert!(out.stdout.contains(&format!("sni={NAME}")), "{}", out.describe());
+    assert!(
+        out.stdout.contains(&format!("sni={NAME}")),
+        "{}",
+        out.describe()
+    );
     let authority = format!("{NAME}:8443");
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
     assert_identity(&entry, "actor-14", original, &authority);
@@ -204,12 +256,23 @@ fn openssl_s_client_sni_is_classified() {
 fn ipv6_destination_is_captured() {
     let w = World::new(15);
     let original = w.topo.node_addr6(8443);
-    let out = w.curl(NAME6, IpAddr::V6(w.topo.node_v6()), 8443, &format!("https://{NAME6}:8443/"));
+    let out = w.curl(
+        NAME6,
+        IpAddr::V6(w.topo.node_v6()),
+        8443,
+        &format!("https://{NAME6}:8443/"),
+    );
     out.expect_success("curl over IPv6 from the actor");
     let authority = format!("{NAME6}:8443");
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
     assert_identity(&entry, "actor-15", original, &authority);
-    assert!(entry.original_destination.as_deref().is_some_and(|d| d.starts_with('[')), "IPv6 in brackets");
+    assert!(
+        entry
+            .original_destination
+            .as_deref()
+            .is_some_and(|d| d.starts_with('[')),
+        "IPv6 in brackets"
+    );
     let seen = w.upstream.seen_on(original);
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].sni.as_deref(), Some(NAME6));
@@ -219,14 +282,25 @@ fn ipv6_destination_is_captured() {
 fn pep_deny_resets_the_actor_connection() {
     let mut w = World::with(16, SquidConfig::default().deny_port(8443), |o| o);
     let out = w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/"));
-    assert!(!out.success(), "a denied connection must fail: {}", out.describe());
+    assert!(
+        !out.success(),
+        "a denied connection must fail: {}",
+        out.describe()
+    );
     // curl reports the reset during the TLS handshake (35) or as a receive failure (56).
-    assert!(matches!(out.code(), Some(35) | Some(56)), "curl exit code: {}", out.describe());
+    assert!(
+        matches!(out.code(), Some(35) | Some(56)),
+        "curl exit code: {}",
+        out.describe()
+    );
     let original = w.topo.node_addr(8443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_refused"));
     assert_eq!(conn.pep_status, Some(403));
-    assert!(w.upstream.seen_on(original).is_empty(), "nothing reached the upstream");
+    assert!(
+        w.upstream.seen_on(original).is_empty(),
+        "nothing reached the upstream"
+    );
 }
 
 #[test]
@@ -235,13 +309,25 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
     let topo = Topology::new(17);
     // A second actor namespace, also wired to the node.
     let actor2 = Netns::new();
-    let _veth2 = veth(&topo.node, &actor2, &["10.251.117.1/24"], &["10.251.117.2/24"]);
+    let _veth2 = veth(
+        &topo.node,
+        &actor2,
+        &["10.251.117.1/24"],
+        &["10.251.117.2/24"],
+    );
     actor2.ip(&["route", "add", "default", "via", "10.251.117.1"]);
     let (cg1, cg2) = (Cgroup::new(), Cgroup::new());
     let ca = TestCa::new();
     let web = topo.node_addr(8443);
-    let upstream = Upstream::start(&topo.node, &ca, UpstreamSpec::new().names(&[NAME]).https(web));
-    let squid = Squid::start(&topo.node, SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())));
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new().names(&[NAME]).https(web),
+    );
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+    );
     let mut opts = AgentOptions::new(squid.addr())
         .actor(ActorSpec::new("alice", "coder", "team-a", &cg1).netns(&topo.actor))
         .actor(ActorSpec::new("bob", "coder", "team-a", &cg2).netns(&actor2));
@@ -271,12 +357,24 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
     ids.sort();
     assert_eq!(ids, ["alice", "bob"]);
     for e in &entries {
-        assert_identity(e, e.actor_id.as_deref().unwrap(), web, &format!("{NAME}:8443"));
+        assert_identity(
+            e,
+            e.actor_id.as_deref().unwrap(),
+            web,
+            &format!("{NAME}:8443"),
+        );
     }
     let conns = agent.wait_for_connections(2, T);
     for (actor, out) in [("alice", &o1), ("bob", &o2)] {
-        let c = conns.iter().find(|c| c.actor.as_deref() == Some(actor)).expect("a line per actor");
-        assert_eq!(c.pid, Some(out.pid), "{actor}'s record carries its own curl's pid");
+        let c = conns
+            .iter()
+            .find(|c| c.actor.as_deref() == Some(actor))
+            .expect("a line per actor");
+        assert_eq!(
+            c.pid,
+            Some(out.pid),
+            "{actor}'s record carries its own curl's pid"
+        );
     }
     assert_eq!(upstream.seen_on(web).len(), 2);
 }
@@ -298,14 +396,31 @@ fn a_process_outside_the_cgroup_is_not_captured() {
     out.expect_success("uncaptured curl");
     let seen = w.upstream.seen_on(w.topo.node_addr(8443));
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].peer.ip(), IpAddr::V4(w.topo.actor_v4()), "came directly from the actor's address");
+    assert_eq!(
+        seen[0].peer.ip(),
+        IpAddr::V4(w.topo.actor_v4()),
+        "came directly from the actor's address"
+    );
     // Then a captured one, to show the world does capture.
-    w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/")).expect_success("captured curl");
+    w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/"))
+        .expect_success("captured curl");
     let entries = w.squid.wait_for_entries(1, T);
-    assert_eq!(entries.len(), 1, "only the captured connection went through squid: {entries:?}");
-    assert_eq!(w.agent.connection_lines().len(), 1, "only one connection reached the agent");
+    assert_eq!(
+        entries.len(),
+        1,
+        "only the captured connection went through squid: {entries:?}"
+    );
+    assert_eq!(
+        w.agent.connection_lines().len(),
+        1,
+        "only one connection reached the agent"
+    );
     let seen = w.upstream.seen_on(w.topo.node_addr(8443));
-    assert_eq!(seen[1].peer.ip(), w.v4(), "the captured one came from squid");
+    assert_eq!(
+        seen[1].peer.ip(),
+        w.v4(),
+        "the captured one came from squid"
+    );
 }
 
 #[test]
@@ -319,16 +434,32 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
     let agent_cgroup = cgroup.child("agent");
     let ca = TestCa::new();
     let web = topo.node_addr(8443);
-    let upstream = Upstream::start(&topo.node, &ca, UpstreamSpec::new().names(&[NAME]).https(web));
-    let squid = Squid::start(&topo.node, SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())));
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new().names(&[NAME]).https(web),
+    );
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+    );
     let opts = AgentOptions::new(squid.addr())
         .actor(ActorSpec::new("actor-19", "coder", "team-a", &cgroup).netns(&topo.actor));
     let mut agent = Agent::start(&topo.node, Some(&agent_cgroup), opts);
     agent.wait_ready(T);
-    assert!(agent_cgroup.pids().contains(&(agent.pid() as i32)), "the agent runs in the captured subtree");
+    assert!(
+        agent_cgroup.pids().contains(&(agent.pid() as i32)),
+        "the agent runs in the captured subtree"
+    );
 
     let out = process::run(
-        &mut curl_command(Some(&topo.actor), Some(&cgroup), &ca.cert_path(), &[(NAME, 8443, IpAddr::V4(topo.node_v4()))], &format!("https://{NAME}:8443/")),
+        &mut curl_command(
+            Some(&topo.actor),
+            Some(&cgroup),
+            &ca.cert_path(),
+            &[(NAME, 8443, IpAddr::V4(topo.node_v4()))],
+            &format!("https://{NAME}:8443/"),
+        ),
         T,
     );
     out.expect_success("curl from the actor");
@@ -337,9 +468,23 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
     assert_eq!(entries[0].actor_id.as_deref(), Some("actor-19"));
     assert_eq!(upstream.seen_on(web).len(), 1);
     let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
-    let counter = |name: &str| stats.counters.iter().find(|(c, _)| c.name() == name).map(|(_, v)| *v).unwrap();
-    assert!(counter("agent_skipped") >= 1, "the agent's own connect was seen and left alone: {stats:?}");
-    assert_eq!(counter("redirected"), 1, "only the actor's connect was redirected: {stats:?}");
+    let counter = |name: &str| {
+        stats
+            .counters
+            .iter()
+            .find(|(c, _)| c.name() == name)
+            .map(|(_, v)| *v)
+            .unwrap()
+    };
+    assert!(
+        counter("agent_skipped") >= 1,
+        "the agent's own connect was seen and left alone: {stats:?}"
+    );
+    assert_eq!(
+        counter("redirected"),
+        1,
+        "only the actor's connect was redirected: {stats:?}"
+    );
 }
 
 #[test]
@@ -351,7 +496,11 @@ fn getpeername_shows_the_original_destination() {
         cmd.args(["peername", &original.to_string()]);
         let out = process::run(&mut cmd, T);
         out.expect_success("probe peername");
-        assert_eq!(out.stdout.trim(), format!("peer={original}"), "not the agent's listener");
+        assert_eq!(
+            out.stdout.trim(),
+            format!("peer={original}"),
+            "not the agent's listener"
+        );
     }
 }
 
@@ -361,10 +510,20 @@ fn ten_thousand_connections_leave_no_map_entries() {
     let probe = env!("CARGO_BIN_EXE_egress-probe");
     let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
     let count = 10_000;
-    cmd.args(["http-many", &w.topo.node_addr(8080).to_string(), NAME, &count.to_string(), "8"]);
+    cmd.args([
+        "http-many",
+        &w.topo.node_addr(8080).to_string(),
+        NAME,
+        &count.to_string(),
+        "8",
+    ]);
     let out = process::run(&mut cmd, Duration::from_secs(600));
     out.expect_success("10,000 captured HTTP requests");
-    assert!(out.stdout.contains(&format!("ok={count} failed=0")), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("ok={count} failed=0")),
+        "{}",
+        out.stdout
+    );
     // The last closes are processed by the kernel shortly after the client returns.
     let dir = w.agent.bpffs_dir().to_path_buf();
     let mut stats = egress_agent::ebpf::map_stats(&dir).expect("map stats");
@@ -375,9 +534,20 @@ fn ten_thousand_connections_leave_no_map_entries() {
         std::thread::sleep(Duration::from_millis(100));
         stats = egress_agent::ebpf::map_stats(&dir).expect("map stats");
     }
-    assert_eq!((stats.sockets, stats.conns), (0, 0), "stale entries after {count} connections: {stats:?}");
+    assert_eq!(
+        (stats.sockets, stats.conns),
+        (0, 0),
+        "stale entries after {count} connections: {stats:?}"
+    );
     assert_eq!(stats.actors, 1);
-    let counter = |name: &str| stats.counters.iter().find(|(c, _)| c.name() == name).map(|(_, v)| *v).unwrap();
+    let counter = |name: &str| {
+        stats
+            .counters
+            .iter()
+            .find(|(c, _)| c.name() == name)
+            .map(|(_, v)| *v)
+            .unwrap()
+    };
     assert_eq!(counter("redirected"), count as u64);
     assert_eq!(counter("published"), count as u64);
     assert_eq!(w.upstream.seen_on(w.topo.node_addr(8080)).len(), count);
@@ -387,15 +557,28 @@ fn ten_thousand_connections_leave_no_map_entries() {
 fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
     let mut w = World::new(22);
     let url = format!("https://{NAME}:8443/");
-    w.curl(NAME, w.v4(), 8443, &url).expect_success("curl before the kill");
+    w.curl(NAME, w.v4(), 8443, &url)
+        .expect_success("curl before the kill");
     let dir = w.agent.bpffs_dir().to_path_buf();
     w.agent.kill9();
 
     // Capture outlives the agent: the connect is refused, and nothing goes direct.
     let out = w.curl(NAME, w.v4(), 8443, &url);
-    assert_eq!(out.code(), Some(7), "curl must fail to connect: {}", out.describe());
-    assert_eq!(w.upstream.seen_on(w.topo.node_addr(8443)).len(), 1, "no direct connection to the upstream");
-    assert!(Path::new(&dir).join("links").exists(), "pins survive the agent");
+    assert_eq!(
+        out.code(),
+        Some(7),
+        "curl must fail to connect: {}",
+        out.describe()
+    );
+    assert_eq!(
+        w.upstream.seen_on(w.topo.node_addr(8443)).len(),
+        1,
+        "no direct connection to the upstream"
+    );
+    assert!(
+        Path::new(&dir).join("links").exists(),
+        "pins survive the agent"
+    );
 
     let mut opts = AgentOptions::new(w.squid.addr())
         .actor(ActorSpec::new("actor-22", "coder", "team-a", &w.cgroup).netns(&w.topo.actor));
@@ -406,7 +589,11 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
     out.expect_success("curl after the restart");
     assert_eq!(again.connection_lines().len(), 1);
     let entries = w.squid.wait_for_entries(2, T);
-    assert!(entries.iter().all(|e| e.actor_id.as_deref() == Some("actor-22")));
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.actor_id.as_deref() == Some("actor-22"))
+    );
 
     // An explicit detach releases the cgroup: connects are no longer redirected.
     again.detach().expect_success("egress-agent detach");
@@ -414,5 +601,8 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
     let out = w.curl(NAME, w.v4(), 8443, &url);
     out.expect_success("curl after detach goes direct");
     let seen = w.upstream.seen_on(w.topo.node_addr(8443));
-    assert_eq!(seen.last().unwrap().peer.ip(), IpAddr::V4(w.topo.actor_v4()));
+    assert_eq!(
+        seen.last().unwrap().peer.ip(),
+        IpAddr::V4(w.topo.actor_v4())
+    );
 }

@@ -33,10 +33,15 @@ pub fn build_ebpf(release: bool) -> anyhow::Result<Built> {
 
 fn build_agent(release: bool, toolchain: &str) -> anyhow::Result<Built> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--package", "egress-agent", "--message-format=json-render-diagnostics"])
-        .env("EGRESS_EBPF_REQUIRED", "1")
-        .env("EGRESS_EBPF_TOOLCHAIN", toolchain)
-        .stdout(Stdio::piped());
+    cmd.args([
+        "build",
+        "--package",
+        "egress-agent",
+        "--message-format=json-render-diagnostics",
+    ])
+    .env("EGRESS_EBPF_REQUIRED", "1")
+    .env("EGRESS_EBPF_TOOLCHAIN", toolchain)
+    .stdout(Stdio::piped());
     if release {
         cmd.arg("--release");
     }
@@ -48,7 +53,9 @@ fn build_agent(release: bool, toolchain: &str) -> anyhow::Result<Built> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        let is_agent = msg["package_id"].as_str().is_some_and(|id| id.contains("egress-agent"));
+        let is_agent = msg["package_id"]
+            .as_str()
+            .is_some_and(|id| id.contains("egress-agent"));
         match msg["reason"].as_str() {
             Some("build-script-executed") if is_agent => {
                 out_dir = msg["out_dir"].as_str().map(PathBuf::from);
@@ -63,7 +70,9 @@ fn build_agent(release: bool, toolchain: &str) -> anyhow::Result<Built> {
     if !status.success() {
         bail!("building egress-agent with its eBPF object failed ({status})");
     }
-    let object = out_dir.context("cargo reported no build-script output for egress-agent")?.join("egress");
+    let object = out_dir
+        .context("cargo reported no build-script output for egress-agent")?
+        .join("egress");
     let agent = agent.context("cargo reported no egress-agent binary")?;
     if std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0) == 0 {
         bail!("{} is empty: the eBPF build did not run", object.display());
@@ -80,7 +89,9 @@ fn programs(path: &PathBuf) -> anyhow::Result<Vec<(String, String, u64)>> {
         if symbol.kind() != object::SymbolKind::Text || !symbol.is_global() {
             continue;
         }
-        let Some(index) = symbol.section_index() else { continue };
+        let Some(index) = symbol.section_index() else {
+            continue;
+        };
         let section = file.section_by_index(index)?.name()?.to_string();
         if section == ".text" {
             continue;

@@ -50,7 +50,11 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Installs what is missing and returns the rustup toolchain that builds the eBPF crate.
 pub fn ensure_toolchain() -> anyhow::Result<String> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     let apt = Path::new("/usr/bin/apt-get").exists();
     if !missing.is_empty() {
         if !apt {
@@ -87,7 +91,9 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
             .status();
     }
     if !which("rustup") {
-        bail!("rustup is not on PATH: install it from https://rustup.rs (the host crates build with rustup's stable)");
+        bail!(
+            "rustup is not on PATH: install it from https://rustup.rs (the host crates build with rustup's stable)"
+        );
     }
     let toolchain = if Path::new("/usr/lib/rustlib/src/rust/library/Cargo.lock").exists() {
         if !rustup_has_toolchain(DEBIAN_TOOLCHAIN) {
@@ -105,7 +111,9 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
         );
     };
     if !bpf_linker_ok() {
-        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against llvm-22 (about a minute)");
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against llvm-22 (about a minute)"
+        );
         run_cmd(
             Command::new("cargo")
                 .args([
@@ -128,12 +136,18 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).
 pub fn ensure_bpffs() -> anyhow::Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+            && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         return Ok(());
     }
     if !is_root() {
-        bail!("bpffs is not mounted at /sys/fs/bpf: run as root `mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf`");
+        bail!(
+            "bpffs is not mounted at /sys/fs/bpf: run as root `mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf`"
+        );
     }
     std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
     run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
@@ -145,30 +159,46 @@ fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
 }
 
 fn rustup_has_toolchain(name: &str) -> bool {
     Command::new("rustup")
         .args(["toolchain", "list"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().next() == Some(name)))
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name))
+        })
 }
 
 fn nightly_has_rust_src() -> bool {
     Command::new("rustup")
         .args(["+nightly", "component", "list", "--installed"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("rust-src"))
+        })
 }
 
 fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether `program` is on PATH.
 pub fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// Whether this process runs as root.

@@ -24,18 +24,36 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     setup::run_cmd(Command::new(cargo).args(["fmt", "--all", "--check"]))?;
     setup::run_cmd(
         Command::new(cargo)
-            .args(["clippy", "--workspace", "--exclude", "egress-ebpf", "--all-targets", "--", "-D", "warnings"])
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "egress-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
             .env("EGRESS_EBPF_REQUIRED", "1"),
     )?;
 
     println!("\n== tiers 1-2: unit and in-process tests");
     setup::run_cmd(
         Command::new(cargo)
-            .args(["test", "--workspace", "--exclude", "egress-ebpf", "--exclude", "egress-tests"])
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "egress-ebpf",
+                "--exclude",
+                "egress-tests",
+            ])
             .env("EGRESS_EBPF_REQUIRED", "1"),
     )?;
 
-    println!("\n== tier 3: privileged integration tests (real kernel, cgroups, netns, squid, curl, openssl)");
+    println!(
+        "\n== tier 3: privileged integration tests (real kernel, cgroups, netns, squid, curl, openssl)"
+    );
     let mut cmd = Command::new(cargo);
     cmd.args(["test", "--package", "egress-tests"])
         .env("EGRESS_AGENT_BIN", &built.agent)

@@ -42,13 +42,18 @@ struct World {
 
 type Shared = Arc<Mutex<Option<World>>>;
 
+/// Builds one scenario's client command inside the world.
+type MakeCommand = Box<dyn Fn(&World) -> Command>;
+
 fn main() -> ExitCode {
     egress_tests::require_root();
     egress_tests::require_commands(&["squid", "curl", "openssl", "bash", "ip"]);
     let world: Shared = Arc::new(Mutex::new(None));
     install_cleanup_on_signal(world.clone());
 
-    println!("egress demo: building a throw-away actor (network namespaces, cgroup, upstreams, squid, agent)...");
+    println!(
+        "egress demo: building a throw-away actor (network namespaces, cgroup, upstreams, squid, agent)..."
+    );
     let built = build_world();
     if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
         drop(built);
@@ -58,9 +63,23 @@ fn main() -> ExitCode {
     {
         let w = &built;
         println!();
-        println!("  node netns   {} (agent, squid on {}, upstreams on {})", w.topo.node.path().display(), w.squid.addr(), w.topo.node_v4());
-        println!("  actor netns  {} (veth {} -> node {})", w.topo.actor.path().display(), w.topo.actor_v4(), w.topo.node_v4());
-        println!("  actor cgroup {} (id {})", w.cgroup.path().display(), w.cgroup.id());
+        println!(
+            "  node netns   {} (agent, squid on {}, upstreams on {})",
+            w.topo.node.path().display(),
+            w.squid.addr(),
+            w.topo.node_v4()
+        );
+        println!(
+            "  actor netns  {} (veth {} -> node {})",
+            w.topo.actor.path().display(),
+            w.topo.actor_v4(),
+            w.topo.node_v4()
+        );
+        println!(
+            "  actor cgroup {} (id {})",
+            w.cgroup.path().display(),
+            w.cgroup.id()
+        );
         println!("  agent pins   {}", w.agent.bpffs_dir().display());
         println!("  identity     actor-id=demo-actor template=coder template-namespace=team-a");
     }
@@ -70,37 +89,74 @@ fn main() -> ExitCode {
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
         g.as_ref().map(|w| IpAddr::V4(w.topo.node_v4()))
     };
-    let Some(node) = node else { return ExitCode::FAILURE };
+    let Some(node) = node else {
+        return ExitCode::FAILURE;
+    };
     let mut failures = 0;
-    let scenarios: Vec<(String, Box<dyn Fn(&World) -> Command>, u16)> = vec![
+    let scenarios: Vec<(String, MakeCommand, u16)> = vec![
         (
             format!("curl https://{NAME}:8443/"),
-            Box::new(move |w| curl_command(Some(&w.topo.actor), Some(&w.cgroup), &w.ca.cert_path(), &[(NAME, 8443, node)], &format!("https://{NAME}:8443/"))),
+            Box::new(move |w| {
+                curl_command(
+                    Some(&w.topo.actor),
+                    Some(&w.cgroup),
+                    &w.ca.cert_path(),
+                    &[(NAME, 8443, node)],
+                    &format!("https://{NAME}:8443/"),
+                )
+            }),
             8443,
         ),
         (
             format!("curl https://{NAME}/"),
-            Box::new(move |w| curl_command(Some(&w.topo.actor), Some(&w.cgroup), &w.ca.cert_path(), &[(NAME, 443, node)], &format!("https://{NAME}/"))),
+            Box::new(move |w| {
+                curl_command(
+                    Some(&w.topo.actor),
+                    Some(&w.cgroup),
+                    &w.ca.cert_path(),
+                    &[(NAME, 443, node)],
+                    &format!("https://{NAME}/"),
+                )
+            }),
             443,
         ),
         (
             format!("curl http://{NAME}:8080/"),
-            Box::new(move |w| curl_command(Some(&w.topo.actor), Some(&w.cgroup), &w.ca.cert_path(), &[(NAME, 8080, node)], &format!("http://{NAME}:8080/"))),
+            Box::new(move |w| {
+                curl_command(
+                    Some(&w.topo.actor),
+                    Some(&w.cgroup),
+                    &w.ca.cert_path(),
+                    &[(NAME, 8080, node)],
+                    &format!("http://{NAME}:8080/"),
+                )
+            }),
             8080,
         ),
         (
             format!("openssl s_client -connect {node}:8443 -servername {NAME}"),
             Box::new(move |w| {
                 let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
-                cmd.args(["s_client", "-connect", &format!("{node}:8443"), "-servername", NAME, "-brief", "-ign_eof", "-CAfile"])
-                    .arg(w.ca.cert_path());
+                cmd.args([
+                    "s_client",
+                    "-connect",
+                    &format!("{node}:8443"),
+                    "-servername",
+                    NAME,
+                    "-brief",
+                    "-ign_eof",
+                    "-CAfile",
+                ])
+                .arg(w.ca.cert_path());
                 cmd
             }),
             8443,
         ),
         (
             format!("bash /dev/tcp/{node}/2222 (server speaks first)"),
-            Box::new(move |w| banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), (node, 2222).into())),
+            Box::new(move |w| {
+                banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), (node, 2222).into())
+            }),
             2222,
         ),
     ];
@@ -108,7 +164,9 @@ fn main() -> ExitCode {
         println!("\n[{}] actor runs: {title}", i + 1);
         let cmd = {
             let g = world.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(w) = g.as_ref() else { return ExitCode::FAILURE };
+            let Some(w) = g.as_ref() else {
+                return ExitCode::FAILURE;
+            };
             make(w)
         };
         let mut cmd = cmd;
@@ -126,31 +184,53 @@ fn main() -> ExitCode {
             .unwrap_or("")
             .trim()
             .to_string();
-        println!("    client  exit {} | {}", out.code().map_or("?".into(), |c| c.to_string()), first);
+        println!(
+            "    client  exit {} | {}",
+            out.code().map_or("?".into(), |c| c.to_string()),
+            first
+        );
         if !out.success() {
             failures += 1;
         }
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(w) = g.as_ref() else { return ExitCode::FAILURE };
+        let Some(w) = g.as_ref() else {
+            return ExitCode::FAILURE;
+        };
         let dst = format!("{node}:{port}");
         let conn = wait_conn(&w.agent, &dst, i);
         match &conn {
             Some(c) => println!(
                 "    agent   actor={} pid={} original_dst={} authority={} source={} pep_status={} bytes_up={} bytes_down={} outcome={}",
-                s(&c.actor), n(c.pid.map(u64::from)), s(&c.original_dst), s(&c.authority), s(&c.source),
-                n(c.pep_status.map(u64::from)), n(c.bytes_up), n(c.bytes_down), s(&c.outcome)
+                s(&c.actor),
+                n(c.pid.map(u64::from)),
+                s(&c.original_dst),
+                s(&c.authority),
+                s(&c.source),
+                n(c.pep_status.map(u64::from)),
+                n(c.bytes_up),
+                n(c.bytes_down),
+                s(&c.outcome)
             ),
             None => {
                 println!("    agent   (no connection line)");
                 failures += 1;
             }
         }
-        let authority = conn.as_ref().and_then(|c| c.authority.clone()).unwrap_or_default();
+        let authority = conn
+            .as_ref()
+            .and_then(|c| c.authority.clone())
+            .unwrap_or_default();
         match wait_squid(&w.squid, &authority) {
             Some(e) => println!(
                 "    squid   {} {} status={} x-ate-actor-id={} x-ate-actor-template={} x-ate-actor-template-namespace={} x-ate-original-destination={} x-ate-connect-authority={}",
-                e.method, e.uri, n(e.status.map(u64::from)), s(&e.actor_id), s(&e.actor_template),
-                s(&e.actor_template_namespace), s(&e.original_destination), s(&e.connect_authority)
+                e.method,
+                e.uri,
+                n(e.status.map(u64::from)),
+                s(&e.actor_id),
+                s(&e.actor_template),
+                s(&e.actor_template_namespace),
+                s(&e.original_destination),
+                s(&e.connect_authority)
             ),
             None => {
                 println!("    squid   (no access-log line for {authority})");
@@ -160,15 +240,30 @@ fn main() -> ExitCode {
     }
     {
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(w) = g.as_ref() else { return ExitCode::FAILURE };
+        let Some(w) = g.as_ref() else {
+            return ExitCode::FAILURE;
+        };
         println!("\n[contrast] the same curl from the actor's namespace but outside its cgroup:");
         let out = process::run(
-            &mut curl_command(Some(&w.topo.actor), None, &w.ca.cert_path(), &[(NAME, 8443, node)], &format!("https://{NAME}:8443/")),
+            &mut curl_command(
+                Some(&w.topo.actor),
+                None,
+                &w.ca.cert_path(),
+                &[(NAME, 8443, node)],
+                &format!("https://{NAME}:8443/"),
+            ),
             T,
         );
         let first = out.stdout.lines().next().unwrap_or("").trim().to_string();
-        println!("    client  exit {} | {first}", out.code().map_or("?".into(), |c| c.to_string()));
-        let peer = w.upstream.seen().last().map_or("-".into(), |s| s.peer.ip().to_string());
+        println!(
+            "    client  exit {} | {first}",
+            out.code().map_or("?".into(), |c| c.to_string())
+        );
+        let peer = w
+            .upstream
+            .seen()
+            .last()
+            .map_or("-".into(), |s| s.peer.ip().to_string());
         println!(
             "    not captured: the upstream saw it come from {peer} (the actor's veth address), \
              while the captured ones came from squid ({}); squid logged nothing new",
@@ -179,7 +274,9 @@ fn main() -> ExitCode {
     println!("\ncleaning up...");
     drop(world.lock().unwrap_or_else(|e| e.into_inner()).take());
     if failures == 0 {
-        println!("demo: every captured connection reached its upstream through squid with the actor's identity");
+        println!(
+            "demo: every captured connection reached its upstream through squid with the actor's identity"
+        );
         ExitCode::SUCCESS
     } else {
         println!("demo: {failures} step(s) failed (see above)");
@@ -201,12 +298,22 @@ fn build_world() -> World {
             .http(topo.node_addr(8080))
             .banner(topo.node_addr(2222)),
     );
-    let squid = Squid::start(&topo.node, SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())));
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+    );
     let opts = AgentOptions::new(squid.addr())
         .actor(ActorSpec::new("demo-actor", "coder", "team-a", &cgroup).netns(&topo.actor));
     let mut agent = Agent::start(&topo.node, None, opts);
     agent.wait_ready(T);
-    World { agent, squid, upstream, ca, cgroup, topo }
+    World {
+        agent,
+        squid,
+        upstream,
+        ca,
+        cgroup,
+        topo,
+    }
 }
 
 /// The `index`-th connection line, which must be for `dst`.
@@ -215,7 +322,10 @@ fn wait_conn(agent: &Agent, dst: &str, index: usize) -> Option<ConnectionLog> {
         let lines = agent.connection_lines();
         if let Some(c) = lines.get(index) {
             if c.original_dst.as_deref() != Some(dst) {
-                println!("    (agent line {index} is for {}, expected {dst})", s(&c.original_dst));
+                println!(
+                    "    (agent line {index} is for {}, expected {dst})",
+                    s(&c.original_dst)
+                );
             }
             return Some(c.clone());
         }
@@ -226,7 +336,12 @@ fn wait_conn(agent: &Agent, dst: &str, index: usize) -> Option<ConnectionLog> {
 
 fn wait_squid(squid: &Squid, authority: &str) -> Option<AccessEntry> {
     for _ in 0..100 {
-        if let Some(e) = squid.access_log_entries().into_iter().rev().find(|e| e.uri == authority) {
+        if let Some(e) = squid
+            .access_log_entries()
+            .into_iter()
+            .rev()
+            .find(|e| e.uri == authority)
+        {
             return Some(e);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -248,7 +363,10 @@ static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// On SIGINT/SIGTERM: drop the world (stopping the agent and squid, removing pins, the
 /// cgroup and the namespaces), then exit.
 fn install_cleanup_on_signal(world: Shared) {
-    use signal_hook::{consts::{SIGINT, SIGTERM}, iterator::Signals};
+    use signal_hook::{
+        consts::{SIGINT, SIGTERM},
+        iterator::Signals,
+    };
     let mut signals = Signals::new([SIGINT, SIGTERM]).expect("install signal handlers");
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {

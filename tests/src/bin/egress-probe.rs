@@ -16,7 +16,12 @@ use std::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["peername", addr] => peername(addr),
         ["http-many", addr, host, count, concurrency] => {
             let (Ok(count), Ok(concurrency)) = (count.parse(), concurrency.parse()) else {
@@ -67,8 +72,12 @@ fn http_many(addr: &str, host: &str, count: usize, concurrency: usize) -> ExitCo
     let first_error = Arc::new(Mutex::new(None::<String>));
     let threads: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
-            let (next, ok, first_error, request) =
-                (next.clone(), ok.clone(), first_error.clone(), request.clone());
+            let (next, ok, first_error, request) = (
+                next.clone(),
+                ok.clone(),
+                first_error.clone(),
+                request.clone(),
+            );
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     match one_request(addr, &request) {
@@ -89,19 +98,32 @@ fn http_many(addr: &str, host: &str, count: usize, concurrency: usize) -> ExitCo
     let ok = ok.load(Ordering::Relaxed);
     let error = first_error.lock().unwrap().clone().unwrap_or_default();
     println!("ok={ok} failed={} first_error={error}", count - ok);
-    if ok == count { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok == count {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn one_request(addr: SocketAddr, request: &str) -> Result<(), String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(|e| format!("read: {e}"))?;
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
     if response.starts_with(b"HTTP/1.1 200") {
         Ok(())
     } else {
-        Err(format!("answer: {:?}", String::from_utf8_lossy(&response[..response.len().min(64)])))
+        Err(format!(
+            "answer: {:?}",
+            String::from_utf8_lossy(&response[..response.len().min(64)])
+        ))
     }
 }
