@@ -454,6 +454,15 @@ pub fn cgroup_id(path: &Path) -> Result<u64, String> {
             path.display()
         ));
     }
+    // The root of a cgroup v2 hierarchy is inode 1: capturing it would capture every process
+    // on the node (kubelet, sshd, ...), and with the agent gone they would all lose TCP.
+    if meta.ino() == 1 {
+        return Err(format!(
+            "{} is the root of the cgroup v2 hierarchy: refusing to capture every process on \
+             the node; give the actor's own cgroup directory",
+            path.display()
+        ));
+    }
     Ok(meta.ino())
 }
 
@@ -546,6 +555,20 @@ mod tests {
     fn non_cgroup2_directory_is_refused() {
         let err = cgroup_id(Path::new("/tmp")).unwrap_err();
         assert!(err.contains("not on cgroup v2"), "{err}");
+    }
+
+    #[test]
+    fn the_cgroup_root_is_refused() {
+        let root = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+            .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from));
+        let Some(root) = root else {
+            panic!("no cgroup2 mount on this machine: this test needs cgroup v2");
+        };
+        let err = cgroup_id(&root).unwrap_err();
+        assert!(err.contains("root of the cgroup v2 hierarchy"), "{err}");
     }
 
     #[test]
