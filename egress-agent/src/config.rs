@@ -562,7 +562,11 @@ mod tests {
         let root = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+            .find(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("cgroup2 "))
+            })
             .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from));
         let Some(root) = root else {
             panic!("no cgroup2 mount on this machine: this test needs cgroup v2");

@@ -253,37 +253,23 @@ impl Capture {
                 debug!(program = name, cgroup = %cgroup.display(), "pinned link updated");
                 continue;
             }
+            // The three program types attach the same way but share no trait for it.
+            macro_rules! attach {
+                ($p:expr) => {{
+                    let id = $p
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    let link = $p.take_link(id).map_err(prog_err(name))?;
+                    FdLink::try_from(link).map_err(|source| Error::Link {
+                        path: pin.clone(),
+                        source,
+                    })?
+                }};
+            }
             let link: FdLink = match program {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = p
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link {
-                        path: pin.clone(),
-                        source,
-                    })?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = p
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link {
-                        path: pin.clone(),
-                        source,
-                    })?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|source| Error::Link {
-                        path: pin.clone(),
-                        source,
-                    })?
-                }
+                aya::programs::Program::CgroupSockAddr(p) => attach!(p),
+                aya::programs::Program::SockOps(p) => attach!(p),
+                aya::programs::Program::CgroupSock(p) => attach!(p),
                 _ => return Err(prog_err(name)(ProgramError::UnexpectedProgramType)),
             };
             link.pin(&pin).map_err(|e| Error::Io {

@@ -314,35 +314,27 @@ fn log_closed(
     let source = authority.map_or("", |a| a.source.as_str());
     let duration_ms = start.elapsed().as_millis() as u64;
     let pep_status = pep_status.unwrap_or(0);
+    macro_rules! closed {
+        ($level:ident $(, $($extra:tt)+)?) => {
+            $level!(
+                id = flow.id,
+                actor = %flow.actor.id,
+                pid = flow.pid,
+                original_dst = %flow.original_dst,
+                authority = %authority_s,
+                source,
+                pep_status,
+                bytes_up,
+                bytes_down,
+                duration_ms,
+                outcome = outcome.as_str(),
+                $($($extra)+)?
+                "connection closed"
+            )
+        };
+    }
     match error {
-        None => info!(
-            id = flow.id,
-            actor = %flow.actor.id,
-            pid = flow.pid,
-            original_dst = %flow.original_dst,
-            authority = %authority_s,
-            source,
-            pep_status,
-            bytes_up,
-            bytes_down,
-            duration_ms,
-            outcome = outcome.as_str(),
-            "connection closed"
-        ),
-        Some(error) => warn!(
-            id = flow.id,
-            actor = %flow.actor.id,
-            pid = flow.pid,
-            original_dst = %flow.original_dst,
-            authority = %authority_s,
-            source,
-            pep_status,
-            bytes_up,
-            bytes_down,
-            duration_ms,
-            outcome = outcome.as_str(),
-            error = %error,
-            "connection closed"
-        ),
+        None => closed!(info),
+        Some(error) => closed!(warn, error = %error,),
     }
 }

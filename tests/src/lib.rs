@@ -48,6 +48,7 @@ pub mod process;
 pub mod squid;
 pub mod topology;
 pub mod upstream;
+pub mod world;
 
 use std::path::Path;
 use std::process::Command;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog},
+    agent::{ActorSpec, Agent, AgentOptions},
     cgroup::Cgroup,
     client::{banner_exchange_command, curl_command},
     netns::{Netns, veth},
@@ -20,97 +20,12 @@ use egress_tests::{
     squid::{AccessEntry, Squid, SquidConfig},
     topology::Topology,
     upstream::{BANNER, Upstream, UpstreamSpec},
+    world::{NAME, NAME6, T, World},
 };
 
-const NAME: &str = "web.egress.test";
-const NAME6: &str = "web6.egress.test";
-const T: Duration = Duration::from_secs(20);
-
-/// Everything one test needs, dropped in reverse order of creation (agent first).
-struct World {
-    topo: Topology,
-    cgroup: Cgroup,
-    ca: TestCa,
-    upstream: Upstream,
-    squid: Squid,
-    agent: Agent,
-}
-
-impl World {
-    /// Upstreams in the node namespace: HTTPS on :443 and :8443 (IPv4 and IPv6), plain HTTP
-    /// on :8080, a server-first service on :2222; squid as the PEP; the agent capturing one
-    /// actor (id `actor-NET`) in the actor namespace.
-    fn new(net: u8) -> World {
-        Self::with(net, SquidConfig::default(), |opts| opts)
-    }
-
-    fn with(net: u8, squid: SquidConfig, tune: impl FnOnce(AgentOptions) -> AgentOptions) -> World {
-        egress_tests::require_root();
-        egress_tests::require_commands(&["squid", "curl", "openssl", "bash", "nsenter", "ip"]);
-        let topo = Topology::new(net);
-        let cgroup = Cgroup::new();
-        let ca = TestCa::new();
-        let upstream = Upstream::start(
-            &topo.node,
-            &ca,
-            UpstreamSpec::new()
-                .names(&[NAME, NAME6])
-                .https(topo.node_addr(443))
-                .https(topo.node_addr(8443))
-                .https(topo.node_addr6(8443))
-                .http(topo.node_addr(8080))
-                .banner(topo.node_addr(2222)),
-        );
-        let squid = Squid::start(
-            &topo.node,
-            squid
-                .host(NAME, IpAddr::V4(topo.node_v4()))
-                .host(NAME6, IpAddr::V6(topo.node_v6())),
-        );
-        let opts = tune(AgentOptions::new(squid.addr()).actor(
-            ActorSpec::new(&format!("actor-{net}"), "coder", "team-a", &cgroup).netns(&topo.actor),
-        ));
-        let mut agent = Agent::start(&topo.node, None, opts);
-        agent.wait_ready(T);
-        World {
-            topo,
-            cgroup,
-            ca,
-            upstream,
-            squid,
-            agent,
-        }
-    }
-
-    fn curl(&self, name: &str, ip: IpAddr, port: u16, url: &str) -> process::Output {
-        process::run(
-            &mut curl_command(
-                Some(&self.topo.actor),
-                Some(&self.cgroup),
-                &self.ca.cert_path(),
-                &[(name, port, ip)],
-                url,
-            ),
-            T,
-        )
-    }
-
-    fn v4(&self) -> IpAddr {
-        IpAddr::V4(self.topo.node_v4())
-    }
-
-    /// The agent's log line for the connection whose original destination is `dst`.
-    fn agent_line(&mut self, dst: SocketAddr) -> ConnectionLog {
-        let want = dst.to_string();
-        self.agent
-            .wait_until(T, &format!("a connection line for {want}"), |lines| {
-                lines
-                    .iter()
-                    .filter_map(|l| egress_tests::agent::LogLine::parse(l))
-                    .filter_map(|l| ConnectionLog::from_line(&l))
-                    .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
-            })
-    }
+/// The standard world with actor `actor-NET`.
+fn world(net: u8) -> World {
+    World::new(net, &format!("actor-{net}"), SquidConfig::default(), |o| o)
 }
 
 fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, authority: &str) {
@@ -141,7 +56,7 @@ fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, autho
 
 #[test]
 fn https_on_443_and_8443_goes_through_squid_with_identity() {
-    let mut w = World::new(11);
+    let mut w = world(11);
     for port in [443u16, 8443] {
         let url = format!("https://{NAME}:{port}/");
         let out = w.curl(NAME, w.v4(), port, &url);
@@ -181,7 +96,7 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
 
 #[test]
 fn http_host_on_a_non_80_port() {
-    let mut w = World::new(12);
+    let mut w = world(12);
     let out = w.curl(NAME, w.v4(), 8080, &format!("http://{NAME}:8080/x"));
     out.expect_success("curl http from the actor");
     assert!(
@@ -200,7 +115,7 @@ fn http_host_on_a_non_80_port() {
 
 #[test]
 fn server_first_protocol_works_via_ip_port() {
-    let mut w = World::new(13);
+    let mut w = world(13);
     let original = w.topo.node_addr(2222);
     let out = process::run(
         &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), original),
@@ -222,7 +137,7 @@ fn server_first_protocol_works_via_ip_port() {
 
 #[test]
 fn openssl_s_client_sni_is_classified() {
-    let mut w = World::new(14);
+    let mut w = world(14);
     let original = w.topo.node_addr(8443);
     let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
     cmd.args([
@@ -254,7 +169,7 @@ fn openssl_s_client_sni_is_classified() {
 
 #[test]
 fn ipv6_destination_is_captured() {
-    let w = World::new(15);
+    let w = world(15);
     let original = w.topo.node_addr6(8443);
     let out = w.curl(
         NAME6,
@@ -280,7 +195,12 @@ fn ipv6_destination_is_captured() {
 
 #[test]
 fn pep_deny_resets_the_actor_connection() {
-    let mut w = World::with(16, SquidConfig::default().deny_port(8443), |o| o);
+    let mut w = World::new(
+        16,
+        "actor-16",
+        SquidConfig::default().deny_port(8443),
+        |o| o,
+    );
     let out = w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/"));
     assert!(
         !out.success(),
@@ -381,16 +301,10 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
 
 #[test]
 fn a_process_outside_the_cgroup_is_not_captured() {
-    let w = World::new(18);
+    let w = world(18);
     // Same namespace, no cgroup: goes straight over the veth.
     let out = process::run(
-        &mut curl_command(
-            Some(&w.topo.actor),
-            None,
-            &w.ca.cert_path(),
-            &[(NAME, 8443, w.v4())],
-            &format!("https://{NAME}:8443/"),
-        ),
+        &mut w.curl_command(false, NAME, w.v4(), 8443, &format!("https://{NAME}:8443/")),
         T,
     );
     out.expect_success("uncaptured curl");
@@ -489,7 +403,7 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
 
 #[test]
 fn getpeername_shows_the_original_destination() {
-    let w = World::new(20);
+    let w = world(20);
     let probe = env!("CARGO_BIN_EXE_egress-probe");
     for original in [w.topo.node_addr(8080), w.topo.node_addr6(8443)] {
         let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
@@ -506,7 +420,7 @@ fn getpeername_shows_the_original_destination() {
 
 #[test]
 fn ten_thousand_connections_leave_no_map_entries() {
-    let w = World::with(21, SquidConfig::default(), |o| o);
+    let w = world(21);
     let probe = env!("CARGO_BIN_EXE_egress-probe");
     let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
     let count = 10_000;
@@ -555,7 +469,7 @@ fn ten_thousand_connections_leave_no_map_entries() {
 
 #[test]
 fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
-    let mut w = World::new(22);
+    let mut w = world(22);
     let url = format!("https://{NAME}:8443/");
     w.curl(NAME, w.v4(), 8443, &url)
         .expect_success("curl before the kill");

@@ -15,30 +15,14 @@ use std::{
 };
 
 use egress_tests::{
-    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog},
-    cgroup::Cgroup,
-    client::{banner_exchange_command, curl_command},
-    pki::TestCa,
+    agent::{Agent, ConnectionLog},
+    client::banner_exchange_command,
     process::{self, command_in},
     squid::{AccessEntry, Squid, SquidConfig},
-    topology::Topology,
-    upstream::{Upstream, UpstreamSpec},
+    world::{NAME, T, World},
 };
 
-const NAME: &str = "web.egress.test";
 const NET: u8 = 200;
-const T: Duration = Duration::from_secs(20);
-
-/// The demo's world; dropping it removes everything (fields drop in declaration order:
-/// processes first, then the cgroup and the namespaces).
-struct World {
-    agent: Agent,
-    squid: Squid,
-    upstream: Upstream,
-    ca: TestCa,
-    cgroup: Cgroup,
-    topo: Topology,
-}
 
 type Shared = Arc<Mutex<Option<World>>>;
 
@@ -97,39 +81,19 @@ fn main() -> ExitCode {
         (
             format!("curl https://{NAME}:8443/"),
             Box::new(move |w| {
-                curl_command(
-                    Some(&w.topo.actor),
-                    Some(&w.cgroup),
-                    &w.ca.cert_path(),
-                    &[(NAME, 8443, node)],
-                    &format!("https://{NAME}:8443/"),
-                )
+                w.curl_command(true, NAME, node, 8443, &format!("https://{NAME}:8443/"))
             }),
             8443,
         ),
         (
             format!("curl https://{NAME}/"),
-            Box::new(move |w| {
-                curl_command(
-                    Some(&w.topo.actor),
-                    Some(&w.cgroup),
-                    &w.ca.cert_path(),
-                    &[(NAME, 443, node)],
-                    &format!("https://{NAME}/"),
-                )
-            }),
+            Box::new(move |w| w.curl_command(true, NAME, node, 443, &format!("https://{NAME}/"))),
             443,
         ),
         (
             format!("curl http://{NAME}:8080/"),
             Box::new(move |w| {
-                curl_command(
-                    Some(&w.topo.actor),
-                    Some(&w.cgroup),
-                    &w.ca.cert_path(),
-                    &[(NAME, 8080, node)],
-                    &format!("http://{NAME}:8080/"),
-                )
+                w.curl_command(true, NAME, node, 8080, &format!("http://{NAME}:8080/"))
             }),
             8080,
         ),
@@ -245,13 +209,7 @@ fn main() -> ExitCode {
         };
         println!("\n[contrast] the same curl from the actor's namespace but outside its cgroup:");
         let out = process::run(
-            &mut curl_command(
-                Some(&w.topo.actor),
-                None,
-                &w.ca.cert_path(),
-                &[(NAME, 8443, node)],
-                &format!("https://{NAME}:8443/"),
-            ),
+            &mut w.curl_command(false, NAME, node, 8443, &format!("https://{NAME}:8443/")),
             T,
         );
         let first = out.stdout.lines().next().unwrap_or("").trim().to_string();
@@ -285,35 +243,7 @@ fn main() -> ExitCode {
 }
 
 fn build_world() -> World {
-    let topo = Topology::new(NET);
-    let cgroup = Cgroup::new();
-    let ca = TestCa::new();
-    let upstream = Upstream::start(
-        &topo.node,
-        &ca,
-        UpstreamSpec::new()
-            .names(&[NAME])
-            .https(topo.node_addr(443))
-            .https(topo.node_addr(8443))
-            .http(topo.node_addr(8080))
-            .banner(topo.node_addr(2222)),
-    );
-    let squid = Squid::start(
-        &topo.node,
-        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
-    );
-    let opts = AgentOptions::new(squid.addr())
-        .actor(ActorSpec::new("demo-actor", "coder", "team-a", &cgroup).netns(&topo.actor));
-    let mut agent = Agent::start(&topo.node, None, opts);
-    agent.wait_ready(T);
-    World {
-        agent,
-        squid,
-        upstream,
-        ca,
-        cgroup,
-        topo,
-    }
+    World::new(NET, "demo-actor", SquidConfig::default(), |o| o)
 }
 
 /// The `index`-th connection line, which must be for `dst`.
