@@ -39,11 +39,6 @@ fn main() -> ExitCode {
         "egress demo: building a throw-away actor (network namespaces, cgroup, upstreams, squid, agent)..."
     );
     let built = build_world();
-    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-        drop(built);
-        eprintln!("cleaned up");
-        return ExitCode::from(130);
-    }
     {
         let w = &built;
         println!();
@@ -68,14 +63,19 @@ fn main() -> ExitCode {
         println!("  identity     actor-id=demo-actor template=coder template-namespace=team-a");
     }
     *world.lock().unwrap_or_else(|e| e.into_inner()) = Some(built);
+    // Stored first, checked second: a signal that came while building is seen here, one that
+    // comes from now on finds the world in the signal thread.
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        drop(world.lock().unwrap_or_else(|e| e.into_inner()).take());
+        eprintln!("cleaned up");
+        return ExitCode::from(130);
+    }
 
     let node = {
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
         g.as_ref().map(|w| IpAddr::V4(w.topo.node_v4()))
     };
-    let Some(node) = node else {
-        return ExitCode::FAILURE;
-    };
+    let Some(node) = node else { wait_for_cleanup() };
     let mut failures = 0;
     let scenarios: Vec<(String, MakeCommand, u16)> = vec![
         (
@@ -129,7 +129,8 @@ fn main() -> ExitCode {
         let cmd = {
             let g = world.lock().unwrap_or_else(|e| e.into_inner());
             let Some(w) = g.as_ref() else {
-                return ExitCode::FAILURE;
+                drop(g);
+                wait_for_cleanup()
             };
             make(w)
         };
@@ -158,7 +159,8 @@ fn main() -> ExitCode {
         }
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
         let Some(w) = g.as_ref() else {
-            return ExitCode::FAILURE;
+            drop(g);
+            wait_for_cleanup()
         };
         let dst = format!("{node}:{port}");
         let conn = wait_conn(&w.agent, &dst, i);
@@ -205,7 +207,8 @@ fn main() -> ExitCode {
     {
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
         let Some(w) = g.as_ref() else {
-            return ExitCode::FAILURE;
+            drop(g);
+            wait_for_cleanup()
         };
         println!("\n[contrast] the same curl from the actor's namespace but outside its cgroup:");
         let out = process::run(
@@ -287,7 +290,14 @@ fn n(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
-/// Set when a signal arrives before the world is shared: `main` cleans up after building it.
+/// The world is gone: the signal thread is removing it and will exit the process.
+fn wait_for_cleanup() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Set when a signal arrives: if the world is not shared yet, `main` cleans up once it is.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// On SIGINT/SIGTERM: drop the world (stopping the agent and squid, removing pins, the
@@ -299,17 +309,16 @@ fn install_cleanup_on_signal(world: Shared) {
     };
     let mut signals = Signals::new([SIGINT, SIGTERM]).expect("install signal handlers");
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
             eprintln!("\nsignal {sig}: cleaning up...");
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             let taken = world.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if taken.is_none() {
-                // Still being built (or already cleaned): main cleans up once it has it.
-                INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
+            if let Some(taken) = taken {
+                drop(taken);
+                eprintln!("cleaned up");
+                std::process::exit(130);
             }
-            drop(taken);
-            eprintln!("cleaned up");
-            std::process::exit(130);
+            // Still being built (main cleans up once it has it), or already cleaned by main.
         }
     });
 }
