@@ -341,7 +341,7 @@ fn check_pinned_maps(maps_dir: &Path) -> Result<(), Error> {
         if !path.exists() {
             continue;
         }
-        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(MAP_SOCKETS))?;
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
         let found = (
             info.key_size() as usize,
             info.value_size() as usize,

@@ -520,3 +520,58 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
         IpAddr::V4(w.topo.actor_v4())
     );
 }
+
+#[test]
+fn ipv6_connect_without_an_ipv6_listener_is_refused_not_sent() {
+    egress_tests::require_root();
+    let topo = Topology::new(23);
+    // No IPv6 in the actor's namespace at all: the agent can open no [::1] listener there.
+    let out = process::run(
+        topo.actor.command("sysctl").args([
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.lo.disable_ipv6=1",
+        ]),
+        T,
+    );
+    out.expect_success("disable IPv6 in the actor namespace");
+    let cgroup = Cgroup::new();
+    let squid = Squid::start(&topo.node, SquidConfig::default());
+    let opts = AgentOptions::new(squid.addr())
+        .actor(ActorSpec::new("actor-23", "coder", "team-a", &cgroup).netns(&topo.actor));
+    let mut agent = Agent::start(&topo.node, None, opts);
+    agent.wait_ready(T);
+
+    // A dual-stack socket dialling an IPv6 destination: connect6 has nowhere to send it and
+    // must refuse it (EPERM) rather than let it through.
+    let probe = env!("CARGO_BIN_EXE_egress-probe");
+    let mut cmd = command_in(probe, Some(&topo.actor), Some(&cgroup));
+    cmd.args(["peername", &topo.node_addr6(8443).to_string()]);
+    let out = process::run(&mut cmd, T);
+    assert!(
+        !out.success(),
+        "an IPv6 connect must fail: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("Operation not permitted"),
+        "refused by the program (EPERM): {}",
+        out.describe()
+    );
+    agent.wait_for_message(
+        "egress: connect6 refused: the actor has no IPv6 listener",
+        T,
+    );
+    let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
+    let refused = stats
+        .counters
+        .iter()
+        .find(|(c, _)| c.name() == "refused")
+        .map(|(_, v)| *v);
+    assert_eq!(refused, Some(1), "{stats:?}");
+    assert!(
+        squid.access_log_entries().is_empty(),
+        "nothing was tunnelled"
+    );
+}
