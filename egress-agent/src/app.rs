@@ -3,9 +3,13 @@ use std::{collections::BTreeMap, future::Future, io, path::PathBuf, sync::Arc};
 
 use egress_common::Settings;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::{capture, config::Config, ebpf, netns, proxy};
+use crate::{
+    capture,
+    config::{self, Config},
+    ebpf, netns, proxy,
+};
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,9 @@ pub enum Error {
         /// The cause.
         source: io::Error,
     },
+    /// The agent's own cgroup is unknown.
+    #[error(transparent)]
+    Config(#[from] config::Error),
     /// The async runtime refused a socket.
     #[error("registering a listener with the runtime: {0}")]
     Runtime(io::Error),
@@ -40,6 +47,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let logger = capture.take_logger();
     capture.set_settings(Settings {
         agent_netns: own_cookie,
+        agent_cgroup: config::own_cgroup_id()?,
         agent_mark: config.socket_mark,
         _pad: 0,
     })?;
@@ -71,8 +79,17 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     }
     let mut listeners = Vec::new();
     for (netns, actors) in by_netns.into_values() {
-        let listener = capture::Listener::open(netns.as_deref(), config.listen_port)?;
-        let entry = listener.entry();
+        // One namespace whose listener cannot be opened (say, a process there holds the port)
+        // must not take the other actors down: its actors stay captured with no listener, so
+        // their connects are refused, and the error says why.
+        let listener = match capture::Listener::open(netns.as_deref(), config.listen_port) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                error!(error = %e, "actors in this namespace stay captured but unserved: their connects are refused");
+                None
+            }
+        };
+        let entry = listener.as_ref().map(capture::Listener::entry);
         for i in actors {
             let actor = &config.actors[i];
             capture.register(&actor.cgroup, actor.cgroup_id, entry)?;
@@ -83,11 +100,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                 cgroup = %actor.cgroup.display(),
                 cgroup_id = actor.cgroup_id,
                 netns = %netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
-                listeners = ?listener.addrs(),
+                listeners = ?listener.as_ref().map(capture::Listener::addrs).unwrap_or_default(),
                 "actor captured"
             );
         }
-        listeners.push(listener);
+        listeners.extend(listener);
     }
     let configured: std::collections::BTreeSet<u64> =
         config.actors.iter().map(|a| a.cgroup_id).collect();

@@ -3,7 +3,7 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -36,8 +36,6 @@ pub enum Error {
 /// The agent's listeners in one network namespace: 127.0.0.1:port, and [::1]:port when the
 /// namespace has IPv6.
 pub struct Listener {
-    /// The namespace file (`None`: the agent's own).
-    pub netns: Option<PathBuf>,
     /// Its cookie: part of every record key of connections accepted here.
     pub cookie: u64,
     port: u16,
@@ -84,7 +82,6 @@ impl Listener {
             warn!(netns = %label, "no IPv6 loopback: IPv6 connects from its actors will be refused");
         }
         Ok(Listener {
-            netns: netns.map(Path::to_path_buf),
             cookie,
             port,
             v4,

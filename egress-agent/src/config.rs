@@ -64,9 +64,20 @@ pub enum Error {
         /// What is wrong and what to do.
         problem: String,
     },
-    /// Another setting is unusable.
-    #[error("{0}")]
-    Invalid(String),
+    /// The peek bound cannot hold a request line or a ClientHello header.
+    #[error(
+        "--peek-max-bytes {0} is too small to hold a request line or a ClientHello header; use at least 64"
+    )]
+    PeekTooSmall(usize),
+    /// A setting that must be above zero is zero.
+    #[error("--{0} must be above zero")]
+    Zero(&'static str),
+    /// More connections than the agent can count.
+    #[error("--max-connections {0} is above the most the agent supports ({max})", max = tokio::sync::Semaphore::MAX_PERMITS)]
+    TooManyConnections(usize),
+    /// The agent's own cgroup could not be found.
+    #[error("finding the agent's own cgroup v2 directory: {0}")]
+    OwnCgroup(String),
 }
 
 /// Where the PEP listens: `host:port`, the host a name or an IP literal.
@@ -344,16 +355,22 @@ impl RunArgs {
             (None, Some(_)) => return Err(Error::PartialActor("cgroup")),
         }
         if self.peek_max_bytes < 64 {
-            return Err(Error::Invalid(format!(
-                "--peek-max-bytes {} is too small to hold a request line or ClientHello header; use at least 64",
-                self.peek_max_bytes
-            )));
+            return Err(Error::PeekTooSmall(self.peek_max_bytes));
         }
-        if self.relay_buffer_bytes == 0 || self.max_connections == 0 || self.listen_port == 0 {
-            return Err(Error::Invalid(
-                "--relay-buffer-bytes, --max-connections and --listen-port must be above zero"
-                    .into(),
-            ));
+        for (flag, value) in [
+            ("relay-buffer-bytes", self.relay_buffer_bytes),
+            ("max-connections", self.max_connections),
+            ("listen-port", usize::from(self.listen_port)),
+            // Zero would disable the agent's exemption: inside a captured cgroup it would then
+            // capture its own connections.
+            ("socket-mark", self.socket_mark as usize),
+        ] {
+            if value == 0 {
+                return Err(Error::Zero(flag));
+            }
+        }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::TooManyConnections(self.max_connections));
         }
         let config = Config {
             pep,
@@ -463,6 +480,32 @@ pub fn cgroup_id(path: &Path) -> Result<u64, String> {
             path.display()
         ));
     }
+    Ok(meta.ino())
+}
+
+/// The cgroup v2 id of the calling process (from /proc/self/cgroup and the cgroup2 mount).
+pub fn own_cgroup_id() -> Result<u64, Error> {
+    let err = |e: String| Error::OwnCgroup(e);
+    let cgroups = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| err(format!("/proc/self/cgroup: {e}")))?;
+    let relative = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| err("no cgroup v2 entry (0::) in /proc/self/cgroup".into()))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?;
+    // mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER".
+    let mount = mountinfo
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split_whitespace().nth(4))
+        .ok_or_else(|| err("no cgroup2 mount in /proc/self/mountinfo".into()))?;
+    let path = Path::new(mount).join(relative.trim_start_matches('/'));
+    let meta = fs::metadata(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     Ok(meta.ino())
 }
 
@@ -592,5 +635,28 @@ mod tests {
         assert!(matches!(t.run.into_config(), Err(Error::NoPep)));
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128"]).unwrap();
         assert!(matches!(t.run.into_config(), Err(Error::NoActors)));
+        let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128", "--socket-mark", "0"]).unwrap();
+        assert!(matches!(
+            t.run.into_config(),
+            Err(Error::Zero("socket-mark"))
+        ));
+        let t = T::try_parse_from([
+            "t",
+            "--pep",
+            "127.0.0.1:3128",
+            "--max-connections",
+            &usize::MAX.to_string(),
+        ])
+        .unwrap();
+        assert!(matches!(
+            t.run.into_config(),
+            Err(Error::TooManyConnections(_))
+        ));
+    }
+
+    #[test]
+    fn own_cgroup_is_found() {
+        let id = own_cgroup_id().expect("the test runs in a cgroup v2 hierarchy");
+        assert_ne!(id, 0);
     }
 }

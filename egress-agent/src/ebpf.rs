@@ -213,12 +213,13 @@ impl Capture {
     }
 
     /// Registers an actor cgroup and attaches (or re-attaches) every program to it. The actor
-    /// entry is written first, so an attached program never runs without it.
+    /// entry is written first, so an attached program never runs without it; with no entry
+    /// (no listener for it) the cgroup is attached all the same and its connects are refused.
     pub fn register(
         &mut self,
         cgroup: &Path,
         cgroup_id: u64,
-        entry: ActorEntry,
+        entry: Option<ActorEntry>,
     ) -> Result<(), Error> {
         {
             let map = self.ebpf.map_mut(MAP_ACTORS).ok_or(Error::Map {
@@ -229,9 +230,15 @@ impl Capture {
             })?;
             let mut actors: HashMap<&mut MapData, u64, ActorEntry> =
                 HashMap::try_from(map).map_err(map_err(MAP_ACTORS))?;
-            actors
-                .insert(cgroup_id, entry, 0)
-                .map_err(map_err(MAP_ACTORS))?;
+            match entry {
+                Some(entry) => actors
+                    .insert(cgroup_id, entry, 0)
+                    .map_err(map_err(MAP_ACTORS))?,
+                None => match actors.remove(&cgroup_id) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_ACTORS)(e)),
+                },
+            }
         }
         let links = link_dir(&self.dir, cgroup_id);
         fs::create_dir_all(&links).map_err(io_err(format!("creating {}", links.display())))?;

@@ -35,8 +35,12 @@ enum Command {
         #[arg(long, env = "EGRESS_BPFFS_DIR", default_value = ebpf::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
         /// Release only this actor cgroup (its links and actor entry).
-        #[arg(long)]
+        #[arg(long, env = "EGRESS_DETACH_CGROUP", conflicts_with = "cgroup_id")]
         cgroup: Option<PathBuf>,
+        /// Release only the cgroup with this id (the name of its directory under
+        /// `<bpffs-dir>/links/`), e.g. one whose directory was already removed.
+        #[arg(long, env = "EGRESS_DETACH_CGROUP_ID")]
+        cgroup_id: Option<u64>,
     },
 }
 
@@ -62,10 +66,14 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(app::run(config, shutdown_signal()))?;
         }
-        Command::Detach { bpffs_dir, cgroup } => {
+        Command::Detach {
+            bpffs_dir,
+            cgroup,
+            cgroup_id,
+        } => {
             let id = match &cgroup {
                 Some(path) => Some(config::cgroup_id(path).map_err(anyhow::Error::msg)?),
-                None => None,
+                None => cgroup_id,
             };
             let done = ebpf::detach(&bpffs_dir, id)?;
             println!(

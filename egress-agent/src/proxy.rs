@@ -24,6 +24,16 @@ use crate::{
     tunnel,
 };
 
+/// Records older than this are not trusted: no connection waits that long to be accepted.
+pub const MAX_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// How a connection ended, as logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -43,6 +53,8 @@ pub enum Outcome {
     UnknownActor,
     /// Too many connections at once.
     Overloaded,
+    /// A record older than any connection the agent could still be accepting.
+    StaleRecord,
     /// Reading the client's first bytes failed.
     ClientError,
     /// The relay ended with an I/O error (reset passed on).
@@ -61,6 +73,7 @@ impl Outcome {
             Outcome::NoRecord => "no_record",
             Outcome::UnknownActor => "unknown_actor",
             Outcome::Overloaded => "overloaded",
+            Outcome::StaleRecord => "stale_record",
             Outcome::ClientError => "client_error",
             Outcome::RelayError => "relay_error",
         }
@@ -76,7 +89,7 @@ pub struct Flow {
     pub actor: Arc<Actor>,
     /// Where the actor connected to.
     pub original_dst: SocketAddr,
-    /// The actor socket's address (as seen by the agent's listener).
+    /// The actor socket's address (as seen by the agent's listener), for logs.
     pub client: SocketAddr,
     /// pid of the connecting process (0 when unknown).
     pub pid: u32,
@@ -108,11 +121,6 @@ impl Context {
         }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// Connection ids, in accept order.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -140,6 +148,14 @@ impl Context {
                 return socket::reset(stream);
             }
         };
+        let age = monotonic_ns().saturating_sub(record.connect_ns);
+        if age > MAX_RECORD_AGE.as_nanos() as u64 {
+            // Left by a connection nobody accepted (agent down); its key was reused by a
+            // connection that published nothing, e.g. one from outside the actor's cgroup.
+            warn!(id, client = %client, age_ms = age / 1_000_000, original_dst = %record.destination(),
+                outcome = Outcome::StaleRecord.as_str(), "connection closed");
+            return socket::reset(stream);
+        }
         let Some(actor) = self.actors.get(&record.actor_cgroup).cloned() else {
             warn!(id, client = %client, cgroup_id = record.actor_cgroup, pid = record.pid,
                 original_dst = %record.destination(), outcome = Outcome::UnknownActor.as_str(),
@@ -171,6 +187,8 @@ impl Context {
         let span = info_span!("conn", id = flow.id, actor = %flow.actor.id, original_dst = %flow.original_dst);
         async move {
             let start = Instant::now();
+            // Until the relay ends cleanly, any close of either socket is a reset.
+            socket::arm_reset(&stream);
             let _ = stream.set_nodelay(true);
             let mut peeked = BytesMut::with_capacity(1024);
             let authority = match classify::classify(
@@ -233,7 +251,9 @@ impl Context {
                         tunnel::Error::Unreachable { .. } | tunnel::Error::Resolve { .. } => {
                             Outcome::PepUnreachable
                         }
-                        tunnel::Error::Http(_) | tunnel::Error::Header(_) => Outcome::PepError,
+                        tunnel::Error::Http(_)
+                        | tunnel::Error::Header(_)
+                        | tunnel::Error::Request { .. } => Outcome::PepError,
                     };
                     log_closed(
                         &flow,
@@ -251,6 +271,7 @@ impl Context {
             };
             let status = tunnel.status.as_u16();
             let mut pep = tunnel.stream;
+            socket::arm_reset(&pep);
             let (up, down, result) = tunnel::relay(
                 &mut stream,
                 &mut pep,
@@ -261,6 +282,8 @@ impl Context {
             .await;
             match result {
                 Ok(()) => {
+                    socket::disarm_reset(&stream);
+                    socket::disarm_reset(&pep);
                     let outcome = Outcome::Tunneled;
                     log_closed(
                         &flow,
@@ -320,6 +343,7 @@ fn log_closed(
                 id = flow.id,
                 actor = %flow.actor.id,
                 pid = flow.pid,
+                client = %flow.client,
                 original_dst = %flow.original_dst,
                 authority = %authority_s,
                 source,

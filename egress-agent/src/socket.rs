@@ -31,9 +31,21 @@ impl SocketFactory {
     }
 }
 
-/// Closes `stream` with a TCP reset instead of a FIN: the actor sees the connection fail
+/// Closes `stream` with a TCP reset instead of a FIN: the peer sees the connection fail
 /// rather than end normally.
 pub fn reset(stream: TcpStream) {
-    let _ = SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    arm_reset(&stream);
     drop(stream);
+}
+
+/// Makes every close of `stream` a reset (`SO_LINGER` 0) until [`disarm_reset`]: a tunnel
+/// dropped half-way for any reason (an error, the agent shutting down) must not look like a
+/// complete one to either side.
+pub fn arm_reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Restores the normal close (FIN) once a relay has ended cleanly on both sides.
+pub fn disarm_reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(None);
 }

@@ -59,6 +59,14 @@ pub enum Error {
     /// A header value could not be encoded (validated at start-up, so not expected).
     #[error("header {0} has a value HTTP cannot carry")]
     Header(&'static str),
+    /// The request could not be built from the authority.
+    #[error("CONNECT request to {authority}: {source}")]
+    Request {
+        /// The authority asked for.
+        authority: String,
+        /// The cause.
+        source: http::Error,
+    },
 }
 
 impl Error {
@@ -114,7 +122,10 @@ pub fn connect_request(
             value(HEADER_CONNECT_AUTHORITY, &target)?,
         )
         .body(Empty::new())
-        .map_err(|_| Error::Header("uri"))
+        .map_err(|source| Error::Request {
+            authority: target.clone(),
+            source,
+        })
 }
 
 /// Connects to the PEP and asks it for a tunnel; all of it bounded by `timeout`.

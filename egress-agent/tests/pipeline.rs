@@ -55,6 +55,8 @@ enum Behaviour {
     Status(u16),
     /// Accept and never answer.
     Silent,
+    /// 200 and `reply`, then close the sending side at once and keep reading to EOF.
+    ReplyFirst { reply: &'static [u8] },
 }
 
 struct Proxy {
@@ -134,6 +136,13 @@ async fn serve_proxy(mut stream: TcpStream, behaviour: Behaviour, seen: Arc<Mute
                 .await
                 .unwrap();
             reply
+        }
+        Behaviour::ReplyFirst { reply } => {
+            let mut head = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+            head.extend_from_slice(reply);
+            stream.write_all(&head).await.unwrap();
+            stream.shutdown().await.unwrap();
+            b""
         }
         Behaviour::Banner { banner } => {
             let mut head = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
@@ -342,6 +351,43 @@ async fn half_close_is_passed_on_both_ways() {
     let seen = proxy.seen.lock().unwrap()[0].clone();
     assert!(seen.got_eof, "the client's half-close reached the upstream");
     assert_eq!(seen.tunnel_bytes, b"ping");
+}
+
+#[tokio::test]
+async fn upstream_half_close_reaches_the_client_which_keeps_sending() {
+    let proxy = recording_proxy(Behaviour::ReplyFirst { reply: b"bye" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:7001").await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The upstream's EOF arrives while the client has not closed its side...
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the upstream's EOF reaches the client")
+        .unwrap();
+    assert_eq!(got, b"bye");
+    // ...and the client can still send: the other direction is open.
+    client.write_all(b"more").await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+    // The agent is done once it has passed everything on; the proxy reads it a moment later.
+    let mut seen = Seen::default();
+    for _ in 0..100 {
+        seen = proxy.seen.lock().unwrap()[0].clone();
+        if seen.got_eof {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.got_eof, "the client's EOF reached the upstream");
+    assert!(
+        seen.tunnel_bytes.ends_with(b"more"),
+        "bytes sent after the upstream's half-close arrived: {:?}",
+        String::from_utf8_lossy(&seen.tunnel_bytes)
+    );
 }
 
 #[tokio::test]

@@ -74,6 +74,9 @@ pub struct Record {
     pub actor_cgroup: u64,
     /// cgroup id of the calling process (the actor cgroup or one of its descendants).
     pub cgroup: u64,
+    /// `CLOCK_MONOTONIC` time of the connect, in nanoseconds (`bpf_ktime_get_ns`): the agent
+    /// refuses records older than it could legitimately see.
+    pub connect_ns: u64,
 }
 
 /// What the agent can compute from an accepted connection: the listener's network namespace
@@ -112,17 +115,20 @@ pub struct ActorEntry {
     pub flags: u16,
 }
 
-/// How the kernel side tells the agent's own sockets from an actor's.
+/// How the kernel side tells the agent's own sockets from an actor's, and which namespace is
+/// the node's.
 ///
-/// A socket is the agent's when it carries `agent_mark` (`SO_MARK`, which needs
-/// `CAP_NET_ADMIN` over the socket's network namespace) *and* lives in the agent's network
-/// namespace. An actor that owns its network namespace can set the mark there, but not make
-/// its socket live in the agent's namespace, so it cannot opt out of capture.
+/// A socket is the agent's when it carries `agent_mark` (`SO_MARK`), lives in the agent's
+/// network namespace *and* is connected by a process of the agent's own cgroup. The mark alone
+/// proves nothing (`CAP_NET_RAW` suffices to set it since Linux 5.17); an actor cannot move its
+/// sockets into the agent's namespace nor itself into the agent's cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
     /// Network namespace cookie of the agent's upstream sockets.
     pub agent_netns: u64,
+    /// cgroup v2 id of the agent process.
+    pub agent_cgroup: u64,
     /// `SO_MARK` of the agent's upstream sockets; zero disables the exemption.
     pub agent_mark: u32,
     /// Reserved, zero.
@@ -146,10 +152,12 @@ pub enum Counter {
     Published = 4,
     /// A record could not be published (map full or error).
     PublishFailed = 5,
+    /// A connect to the actor's own loopback (inside its network namespace) was left alone.
+    LocalSkipped = 6,
 }
 
 /// Number of [`Counter`] values (size of [`MAP_COUNTERS`]).
-pub const COUNTERS_LEN: u32 = 6;
+pub const COUNTERS_LEN: u32 = 7;
 
 impl Counter {
     /// Every counter, in index order.
@@ -160,6 +168,7 @@ impl Counter {
         Counter::ListenerSkipped,
         Counter::Published,
         Counter::PublishFailed,
+        Counter::LocalSkipped,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -171,12 +180,32 @@ impl Counter {
             Counter::ListenerSkipped => "listener_skipped",
             Counter::Published => "published",
             Counter::PublishFailed => "publish_failed",
+            Counter::LocalSkipped => "local_skipped",
         }
     }
 }
 
 /// The word that makes an IPv6 address v4-mapped (`::ffff:0:0/96`), in network byte order.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether an IPv4 address (network byte order) reaches the local host: 127.0.0.0/8 or
+/// 0.0.0.0.
+#[inline(always)]
+pub const fn is_local_v4(ip4: u32) -> bool {
+    ip4 == 0 || ip4.to_ne_bytes()[0] == 127
+}
+
+/// Whether IPv6 words reach the local host: `::1`, `::`, or a v4-mapped local IPv4 address.
+#[inline(always)]
+pub const fn is_local_v6(ip6: &[u32; 4]) -> bool {
+    if is_v4_mapped(ip6) {
+        return is_local_v4(ip6[3]);
+    }
+    ip6[0] == 0
+        && ip6[1] == 0
+        && ip6[2] == 0
+        && (ip6[3] == 0 || ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+}
 
 /// IPv4 address (network byte order) as v4-mapped IPv6 words.
 #[inline(always)]
@@ -196,10 +225,31 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Record>(), 16 + 2 + 2 + 4 + 8 + 8);
+        assert_eq!(core::mem::size_of::<Record>(), 16 + 2 + 2 + 4 + 8 + 8 + 8);
         assert_eq!(core::mem::size_of::<ConnKey>(), 8 + 16 + 2 + 6);
         assert_eq!(core::mem::size_of::<ActorEntry>(), 4 + 16 + 2 + 2);
-        assert_eq!(core::mem::size_of::<Settings>(), 8 + 4 + 4);
+        assert_eq!(core::mem::size_of::<Settings>(), 8 + 8 + 4 + 4);
+    }
+
+    #[test]
+    fn local_addresses() {
+        let v4 = |a: [u8; 4]| u32::from_ne_bytes(a);
+        assert!(is_local_v4(v4([127, 0, 0, 1])));
+        assert!(is_local_v4(v4([127, 1, 2, 3])));
+        assert!(is_local_v4(0));
+        assert!(!is_local_v4(v4([10, 0, 0, 127])));
+        assert!(!is_local_v4(v4([128, 0, 0, 1])));
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        assert!(is_local_v6(&[0, 0, 0, one]));
+        assert!(is_local_v6(&[0, 0, 0, 0]));
+        assert!(is_local_v6(&v4_mapped(v4([127, 0, 0, 1]))));
+        assert!(!is_local_v6(&v4_mapped(v4([10, 0, 0, 1]))));
+        assert!(!is_local_v6(&[
+            u32::from_ne_bytes([0xfd, 0, 0, 0]),
+            0,
+            0,
+            one
+        ]));
     }
 
     #[test]

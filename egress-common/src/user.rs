@@ -136,6 +136,7 @@ mod tests {
             pid: 1,
             actor_cgroup: 2,
             cgroup: 2,
+            connect_ns: 0,
         };
         assert_eq!(r.destination().to_string(), "[fd00::2]:8443");
     }

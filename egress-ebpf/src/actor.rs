@@ -4,16 +4,20 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     programs::SockAddrContext,
 };
-use egress_common::{ActorEntry, MAX_CGROUP_DEPTH, Record};
+use egress_common::{ActorEntry, Counter, MAX_CGROUP_DEPTH, Record};
 
-use crate::maps::{ACTORS, SETTINGS, SOCKETS};
+use crate::maps::{ACTORS, SETTINGS, SOCKETS, count};
 
-/// `SOCK_STREAM`: TCP (and MPTCP) sockets are the ones captured.
-pub const SOCK_STREAM: u32 = 1;
+/// `SOCK_STREAM`.
+const SOCK_STREAM: u32 = 1;
+/// `SOCK_SEQPACKET` (SCTP one-to-one style).
+const SOCK_SEQPACKET: u32 = 5;
+/// `IPPROTO_TCP`.
+const IPPROTO_TCP: u32 = 6;
 /// Verdict of a cgroup sock_addr program: let the call proceed.
 pub const ALLOW: i32 = 1;
 /// Verdict of a cgroup sock_addr program: fail the call with `EPERM`.
@@ -47,8 +51,33 @@ pub fn find_actor() -> Option<(u64, ActorEntry)> {
     found
 }
 
+/// What to do with a connect, by socket type: TCP is captured, connection-oriented protocols
+/// the agent cannot carry (MPTCP, SCTP) are refused rather than let out, and datagram sockets
+/// are not this program's business (UDP policy is separate).
+pub enum Kind {
+    /// A TCP connect: capture it.
+    Tcp,
+    /// Not connection-oriented: let it through untouched.
+    Other,
+    /// Connection-oriented but not TCP: refuse it.
+    Refused,
+}
+
+/// The [`Kind`] of the connecting socket.
+#[inline(always)]
+pub fn kind(ctx: &SockAddrContext) -> Kind {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (ty, protocol) = unsafe { ((*ctx.sock_addr).type_, (*ctx.sock_addr).protocol) };
+    match ty {
+        SOCK_STREAM if protocol == IPPROTO_TCP => Kind::Tcp,
+        SOCK_STREAM | SOCK_SEQPACKET => Kind::Refused,
+        _ => Kind::Other,
+    }
+}
+
 /// Whether the connecting socket is one of the agent's own upstream sockets: it carries the
-/// agent's mark *and* lives in the agent's network namespace.
+/// agent's mark, lives in the agent's network namespace and the caller is in the agent's
+/// cgroup.
 #[inline(always)]
 pub fn is_agent_socket(ctx: &SockAddrContext) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
@@ -62,9 +91,32 @@ pub fn is_agent_socket(ctx: &SockAddrContext) -> bool {
     if mark != settings.agent_mark {
         return false;
     }
+    // SAFETY: helpers taking the program's context or nothing.
+    let (netns, cgroup) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    netns == settings.agent_netns && cgroup == settings.agent_cgroup
+}
+
+/// Verdict for a connect to a local address (loopback or unspecified): inside an actor's own
+/// network namespace it stays in the actor (sidecars, local services) and is not egress; in
+/// the agent's (node's) namespace it would reach the node's own services, so it is refused.
+#[inline(always)]
+pub fn local_verdict(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     // SAFETY: helper taking the program's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    netns == settings.agent_netns
+    match SETTINGS.get(0) {
+        Some(settings) if settings.agent_netns == netns => {
+            Err("a connect to the node's loopback from an actor in the node's network namespace")
+        }
+        _ => {
+            count(Counter::LocalSkipped);
+            Ok(ALLOW)
+        }
+    }
 }
 
 /// Stores the original destination of the connecting socket under its cookie.
@@ -76,11 +128,12 @@ pub fn record(
     actor_cgroup: u64,
 ) -> Result<(), ()> {
     // SAFETY: helpers taking the program's context or nothing.
-    let (cookie, pid_tgid, cgroup) = unsafe {
+    let (cookie, pid_tgid, cgroup, now) = unsafe {
         (
             bpf_get_socket_cookie(ctx.as_ptr()),
             bpf_get_current_pid_tgid(),
             bpf_get_current_cgroup_id(),
+            bpf_ktime_get_ns(),
         )
     };
     let record = Record {
@@ -90,6 +143,7 @@ pub fn record(
         pid: (pid_tgid >> 32) as u32,
         actor_cgroup,
         cgroup,
+        connect_ns: now,
     };
     SOCKETS.insert(&cookie, &record, 0).map_err(|_| ())
 }

@@ -1,16 +1,17 @@
 //! cgroup/connect4: redirect an actor's IPv4 TCP connect to the agent.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::warn;
-use egress_common::{ACTOR_LISTEN_V4, Counter, v4_mapped};
+use egress_common::{ACTOR_LISTEN_V4, Counter, is_local_v4, v4_mapped};
 
 use crate::{
     actor::{
-        ALLOW, REFUSE, SOCK_STREAM, find_actor, is_agent_socket, port_from_user, port_to_user,
-        record,
+        ALLOW, Kind, REFUSE, find_actor, is_agent_socket, kind, local_verdict, port_from_user,
+        port_to_user, record,
     },
     maps::count,
 };
 
+/// Entry point: see the module documentation.
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     match try_connect4(&ctx) {
@@ -25,9 +26,10 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     let sa = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the program's run.
-    if unsafe { (*sa).type_ } != SOCK_STREAM {
-        return Ok(ALLOW);
+    match kind(ctx) {
+        Kind::Tcp => {}
+        Kind::Other => return Ok(ALLOW),
+        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
     }
     if is_agent_socket(ctx) {
         count(Counter::AgentSkipped);
@@ -42,6 +44,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     if dst_ip == entry.listen_ip4 && dst_port == entry.listen_port {
         count(Counter::ListenerSkipped);
         return Ok(ALLOW);
+    }
+    if is_local_v4(dst_ip) {
+        return local_verdict(ctx);
     }
     record(ctx, v4_mapped(dst_ip), dst_port, actor_cgroup).map_err(|()| "record not stored")?;
     // SAFETY: as above; user_ip4 and user_port are writable in connect4.

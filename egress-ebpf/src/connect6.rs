@@ -4,16 +4,19 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::warn;
-use egress_common::{ACTOR_LISTEN_V4, ACTOR_LISTEN_V6, Counter, is_v4_mapped, v4_mapped};
+use egress_common::{
+    ACTOR_LISTEN_V4, ACTOR_LISTEN_V6, Counter, is_local_v6, is_v4_mapped, v4_mapped,
+};
 
 use crate::{
     actor::{
-        ALLOW, REFUSE, SOCK_STREAM, find_actor, is_agent_socket, port_from_user, port_to_user,
-        record,
+        ALLOW, Kind, REFUSE, find_actor, is_agent_socket, kind, local_verdict, port_from_user,
+        port_to_user, record,
     },
     maps::count,
 };
 
+/// Entry point: see the module documentation.
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     match try_connect6(&ctx) {
@@ -28,9 +31,10 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     let sa = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the program's run.
-    if unsafe { (*sa).type_ } != SOCK_STREAM {
-        return Ok(ALLOW);
+    match kind(ctx) {
+        Kind::Tcp => {}
+        Kind::Other => return Ok(ALLOW),
+        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
     }
     if is_agent_socket(ctx) {
         count(Counter::AgentSkipped);
@@ -63,6 +67,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     if dst_ip == listener && dst_port == entry.listen_port {
         count(Counter::ListenerSkipped);
         return Ok(ALLOW);
+    }
+    if is_local_v6(&dst_ip) {
+        return local_verdict(ctx);
     }
     record(ctx, dst_ip, dst_port, actor_cgroup).map_err(|()| "record not stored")?;
     // SAFETY: as above; user_ip6 and user_port are writable in connect6.

@@ -8,6 +8,7 @@ use egress_common::is_v4_mapped;
 
 use crate::{actor::port_to_user, maps::SOCKETS};
 
+/// Entry point: see the module documentation.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper taking the program's context.

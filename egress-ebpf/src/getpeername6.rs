@@ -9,6 +9,7 @@ use aya_ebpf::{
 
 use crate::{actor::port_to_user, maps::SOCKETS};
 
+/// Entry point: see the module documentation.
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper taking the program's context.

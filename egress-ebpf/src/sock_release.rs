@@ -6,6 +6,7 @@ use aya_ebpf::{
 
 use crate::maps::SOCKETS;
 
+/// Entry point: see the module documentation.
 #[cgroup_sock(sock_release)]
 pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: helper taking the program's context.

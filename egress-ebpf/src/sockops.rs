@@ -1,5 +1,5 @@
 //! sockops: publish a captured connection's record for the agent once it is established, and
-//! remove every trace of it when the socket closes.
+//! remove it when the socket closes with nothing left for the agent to accept.
 //!
 //! The client's ACTIVE_ESTABLISHED callback runs before it sends the final handshake ACK, so
 //! the record is in `EGRESS_CONNS` before the agent's listener can accept the connection.
@@ -8,7 +8,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -20,6 +21,7 @@ use crate::maps::{CONNS, SOCKETS, count};
 
 const AF_INET: u32 = 2;
 
+/// Entry point: see the module documentation.
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     try_sockops(&ctx);
@@ -52,7 +54,18 @@ fn try_sockops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 let _ = SOCKETS.remove(&cookie);
-                let _ = CONNS.remove(&conn_key(ctx));
+                // A client that wrote and closed in an orderly way (FIN) goes to CLOSE as soon
+                // as the agent's side ACKs the FIN, which the kernel does before accept(): its
+                // data waits in the agent's queue, so its record must wait too. The agent
+                // takes it on accept; the LRU bound and the agent's age check cover an agent
+                // that never accepts. Any other way to CLOSE (refused, reset, aborted) means
+                // nothing is left to accept.
+                if !matches!(
+                    ctx.arg(0),
+                    BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSING
+                ) {
+                    let _ = CONNS.remove(&conn_key(ctx));
+                }
             }
         }
         _ => {}

@@ -301,7 +301,7 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
 
 #[test]
 fn a_process_outside_the_cgroup_is_not_captured() {
-    let w = world(18);
+    let mut w = world(18);
     // Same namespace, no cgroup: goes straight over the veth.
     let out = process::run(
         &mut w.curl_command(false, NAME, w.v4(), 8443, &format!("https://{NAME}:8443/")),
@@ -324,11 +324,8 @@ fn a_process_outside_the_cgroup_is_not_captured() {
         1,
         "only the captured connection went through squid: {entries:?}"
     );
-    assert_eq!(
-        w.agent.connection_lines().len(),
-        1,
-        "only one connection reached the agent"
-    );
+    let conns = w.agent.wait_for_connections(1, T);
+    assert_eq!(conns.len(), 1, "only one connection reached the agent");
     let seen = w.upstream.seen_on(w.topo.node_addr(8443));
     assert_eq!(
         seen[1].peer.ip(),
@@ -501,7 +498,7 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
     again.wait_ready(T);
     let out = w.curl(NAME, w.v4(), 8443, &url);
     out.expect_success("curl after the restart");
-    assert_eq!(again.connection_lines().len(), 1);
+    assert_eq!(again.wait_for_connections(1, T).len(), 1);
     let entries = w.squid.wait_for_entries(2, T);
     assert!(
         entries
@@ -570,8 +567,149 @@ fn ipv6_connect_without_an_ipv6_listener_is_refused_not_sent() {
         .find(|(c, _)| c.name() == "refused")
         .map(|(_, v)| *v);
     assert_eq!(refused, Some(1), "{stats:?}");
-    assert!(
-        squid.access_log_entries().is_empty(),
-        "nothing was tunnelled"
+    let redirected = stats
+        .counters
+        .iter()
+        .find(|(c, _)| c.name() == "redirected")
+        .map(|(_, v)| *v);
+    assert_eq!(redirected, Some(0), "nothing was redirected: {stats:?}");
+}
+
+#[test]
+fn a_client_that_writes_and_closes_at_once_is_still_delivered() {
+    let w = world(24);
+    let probe = env!("CARGO_BIN_EXE_egress-probe");
+    let count = 2000;
+    let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
+    // Many at once, so some connections wait in the listener's queue after their client has
+    // already closed: their records must still be there when the agent accepts them.
+    cmd.args([
+        "send-close",
+        &w.topo.node_addr(8080).to_string(),
+        NAME,
+        &count.to_string(),
+        "32",
+    ]);
+    process::run(&mut cmd, Duration::from_secs(120)).expect_success("fire-and-forget clients");
+    let mut delivered = 0;
+    for _ in 0..200 {
+        delivered = w
+            .upstream
+            .seen_on(w.topo.node_addr(8080))
+            .iter()
+            .filter(|s| s.path.as_deref() == Some("/send-close"))
+            .count();
+        if delivered == count {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lost: Vec<_> = w
+        .agent
+        .connection_lines()
+        .into_iter()
+        .filter(|c| c.outcome.as_deref() != Some("tunneled"))
+        .map(|c| c.line.raw.to_string())
+        .take(3)
+        .collect();
+    assert_eq!(delivered, count, "requests lost; first failures: {lost:?}");
+}
+
+#[test]
+fn loopback_inside_the_actor_namespace_stays_local() {
+    let w = world(25);
+    // A local service of the actor (a sidecar, say) on its own loopback.
+    let listener = w
+        .topo
+        .actor
+        .run(|| std::net::TcpListener::bind("127.0.0.1:9000").expect("bind in the actor"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        std::io::Write::write_all(&mut s, b"local\n").ok();
+    });
+    let probe = env!("CARGO_BIN_EXE_egress-probe");
+    let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
+    cmd.args(["peername", "127.0.0.1:9000"]);
+    let out = process::run(&mut cmd, T);
+    out.expect_success("connect to the actor's own loopback");
+    assert_eq!(out.stdout.trim(), "peer=127.0.0.1:9000");
+    server.join().expect("the local service was reached");
+    let stats = egress_agent::ebpf::map_stats(w.agent.bpffs_dir()).expect("map stats");
+    let counter = |name: &str| {
+        stats
+            .counters
+            .iter()
+            .find(|(c, _)| c.name() == name)
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(counter("local_skipped"), Some(1), "{stats:?}");
+    assert_eq!(counter("redirected"), Some(0), "{stats:?}");
+    assert!(w.agent.connection_lines().is_empty() && w.squid.access_log_entries().is_empty());
+}
+
+#[test]
+fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopback() {
+    egress_tests::require_root();
+    let topo = Topology::new(26);
+    let cgroup = Cgroup::new();
+    let ca = TestCa::new();
+    let web = topo.node_addr(8080);
+    let upstream = Upstream::start(
+        &topo.node,
+        &ca,
+        UpstreamSpec::new().names(&[NAME]).http(web),
     );
+    let squid = Squid::start(
+        &topo.node,
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+    );
+    // No namespace of its own: the actor shares the agent's (the node's).
+    let opts = AgentOptions::new(squid.addr())
+        .actor(ActorSpec::new("actor-26", "coder", "team-a", &cgroup));
+    let mut agent = Agent::start(&topo.node, None, opts);
+    agent.wait_ready(T);
+    let probe = env!("CARGO_BIN_EXE_egress-probe");
+
+    // The agent's mark on an actor socket (root in the test, so it may set SO_MARK) in the
+    // agent's own namespace: still captured, because the caller is not in the agent's cgroup.
+    let mut cmd = command_in(probe, Some(&topo.node), Some(&cgroup));
+    cmd.args(["http-many", &web.to_string(), NAME, "1", "1"])
+        .env("EGRESS_PROBE_MARK", "0x65670000");
+    process::run(&mut cmd, T).expect_success("a marked request from the actor");
+    let entry = squid.wait_for_request("CONNECT", &format!("{NAME}:8080"), T);
+    assert_eq!(
+        entry.actor_id.as_deref(),
+        Some("actor-26"),
+        "it went through squid as the actor"
+    );
+    assert_eq!(
+        upstream.seen_on(web)[0].peer.ip(),
+        IpAddr::V4(topo.node_v4())
+    );
+
+    // The node's loopback (squid itself listens there) is not reachable from the actor.
+    let mut cmd = command_in(probe, Some(&topo.node), Some(&cgroup));
+    cmd.args(["peername", &squid.addr().to_string()]);
+    let out = process::run(&mut cmd, T);
+    assert!(
+        out.stderr.contains("Operation not permitted"),
+        "refused with EPERM: {}",
+        out.describe()
+    );
+
+    let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
+    let counter = |name: &str| {
+        stats
+            .counters
+            .iter()
+            .find(|(c, _)| c.name() == name)
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(
+        counter("agent_skipped"),
+        Some(0),
+        "the marked actor socket was not exempted: {stats:?}"
+    );
+    assert_eq!(counter("redirected"), Some(1), "{stats:?}");
+    assert_eq!(counter("refused"), Some(1), "{stats:?}");
 }

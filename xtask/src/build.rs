@@ -17,6 +17,8 @@ pub struct Built {
     pub agent: PathBuf,
     /// The eBPF object embedded in it.
     pub object: PathBuf,
+    /// The rustup toolchain that built the object.
+    pub toolchain: String,
 }
 
 /// Builds the agent with its eBPF object and prints the object's path and programs.
@@ -77,7 +79,11 @@ fn build_agent(release: bool, toolchain: &str) -> anyhow::Result<Built> {
     if std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0) == 0 {
         bail!("{} is empty: the eBPF build did not run", object.display());
     }
-    Ok(Built { agent, object })
+    Ok(Built {
+        agent,
+        object,
+        toolchain: toolchain.to_string(),
+    })
 }
 
 /// (function, section, size) of each program in the object.

@@ -32,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "util-linux",
+    "procps",
 ];
 
 /// bpf-linker release known to build against llvm-22 here.

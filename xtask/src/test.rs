@@ -19,6 +19,12 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
     let built = build::build_ebpf(false)?;
     let cargo = env!("CARGO");
+    // The same eBPF build settings for every cargo run below: build.rs reruns (and rebuilds
+    // the object) whenever they change.
+    let ebpf_env = [
+        ("EGRESS_EBPF_REQUIRED", "1"),
+        ("EGRESS_EBPF_TOOLCHAIN", built.toolchain.as_str()),
+    ];
 
     println!("\n== lint: cargo fmt --check, cargo clippy");
     setup::run_cmd(Command::new(cargo).args(["fmt", "--all", "--check"]))?;
@@ -57,7 +63,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     let mut cmd = Command::new(cargo);
     cmd.args(["test", "--package", "egress-tests"])
         .env("EGRESS_AGENT_BIN", &built.agent)
-        .env("EGRESS_EBPF_REQUIRED", "1");
+        .envs(ebpf_env);
     cmd.arg("--");
     if let Some(filter) = filter {
         cmd.arg(filter);

@@ -11,6 +11,9 @@ use super::{Sniff, normalize_name};
 
 /// Headers parsed on the stack; a request with more is parsed again with a heap array.
 const STACK_HEADERS: usize = 64;
+/// Most headers looked at: a request with more falls back to the IP (real clients send a few
+/// dozen; the bound keeps a hostile client from costing an allocation per line on each read).
+const MAX_HEADERS: usize = 256;
 /// Longest method accepted; the longest registered one ("UPDATEREDIRECTREF") has 17 letters.
 const MAX_METHOD_LEN: usize = 32;
 /// Most digits in a port.
@@ -31,6 +34,9 @@ pub fn sniff(buf: &[u8]) -> Sniff {
             // Every header needs its own line, so the line count bounds them (and the
             // caller's max_bytes bounds the lines).
             let lines = buf.iter().filter(|&&b| b == b'\n').count();
+            if lines > MAX_HEADERS {
+                return Sniff::NotMatched;
+            }
             let mut headers = vec![EMPTY_HEADER; lines];
             parse(buf, &mut headers).unwrap_or(Sniff::NotMatched)
         }
@@ -463,12 +469,19 @@ mod tests {
 
     #[test]
     fn many_headers() {
-        let filler: Vec<String> = (0..500).map(|i| format!("X-H{i}: {i}")).collect();
+        let filler: Vec<String> = (0..200).map(|i| format!("X-H{i}: {i}")).collect();
         let mut headers: Vec<&str> = filler.iter().map(String::as_str).collect();
         headers.push("Host: many.example");
         let request = req("GET / HTTP/1.1", &headers);
         assert_eq!(sniff(&request), name("many.example"));
         assert_eq!(sniff(&request[..request.len() - 1]), Sniff::Incomplete);
+        // Beyond MAX_HEADERS the request is not looked at: the IP is used.
+        let filler: Vec<String> = (0..MAX_HEADERS + 10)
+            .map(|i| format!("X-H{i}: {i}"))
+            .collect();
+        let mut headers: Vec<&str> = filler.iter().map(String::as_str).collect();
+        headers.push("Host: many.example");
+        assert_eq!(sniff(&req("GET / HTTP/1.1", &headers)), Sniff::NotMatched);
     }
 
     proptest! {

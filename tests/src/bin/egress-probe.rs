@@ -4,7 +4,13 @@
 //! - `egress-probe peername ADDR`: connects, prints `peer=<getpeername()>`, closes;
 //! - `egress-probe http-many ADDR HOST COUNT CONCURRENCY`: COUNT HTTP/1.1 requests with
 //!   `Connection: close`, one connection each, COUNT/CONCURRENCY per thread; prints
-//!   `ok=N failed=M first_error=...`; exits 1 unless every request got `HTTP/1.1 200`.
+//!   `ok=N failed=M first_error=...`; exits 1 unless every request got `HTTP/1.1 200`;
+//! - `egress-probe send-close ADDR HOST COUNT CONCURRENCY`: COUNT connections that each write
+//!   one `GET /send-close` request and close at once, without reading (fire and forget, as
+//!   `echo ... > /dev/tcp/...` does); prints `ok=N failed=M first_error=...`.
+//!
+//! With `EGRESS_PROBE_MARK=N` every socket gets `SO_MARK` N before it connects (an actor
+//! trying to pass for the agent).
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -23,15 +29,23 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["peername", addr] => peername(addr),
-        ["http-many", addr, host, count, concurrency] => {
+        [
+            mode @ ("http-many" | "send-close"),
+            addr,
+            host,
+            count,
+            concurrency,
+        ] => {
             let (Ok(count), Ok(concurrency)) = (count.parse(), concurrency.parse()) else {
                 eprintln!("COUNT and CONCURRENCY must be numbers");
                 return ExitCode::from(2);
             };
-            http_many(addr, host, count, concurrency)
+            many(addr, host, count, concurrency, *mode == "send-close")
         }
         _ => {
-            eprintln!("usage: egress-probe peername ADDR | http-many ADDR HOST COUNT CONCURRENCY");
+            eprintln!(
+                "usage: egress-probe peername ADDR | (http-many|send-close) ADDR HOST COUNT CONCURRENCY"
+            );
             ExitCode::from(2)
         }
     }
@@ -49,7 +63,7 @@ fn peername(addr: &str) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(10)).and_then(|s| s.peer_addr()) {
+    match connect(addr).and_then(|s| s.peer_addr()) {
         Ok(peer) => {
             println!("peer={peer}");
             ExitCode::SUCCESS
@@ -61,12 +75,13 @@ fn peername(addr: &str) -> ExitCode {
     }
 }
 
-fn http_many(addr: &str, host: &str, count: usize, concurrency: usize) -> ExitCode {
+fn many(addr: &str, host: &str, count: usize, concurrency: usize, send_close: bool) -> ExitCode {
     let addr = match parse(addr) {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let path = if send_close { "/send-close" } else { "/" };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
@@ -80,7 +95,12 @@ fn http_many(addr: &str, host: &str, count: usize, concurrency: usize) -> ExitCo
             );
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
-                    match one_request(addr, &request) {
+                    let result = if send_close {
+                        send_and_close(addr, &request)
+                    } else {
+                        one_request(addr, &request)
+                    };
+                    match result {
                         Ok(()) => {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
@@ -106,8 +126,7 @@ fn http_many(addr: &str, host: &str, count: usize, concurrency: usize) -> ExitCo
 }
 
 fn one_request(addr: SocketAddr, request: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut stream = connect(addr).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -125,5 +144,38 @@ fn one_request(addr: SocketAddr, request: &str) -> Result<(), String> {
             "answer: {:?}",
             String::from_utf8_lossy(&response[..response.len().min(64)])
         ))
+    }
+}
+
+fn send_and_close(addr: SocketAddr, request: &str) -> Result<(), String> {
+    let mut stream = connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    // Dropped here: close(2) right after the write, nothing read.
+    Ok(())
+}
+
+/// Connects, with `SO_MARK` from `EGRESS_PROBE_MARK` when set.
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(mark) = std::env::var("EGRESS_PROBE_MARK")
+        .ok()
+        .and_then(|m| parse_mark(&m))
+    {
+        socket.set_mark(mark)?;
+    }
+    socket.connect_timeout(&addr.into(), Duration::from_secs(10))?;
+    Ok(socket.into())
+}
+
+fn parse_mark(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
     }
 }
