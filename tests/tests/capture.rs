@@ -23,6 +23,16 @@ use egress_tests::{
     world::{NAME, NAME6, T, World},
 };
 
+/// The value of the kernel counter `name` (summed over CPUs).
+fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
+    stats
+        .counters
+        .iter()
+        .find(|(c, _)| c.name() == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
 /// The standard world with actor `actor-NET`.
 fn world(net: u8) -> World {
     World::new(net, &format!("actor-{net}"), SquidConfig::default(), |o| o)
@@ -379,20 +389,13 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
     assert_eq!(entries[0].actor_id.as_deref(), Some("actor-19"));
     assert_eq!(upstream.seen_on(web).len(), 1);
     let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
-    let counter = |name: &str| {
-        stats
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(_, v)| *v)
-            .unwrap()
-    };
+    let count = |name: &str| counter(&stats, name);
     assert!(
-        counter("agent_skipped") >= 1,
+        count("agent_skipped") >= 1,
         "the agent's own connect was seen and left alone: {stats:?}"
     );
     assert_eq!(
-        counter("redirected"),
+        count("redirected"),
         1,
         "only the actor's connect was redirected: {stats:?}"
     );
@@ -451,16 +454,8 @@ fn ten_thousand_connections_leave_no_map_entries() {
         "stale entries after {count} connections: {stats:?}"
     );
     assert_eq!(stats.actors, 1);
-    let counter = |name: &str| {
-        stats
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(_, v)| *v)
-            .unwrap()
-    };
-    assert_eq!(counter("redirected"), count as u64);
-    assert_eq!(counter("published"), count as u64);
+    assert_eq!(counter(&stats, "redirected"), count as u64);
+    assert_eq!(counter(&stats, "published"), count as u64);
     assert_eq!(w.upstream.seen_on(w.topo.node_addr(8080)).len(), count);
 }
 
@@ -561,18 +556,12 @@ fn ipv6_connect_without_an_ipv6_listener_is_refused_not_sent() {
         T,
     );
     let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
-    let refused = stats
-        .counters
-        .iter()
-        .find(|(c, _)| c.name() == "refused")
-        .map(|(_, v)| *v);
-    assert_eq!(refused, Some(1), "{stats:?}");
-    let redirected = stats
-        .counters
-        .iter()
-        .find(|(c, _)| c.name() == "redirected")
-        .map(|(_, v)| *v);
-    assert_eq!(redirected, Some(0), "nothing was redirected: {stats:?}");
+    assert_eq!(counter(&stats, "refused"), 1, "{stats:?}");
+    assert_eq!(
+        counter(&stats, "redirected"),
+        0,
+        "nothing was redirected: {stats:?}"
+    );
 }
 
 #[test]
@@ -635,15 +624,9 @@ fn loopback_inside_the_actor_namespace_stays_local() {
     assert_eq!(out.stdout.trim(), "peer=127.0.0.1:9000");
     server.join().expect("the local service was reached");
     let stats = egress_agent::ebpf::map_stats(w.agent.bpffs_dir()).expect("map stats");
-    let counter = |name: &str| {
-        stats
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(_, v)| *v)
-    };
-    assert_eq!(counter("local_skipped"), Some(1), "{stats:?}");
-    assert_eq!(counter("redirected"), Some(0), "{stats:?}");
+    let count = |name: &str| counter(&stats, name);
+    assert_eq!(count("local_skipped"), 1, "{stats:?}");
+    assert_eq!(count("redirected"), 0, "{stats:?}");
     assert!(w.agent.connection_lines().is_empty() && w.squid.access_log_entries().is_empty());
 }
 
@@ -698,18 +681,12 @@ fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopba
     );
 
     let stats = egress_agent::ebpf::map_stats(agent.bpffs_dir()).expect("map stats");
-    let counter = |name: &str| {
-        stats
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(_, v)| *v)
-    };
+    let count = |name: &str| counter(&stats, name);
     assert_eq!(
-        counter("agent_skipped"),
-        Some(0),
+        count("agent_skipped"),
+        0,
         "the marked actor socket was not exempted: {stats:?}"
     );
-    assert_eq!(counter("redirected"), Some(1), "{stats:?}");
-    assert_eq!(counter("refused"), Some(1), "{stats:?}");
+    assert_eq!(count("redirected"), 1, "{stats:?}");
+    assert_eq!(count("refused"), 1, "{stats:?}");
 }
