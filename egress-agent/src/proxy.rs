@@ -183,182 +183,156 @@ impl Context {
     }
 
     /// Serves one connection to the end: classify, tunnel, relay, log.
-    pub async fn serve(&self, mut stream: TcpStream, flow: Flow) -> Outcome {
+    pub async fn serve(&self, stream: TcpStream, flow: Flow) -> Outcome {
         let span = info_span!("conn", id = flow.id, actor = %flow.actor.id, original_dst = %flow.original_dst);
         async move {
             let start = Instant::now();
-            // Until the relay ends cleanly, any close of either socket is a reset.
-            socket::arm_reset(&stream);
-            let _ = stream.set_nodelay(true);
-            let mut peeked = BytesMut::with_capacity(1024);
-            let authority = match classify::classify(
-                &mut stream,
-                &mut peeked,
-                flow.original_dst,
-                &self.config.peek,
-            )
-            .await
-            {
-                Ok(authority) => authority,
-                Err(e) => {
-                    let outcome = Outcome::ClientError;
-                    log_closed(
-                        &flow,
-                        None,
-                        None,
-                        0,
-                        0,
-                        start,
-                        outcome,
-                        Some(&e as &dyn std::fmt::Display),
-                    );
-                    socket::reset(stream);
-                    return outcome;
-                }
-            };
-            let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority)
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    let outcome = Outcome::PepError;
-                    log_closed(
-                        &flow,
-                        Some(&authority),
-                        None,
-                        0,
-                        0,
-                        start,
-                        outcome,
-                        Some(&e),
-                    );
-                    socket::reset(stream);
-                    return outcome;
-                }
-            };
-            let tunnel = match tunnel::open(
-                &self.config.pep,
-                &self.sockets,
-                self.config.pep_timeout,
-                request,
-            )
-            .await
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    let outcome = match &e {
-                        tunnel::Error::Refused(_) => Outcome::PepRefused,
-                        tunnel::Error::Timeout(_) => Outcome::PepTimeout,
-                        tunnel::Error::Unreachable { .. } | tunnel::Error::Resolve { .. } => {
-                            Outcome::PepUnreachable
-                        }
-                        tunnel::Error::Http(_)
-                        | tunnel::Error::Header(_)
-                        | tunnel::Error::Request { .. } => Outcome::PepError,
-                    };
-                    log_closed(
-                        &flow,
-                        Some(&authority),
-                        e.status().map(|s| s.as_u16()),
-                        0,
-                        0,
-                        start,
-                        outcome,
-                        Some(&e),
-                    );
-                    socket::reset(stream);
-                    return outcome;
-                }
-            };
-            let status = tunnel.status.as_u16();
-            let mut pep = tunnel.stream;
-            socket::arm_reset(&pep);
-            let (up, down, result) = tunnel::relay(
-                &mut stream,
-                &mut pep,
-                &peeked,
-                &tunnel.leftover,
-                self.config.relay_buffer,
-            )
-            .await;
-            match result {
-                Ok(()) => {
-                    socket::disarm_reset(&stream);
-                    socket::disarm_reset(&pep);
-                    let outcome = Outcome::Tunneled;
-                    log_closed(
-                        &flow,
-                        Some(&authority),
-                        Some(status),
-                        up,
-                        down,
-                        start,
-                        outcome,
-                        None,
-                    );
-                    outcome
-                }
-                Err(e) => {
-                    // One side failed mid-stream: pass the failure on as resets, not as a
-                    // clean end the other side could mistake for complete data.
-                    let outcome = Outcome::RelayError;
-                    log_closed(
-                        &flow,
-                        Some(&authority),
-                        Some(status),
-                        up,
-                        down,
-                        start,
-                        outcome,
-                        Some(&e),
-                    );
-                    socket::reset(stream);
-                    socket::reset(pep);
-                    outcome
-                }
-            }
+            let closed = self.pipeline(stream, &flow).await;
+            closed.log(&flow, start);
+            closed.outcome
         }
         .instrument(span)
         .await
     }
+
+    /// classify -> CONNECT -> relay. Both sockets are armed to reset from the start and
+    /// disarmed only when the relay ends cleanly, so every early return (and any drop of the
+    /// task) resets them.
+    async fn pipeline(&self, mut stream: TcpStream, flow: &Flow) -> Closed {
+        socket::arm_reset(&stream);
+        let _ = stream.set_nodelay(true);
+        let mut peeked = BytesMut::with_capacity(1024);
+        let authority = match classify::classify(
+            &mut stream,
+            &mut peeked,
+            flow.original_dst,
+            &self.config.peek,
+        )
+        .await
+        {
+            Ok(authority) => authority,
+            Err(e) => return Closed::failed(Outcome::ClientError, None, None, &e),
+        };
+        let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority) {
+            Ok(r) => r,
+            Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
+        };
+        let tunnel = match tunnel::open(
+            &self.config.pep,
+            &self.sockets,
+            self.config.pep_timeout,
+            request,
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let outcome = match &e {
+                    tunnel::Error::Refused(_) => Outcome::PepRefused,
+                    tunnel::Error::Timeout(_) => Outcome::PepTimeout,
+                    tunnel::Error::Unreachable { .. } | tunnel::Error::Resolve { .. } => {
+                        Outcome::PepUnreachable
+                    }
+                    tunnel::Error::Http(_)
+                    | tunnel::Error::Header(_)
+                    | tunnel::Error::Request { .. } => Outcome::PepError,
+                };
+                let status = e.status().map(|s| s.as_u16());
+                return Closed::failed(outcome, Some(authority), status, &e);
+            }
+        };
+        let mut pep = tunnel.stream;
+        socket::arm_reset(&pep);
+        let (bytes_up, bytes_down, result) = tunnel::relay(
+            &mut stream,
+            &mut pep,
+            &peeked,
+            &tunnel.leftover,
+            self.config.relay_buffer,
+        )
+        .await;
+        if result.is_ok() {
+            socket::disarm_reset(&stream);
+            socket::disarm_reset(&pep);
+        }
+        // On a relay error the sockets stay armed: one side failed mid-stream, and the other
+        // must see a reset, not a clean end it could mistake for complete data.
+        Closed {
+            outcome: if result.is_ok() {
+                Outcome::Tunneled
+            } else {
+                Outcome::RelayError
+            },
+            authority: Some(authority),
+            pep_status: Some(tunnel.status.as_u16()),
+            bytes_up,
+            bytes_down,
+            error: result.err().map(|e| e.to_string()),
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn log_closed(
-    flow: &Flow,
-    authority: Option<&Authority>,
+/// How one connection ended: what its log line says.
+struct Closed {
+    outcome: Outcome,
+    authority: Option<Authority>,
     pep_status: Option<u16>,
     bytes_up: u64,
     bytes_down: u64,
-    start: Instant,
-    outcome: Outcome,
-    error: Option<&dyn std::fmt::Display>,
-) {
-    let authority_s = authority.map(ToString::to_string).unwrap_or_default();
-    let source = authority.map_or("", |a| a.source.as_str());
-    let duration_ms = start.elapsed().as_millis() as u64;
-    let pep_status = pep_status.unwrap_or(0);
-    macro_rules! closed {
-        ($level:ident $(, $($extra:tt)+)?) => {
-            $level!(
-                id = flow.id,
-                actor = %flow.actor.id,
-                pid = flow.pid,
-                client = %flow.client,
-                original_dst = %flow.original_dst,
-                authority = %authority_s,
-                source,
-                pep_status,
-                bytes_up,
-                bytes_down,
-                duration_ms,
-                outcome = outcome.as_str(),
-                $($($extra)+)?
-                "connection closed"
-            )
-        };
+    error: Option<String>,
+}
+
+impl Closed {
+    /// A connection that ended before any byte was relayed.
+    fn failed(
+        outcome: Outcome,
+        authority: Option<Authority>,
+        pep_status: Option<u16>,
+        error: &dyn std::fmt::Display,
+    ) -> Self {
+        Closed {
+            outcome,
+            authority,
+            pep_status,
+            bytes_up: 0,
+            bytes_down: 0,
+            error: Some(error.to_string()),
+        }
     }
-    match error {
-        None => closed!(info),
-        Some(error) => closed!(warn, error = %error,),
+
+    /// The connection's one log line: `info` when tunnelled, `warn` with the error otherwise.
+    fn log(&self, flow: &Flow, start: Instant) {
+        let authority = self
+            .authority
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let source = self.authority.as_ref().map_or("", |a| a.source.as_str());
+        let duration_ms = start.elapsed().as_millis() as u64;
+        let pep_status = self.pep_status.unwrap_or(0);
+        macro_rules! closed {
+            ($level:ident $(, $($extra:tt)+)?) => {
+                $level!(
+                    id = flow.id,
+                    actor = %flow.actor.id,
+                    pid = flow.pid,
+                    client = %flow.client,
+                    original_dst = %flow.original_dst,
+                    authority = %authority,
+                    source,
+                    pep_status,
+                    bytes_up = self.bytes_up,
+                    bytes_down = self.bytes_down,
+                    duration_ms,
+                    outcome = self.outcome.as_str(),
+                    $($($extra)+)?
+                    "connection closed"
+                )
+            };
+        }
+        match &self.error {
+            None => closed!(info),
+            Some(error) => closed!(warn, error = %error,),
+        }
     }
 }
