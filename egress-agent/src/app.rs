@@ -113,8 +113,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             cgroup_id = stale,
             dir = %capture.dir().display(),
             "a cgroup is still captured by an earlier agent but is not configured: its connects \
-             are refused until it is configured again or released with \
-             `egress-agent detach --cgroup PATH`"
+             are refused or reset, never sent out, until it is configured again or released \
+             with `egress-agent detach --cgroup PATH` (or `--cgroup-id ID`)"
         );
     }
 

@@ -483,6 +483,21 @@ pub fn cgroup_id(path: &Path) -> Result<u64, String> {
     Ok(meta.ino())
 }
 
+/// Where the cgroup v2 hierarchy is mounted (from /proc/self/mountinfo), if anywhere.
+pub fn cgroup2_mount() -> std::io::Result<Option<PathBuf>> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    // mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER".
+    Ok(mountinfo
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from))
+}
+
 /// The cgroup v2 id of the calling process (from /proc/self/cgroup and the cgroup2 mount).
 pub fn own_cgroup_id() -> Result<u64, Error> {
     let err = |e: String| Error::OwnCgroup(e);
@@ -492,19 +507,10 @@ pub fn own_cgroup_id() -> Result<u64, Error> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| err("no cgroup v2 entry (0::) in /proc/self/cgroup".into()))?;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?;
-    // mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER".
-    let mount = mountinfo
-        .lines()
-        .find(|l| {
-            l.split(" - ")
-                .nth(1)
-                .is_some_and(|t| t.starts_with("cgroup2 "))
-        })
-        .and_then(|l| l.split_whitespace().nth(4))
-        .ok_or_else(|| err("no cgroup2 mount in /proc/self/mountinfo".into()))?;
-    let path = Path::new(mount).join(relative.trim_start_matches('/'));
+    let path = cgroup2_mount()
+        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?
+        .ok_or_else(|| err("no cgroup2 mount in /proc/self/mountinfo".into()))?
+        .join(relative.trim_start_matches('/'));
     let meta = fs::metadata(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     Ok(meta.ino())
 }
@@ -602,16 +608,7 @@ mod tests {
 
     #[test]
     fn the_cgroup_root_is_refused() {
-        let root = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| {
-                l.split(" - ")
-                    .nth(1)
-                    .is_some_and(|t| t.starts_with("cgroup2 "))
-            })
-            .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from));
-        let Some(root) = root else {
+        let Some(root) = cgroup2_mount().unwrap() else {
             panic!("no cgroup2 mount on this machine: this test needs cgroup v2");
         };
         let err = cgroup_id(&root).unwrap_err();

@@ -15,6 +15,7 @@
 mod link;
 
 use std::{
+    borrow::BorrowMut,
     collections::BTreeSet,
     fs, io,
     os::fd::AsFd as _,
@@ -22,10 +23,10 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, ProgramError,
+        CgroupAttachMode, Program, ProgramError,
         links::{FdLink, LinkError},
     },
 };
@@ -170,14 +171,10 @@ impl Capture {
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
         for name in PROGRAMS {
-            let program = ebpf.program_mut(name).ok_or(Error::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?;
-            match program {
-                aya::programs::Program::CgroupSockAddr(p) => p.load(),
-                aya::programs::Program::SockOps(p) => p.load(),
-                aya::programs::Program::CgroupSock(p) => p.load(),
+            match program(&mut ebpf, name)? {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::SockOps(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
                 _ => Err(ProgramError::UnexpectedProgramType),
             }
             .map_err(prog_err(name))?;
@@ -201,14 +198,8 @@ impl Capture {
 
     /// Tells the kernel side how to recognise the agent's own sockets.
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
-        let map = self.ebpf.map_mut(MAP_SETTINGS).ok_or(Error::Map {
-            name: MAP_SETTINGS,
-            source: MapError::InvalidName {
-                name: MAP_SETTINGS.into(),
-            },
-        })?;
         let mut array: Array<&mut MapData, Settings> =
-            Array::try_from(map).map_err(map_err(MAP_SETTINGS))?;
+            Array::try_from(map(&mut self.ebpf, MAP_SETTINGS)?).map_err(map_err(MAP_SETTINGS))?;
         array.set(0, settings, 0).map_err(map_err(MAP_SETTINGS))
     }
 
@@ -222,23 +213,13 @@ impl Capture {
         entry: Option<ActorEntry>,
     ) -> Result<(), Error> {
         {
-            let map = self.ebpf.map_mut(MAP_ACTORS).ok_or(Error::Map {
-                name: MAP_ACTORS,
-                source: MapError::InvalidName {
-                    name: MAP_ACTORS.into(),
-                },
-            })?;
             let mut actors: HashMap<&mut MapData, u64, ActorEntry> =
-                HashMap::try_from(map).map_err(map_err(MAP_ACTORS))?;
+                HashMap::try_from(map(&mut self.ebpf, MAP_ACTORS)?).map_err(map_err(MAP_ACTORS))?;
             match entry {
-                Some(entry) => actors
-                    .insert(cgroup_id, entry, 0)
-                    .map_err(map_err(MAP_ACTORS))?,
-                None => match actors.remove(&cgroup_id) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_ACTORS)(e)),
-                },
+                Some(entry) => actors.insert(cgroup_id, entry, 0),
+                None => remove_present(&mut actors, &cgroup_id),
             }
+            .map_err(map_err(MAP_ACTORS))?;
         }
         let links = link_dir(&self.dir, cgroup_id);
         fs::create_dir_all(&links).map_err(io_err(format!("creating {}", links.display())))?;
@@ -246,10 +227,7 @@ impl Capture {
             .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
         for name in PROGRAMS {
             let pin = links.join(name);
-            let program = self.ebpf.program_mut(name).ok_or(Error::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?;
+            let program = program(&mut self.ebpf, name)?;
             if pin.exists() {
                 // Swap the new program into the existing link: no gap in capture.
                 let link_fd = link::open_pinned(&pin)
@@ -274,9 +252,9 @@ impl Capture {
                 }};
             }
             let link: FdLink = match program {
-                aya::programs::Program::CgroupSockAddr(p) => attach!(p),
-                aya::programs::Program::SockOps(p) => attach!(p),
-                aya::programs::Program::CgroupSock(p) => attach!(p),
+                Program::CgroupSockAddr(p) => attach!(p),
+                Program::SockOps(p) => attach!(p),
+                Program::CgroupSock(p) => attach!(p),
                 _ => return Err(prog_err(name)(ProgramError::UnexpectedProgramType)),
             };
             link.pin(&pin).map_err(|e| Error::Io {
@@ -296,6 +274,38 @@ impl Capture {
     /// The pin directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// A program of the object, by name.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, Error> {
+    ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })
+}
+
+/// A map of the object, by name.
+fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, Error> {
+    ebpf.map_mut(name).ok_or(Error::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })
+}
+
+/// The map `name` pinned under `dir`.
+fn pinned(dir: &Path, name: &'static str) -> Result<MapData, Error> {
+    MapData::from_pin(dir.join(MAPS_DIR).join(name)).map_err(map_err(name))
+}
+
+/// Removes `key` from `map`; a key that is already gone is fine.
+fn remove_present<T: BorrowMut<MapData>, K: Pod, V: Pod>(
+    map: &mut HashMap<T, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -377,9 +387,8 @@ pub struct Conns {
 impl Conns {
     /// Opens the pinned `EGRESS_CONNS` under `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let data =
-            MapData::from_pin(dir.join(MAPS_DIR).join(MAP_CONNS)).map_err(map_err(MAP_CONNS))?;
-        let map = HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(MAP_CONNS))?;
+        let map = HashMap::try_from(Map::LruHashMap(pinned(dir, MAP_CONNS)?))
+            .map_err(map_err(MAP_CONNS))?;
         Ok(Conns { map })
     }
 
@@ -389,10 +398,7 @@ impl Conns {
             Ok(record) => {
                 // A missing key here means sockops removed it because the client closed: the
                 // record is still right for this connection.
-                match self.map.remove(key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_CONNS)(e)),
-                }
+                remove_present(&mut self.map, key).map_err(map_err(MAP_CONNS))?;
                 Ok(Some(record))
             }
             Err(MapError::KeyNotFound) => Ok(None),
@@ -416,8 +422,7 @@ pub struct MapStats {
 
 /// Reads [`MapStats`] from the maps pinned under `dir`.
 pub fn map_stats(dir: &Path) -> Result<MapStats, Error> {
-    let maps = dir.join(MAPS_DIR);
-    let open = |name: &'static str| MapData::from_pin(maps.join(name)).map_err(map_err(name));
+    let open = |name| pinned(dir, name);
     let sockets: HashMap<_, u64, Record> =
         HashMap::try_from(Map::LruHashMap(open(MAP_SOCKETS)?)).map_err(map_err(MAP_SOCKETS))?;
     let conns: HashMap<_, ConnKey, Record> =
@@ -473,14 +478,11 @@ pub fn detach(dir: &Path, cgroup_id: Option<u64>) -> Result<Detached, Error> {
             fs::remove_dir(&links).map_err(io_err(format!("removing {}", links.display())))?;
         }
         if cgroup_id.is_some() {
-            let path = dir.join(MAPS_DIR).join(MAP_ACTORS);
-            if let Ok(data) = MapData::from_pin(&path) {
+            // No pinned actor map: nothing to remove.
+            if let Ok(data) = pinned(dir, MAP_ACTORS) {
                 let mut actors: HashMap<_, u64, ActorEntry> =
                     HashMap::try_from(Map::HashMap(data)).map_err(map_err(MAP_ACTORS))?;
-                match actors.remove(&id) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_ACTORS)(e)),
-                }
+                remove_present(&mut actors, &id).map_err(map_err(MAP_ACTORS))?;
             }
         }
     }

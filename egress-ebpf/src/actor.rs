@@ -23,11 +23,30 @@ pub const ALLOW: i32 = 1;
 /// Verdict of a cgroup sock_addr program: fail the call with `EPERM`.
 pub const REFUSE: i32 = 0;
 
+/// The actor a connect is captured for; `None` for a connect that is not this program's
+/// business (not connection-oriented, or the agent's own socket). Refused connects (not TCP,
+/// or no actor) are errors.
+#[inline(always)]
+pub fn capture_target(ctx: &SockAddrContext) -> Result<Option<(u64, ActorEntry)>, &'static str> {
+    match kind(ctx) {
+        Kind::Tcp => {}
+        Kind::Other => return Ok(None),
+        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
+    }
+    if is_agent_socket(ctx) {
+        count(Counter::AgentSkipped);
+        return Ok(None);
+    }
+    find_actor()
+        .map(Some)
+        .ok_or("no actor registered for this cgroup")
+}
+
 /// The actor cgroup the caller belongs to: its own cgroup, or the deepest of its ancestors
 /// that the agent registered. Only cgroups with attached programs reach here, so `None`
 /// means the agent does not (or no longer) serve that cgroup.
 #[inline(always)]
-pub fn find_actor() -> Option<(u64, ActorEntry)> {
+fn find_actor() -> Option<(u64, ActorEntry)> {
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is Copy and read at once.
@@ -54,7 +73,7 @@ pub fn find_actor() -> Option<(u64, ActorEntry)> {
 /// What to do with a connect, by socket type: TCP is captured, connection-oriented protocols
 /// the agent cannot carry (MPTCP, SCTP) are refused rather than let out, and datagram sockets
 /// are not this program's business (UDP policy is separate).
-pub enum Kind {
+enum Kind {
     /// A TCP connect: capture it.
     Tcp,
     /// Not connection-oriented: let it through untouched.
@@ -65,7 +84,7 @@ pub enum Kind {
 
 /// The [`Kind`] of the connecting socket.
 #[inline(always)]
-pub fn kind(ctx: &SockAddrContext) -> Kind {
+fn kind(ctx: &SockAddrContext) -> Kind {
     // SAFETY: the context pointer is valid for the program's run.
     let (ty, protocol) = unsafe { ((*ctx.sock_addr).type_, (*ctx.sock_addr).protocol) };
     match ty {
@@ -79,7 +98,7 @@ pub fn kind(ctx: &SockAddrContext) -> Kind {
 /// agent's mark, lives in the agent's network namespace and the caller is in the agent's
 /// cgroup.
 #[inline(always)]
-pub fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+fn is_agent_socket(ctx: &SockAddrContext) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
         return false;
     };

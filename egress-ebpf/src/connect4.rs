@@ -4,10 +4,7 @@ use aya_log_ebpf::warn;
 use egress_common::{ACTOR_LISTEN_V4, Counter, is_local_v4, v4_mapped};
 
 use crate::{
-    actor::{
-        ALLOW, Kind, REFUSE, find_actor, is_agent_socket, kind, local_verdict, port_from_user,
-        port_to_user, record,
-    },
+    actor::{ALLOW, REFUSE, capture_target, local_verdict, port_from_user, port_to_user, record},
     maps::count,
 };
 
@@ -26,20 +23,13 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     let sa = ctx.sock_addr;
-    match kind(ctx) {
-        Kind::Tcp => {}
-        Kind::Other => return Ok(ALLOW),
-        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
-    }
-    if is_agent_socket(ctx) {
-        count(Counter::AgentSkipped);
+    let Some((actor_cgroup, entry)) = capture_target(ctx)? else {
         return Ok(ALLOW);
-    }
-    let (actor_cgroup, entry) = find_actor().ok_or("no actor registered for this cgroup")?;
+    };
     if entry.flags & ACTOR_LISTEN_V4 == 0 {
         return Err("the actor has no IPv4 listener");
     }
-    // SAFETY: as above.
+    // SAFETY: the context pointer is valid for the program's run.
     let (dst_ip, dst_port) = unsafe { ((*sa).user_ip4, port_from_user((*sa).user_port)) };
     if dst_ip == entry.listen_ip4 && dst_port == entry.listen_port {
         count(Counter::ListenerSkipped);

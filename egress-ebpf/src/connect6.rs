@@ -9,10 +9,7 @@ use egress_common::{
 };
 
 use crate::{
-    actor::{
-        ALLOW, Kind, REFUSE, find_actor, is_agent_socket, kind, local_verdict, port_from_user,
-        port_to_user, record,
-    },
+    actor::{ALLOW, REFUSE, capture_target, local_verdict, port_from_user, port_to_user, record},
     maps::count,
 };
 
@@ -31,18 +28,11 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     let sa = ctx.sock_addr;
-    match kind(ctx) {
-        Kind::Tcp => {}
-        Kind::Other => return Ok(ALLOW),
-        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
-    }
-    if is_agent_socket(ctx) {
-        count(Counter::AgentSkipped);
+    let Some((actor_cgroup, entry)) = capture_target(ctx)? else {
         return Ok(ALLOW);
-    }
-    let (actor_cgroup, entry) = find_actor().ok_or("no actor registered for this cgroup")?;
+    };
     // Word by word: the verifier accepts only 4-byte accesses to user_ip6.
-    // SAFETY: as above.
+    // SAFETY: the context pointer is valid for the program's run.
     let dst_ip = unsafe {
         [
             read_volatile(&(*sa).user_ip6[0]),
