@@ -267,6 +267,30 @@ fn looks_numeric(label: &[u8]) -> bool {
     }
 }
 
+/// The fixture files (see tests/fixtures/README.md), for the classifiers' unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    /// curl 7.88.1's ClientHello, SNI `curl.fixture.egress.test`.
+    pub const CURL_HELLO: &[u8] = include_bytes!("../tests/fixtures/curl_client_hello.bin");
+    /// `openssl s_client`'s ClientHello, SNI `OpenSSL.Fixture.Egress.Test`.
+    pub const OPENSSL_HELLO: &[u8] = include_bytes!("../tests/fixtures/openssl_client_hello.bin");
+    /// Python 3.11 `ssl`'s ClientHello, SNI `python.fixture.egress.test`.
+    pub const PYTHON_HELLO: &[u8] = include_bytes!("../tests/fixtures/python_client_hello.bin");
+    /// `openssl s_client -noservername`: no SNI.
+    pub const NO_SNI_HELLO: &[u8] =
+        include_bytes!("../tests/fixtures/openssl_no_sni_client_hello.bin");
+    /// Built X25519MLKEM768 ClientHello in one record, SNI `pq.fixture.egress.test`.
+    pub const MLKEM_HELLO: &[u8] = include_bytes!("../tests/fixtures/mlkem_client_hello.bin");
+    /// The same in two records.
+    pub const MLKEM_HELLO_2: &[u8] =
+        include_bytes!("../tests/fixtures/mlkem_client_hello_2records.bin");
+    /// The same in three records.
+    pub const MLKEM_HELLO_3: &[u8] =
+        include_bytes!("../tests/fixtures/mlkem_client_hello_3records.bin");
+    /// curl's plain HTTP request, `Host: curl.fixture.egress.test:18080`.
+    pub const CURL_HTTP: &[u8] = include_bytes!("../tests/fixtures/curl_http_request.bin");
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -284,13 +308,9 @@ mod tests {
 
     use super::*;
 
-    const CURL_HELLO: &[u8] = include_bytes!("../tests/fixtures/curl_client_hello.bin");
-    const OPENSSL_HELLO: &[u8] = include_bytes!("../tests/fixtures/openssl_client_hello.bin");
-    const PYTHON_HELLO: &[u8] = include_bytes!("../tests/fixtures/python_client_hello.bin");
-    const NO_SNI_HELLO: &[u8] = include_bytes!("../tests/fixtures/openssl_no_sni_client_hello.bin");
-    const MLKEM_HELLO_3: &[u8] =
-        include_bytes!("../tests/fixtures/mlkem_client_hello_3records.bin");
-    const CURL_HTTP: &[u8] = include_bytes!("../tests/fixtures/curl_http_request.bin");
+    use fixtures::{
+        CURL_HELLO, CURL_HTTP, MLKEM_HELLO_3, NO_SNI_HELLO, OPENSSL_HELLO, PYTHON_HELLO,
+    };
 
     /// Every real or built fixture that carries a name, with that name and its source.
     const NAMED: &[(&[u8], &str, Source)] = &[

@@ -632,30 +632,19 @@ fn loopback_inside_the_actor_namespace_stays_local() {
 
 #[test]
 fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopback() {
-    egress_tests::require_root();
-    let topo = Topology::new(26);
-    let cgroup = Cgroup::new();
-    let ca = TestCa::new();
-    let web = topo.node_addr(8080);
-    let upstream = Upstream::start(
-        &topo.node,
-        &ca,
-        UpstreamSpec::new().names(&[NAME]).http(web),
-    );
-    let squid = Squid::start(
-        &topo.node,
-        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
-    );
     // No namespace of its own: the actor shares the agent's (the node's).
-    let opts = AgentOptions::new(squid.addr())
-        .actor(ActorSpec::new("actor-26", "coder", "team-a", &cgroup));
-    let mut agent = Agent::start(&topo.node, None, opts);
-    agent.wait_ready(T);
+    let w = World::new(26, "actor-26", SquidConfig::default(), |mut o| {
+        o.actors[0].netns = None;
+        o
+    });
+    let (topo, cgroup, squid, upstream, agent) =
+        (&w.topo, &w.cgroup, &w.squid, &w.upstream, &w.agent);
+    let web = topo.node_addr(8080);
     let probe = env!("CARGO_BIN_EXE_egress-probe");
 
     // The agent's mark on an actor socket (root in the test, so it may set SO_MARK) in the
     // agent's own namespace: still captured, because the caller is not in the agent's cgroup.
-    let mut cmd = command_in(probe, Some(&topo.node), Some(&cgroup));
+    let mut cmd = command_in(probe, Some(&topo.node), Some(cgroup));
     cmd.args(["http-many", &web.to_string(), NAME, "1", "1"])
         .env("EGRESS_PROBE_MARK", "0x65670000");
     process::run(&mut cmd, T).expect_success("a marked request from the actor");
@@ -671,7 +660,7 @@ fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopba
     );
 
     // The node's loopback (squid itself listens there) is not reachable from the actor.
-    let mut cmd = command_in(probe, Some(&topo.node), Some(&cgroup));
+    let mut cmd = command_in(probe, Some(&topo.node), Some(cgroup));
     cmd.args(["peername", &squid.addr().to_string()]);
     let out = process::run(&mut cmd, T);
     assert!(

@@ -201,7 +201,7 @@ mod tests {
 
     use super::*;
 
-    const CURL_HTTP: &[u8] = include_bytes!("../../tests/fixtures/curl_http_request.bin");
+    use crate::classify::fixtures::CURL_HTTP;
 
     fn name(s: &str) -> Sniff {
         Sniff::Name(s.to_string())

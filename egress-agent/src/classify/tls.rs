@@ -181,16 +181,10 @@ mod tests {
 
     use super::*;
 
-    const CURL_HELLO: &[u8] = include_bytes!("../../tests/fixtures/curl_client_hello.bin");
-    const OPENSSL_HELLO: &[u8] = include_bytes!("../../tests/fixtures/openssl_client_hello.bin");
-    const PYTHON_HELLO: &[u8] = include_bytes!("../../tests/fixtures/python_client_hello.bin");
-    const NO_SNI_HELLO: &[u8] =
-        include_bytes!("../../tests/fixtures/openssl_no_sni_client_hello.bin");
-    const MLKEM_HELLO: &[u8] = include_bytes!("../../tests/fixtures/mlkem_client_hello.bin");
-    const MLKEM_HELLO_2: &[u8] =
-        include_bytes!("../../tests/fixtures/mlkem_client_hello_2records.bin");
-    const MLKEM_HELLO_3: &[u8] =
-        include_bytes!("../../tests/fixtures/mlkem_client_hello_3records.bin");
+    use crate::classify::fixtures::{
+        CURL_HELLO, MLKEM_HELLO, MLKEM_HELLO_2, MLKEM_HELLO_3, NO_SNI_HELLO, OPENSSL_HELLO,
+        PYTHON_HELLO,
+    };
 
     const PQ_NAME: &str = "pq.fixture.egress.test";
     /// X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem): 1184-byte ML-KEM-768 key + 32-byte X25519.
