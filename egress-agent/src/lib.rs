@@ -9,6 +9,7 @@ pub mod capture;
 pub mod classify;
 pub mod config;
 pub mod ebpf;
+pub mod net;
 pub mod netns;
 pub mod proxy;
 pub mod socket;

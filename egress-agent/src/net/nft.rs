@@ -1,0 +1,1 @@
+//! nftables: the `egress` table of a worker namespace.

@@ -1,0 +1,1 @@
+//! The veth pair between a worker namespace and an actor namespace.
