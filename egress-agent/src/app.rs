@@ -1,14 +1,19 @@
-//! `egress-agent run`: load and attach capture, open the listeners, serve until shutdown.
-use std::{collections::BTreeMap, future::Future, io, path::PathBuf, sync::Arc};
+//! `egress-agent run`: load capture, take over the actors (config file, state file), serve the
+//! control socket and the listeners until shutdown.
+use std::{
+    future::Future,
+    io,
+    sync::{Arc, Mutex},
+};
 
 use egress_common::Settings;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
-    capture,
+    actors, capture,
     config::{self, Config},
-    ebpf, netns, proxy,
+    control, ebpf, netns, proxy,
 };
 
 /// Errors that stop the agent.
@@ -34,11 +39,27 @@ pub enum Error {
     /// The async runtime refused a socket.
     #[error("registering a listener with the runtime: {0}")]
     Runtime(io::Error),
+    /// The control socket could not be opened.
+    #[error(transparent)]
+    Control(#[from] control::Error),
+    /// A configured actor could not be captured.
+    #[error(transparent)]
+    Actors(Box<actors::Error>),
 }
 
-/// Runs the agent until `shutdown` resolves. Capture stays attached afterwards (pinned): the
-/// actors' connects fail until an agent serves them again or `egress-agent detach` runs.
+impl From<actors::Error> for Error {
+    fn from(e: actors::Error) -> Self {
+        Error::Actors(Box::new(e))
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. Capture stays in force afterwards (pinned
+/// programs, veth pairs and nftables tables): the actors' connections are refused until an
+/// agent serves them again, or `egress-agent detach` / `actor remove` releases them.
 pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // The control socket first: a second agent on the same socket stops here, before it
+    // touches anything the first one owns.
+    let control = control::Server::bind(&config.control_socket)?;
     let own_cookie = netns::own_cookie().map_err(|source| Error::Netns {
         path: "(the agent's own)".into(),
         source,
@@ -52,97 +73,46 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         _pad: 0,
     })?;
 
-    // One listener per distinct network namespace; actors sharing one share it.
-    let own_identity = netns::identity(None).map_err(|source| Error::Netns {
-        path: "/proc/thread-self/ns/net".into(),
-        source,
-    })?;
-    let mut by_netns: BTreeMap<(u64, u64), (Option<PathBuf>, Vec<usize>)> = BTreeMap::new();
-    for (i, actor) in config.actors.iter().enumerate() {
-        let identity = netns::identity(actor.netns.as_deref()).map_err(|source| Error::Netns {
-            path: actor
-                .netns
-                .as_ref()
-                .map_or("-".into(), |p| p.display().to_string()),
-            source,
-        })?;
-        let netns = if identity == own_identity {
-            None
-        } else {
-            actor.netns.clone()
-        };
-        by_netns
-            .entry(identity)
-            .or_insert_with(|| (netns, Vec::new()))
-            .1
-            .push(i);
-    }
-    let mut listeners = Vec::new();
-    for (netns, actors) in by_netns.into_values() {
-        // One namespace whose listener cannot be opened (say, a process there holds the port)
-        // must not take the other actors down: its actors stay captured with no listener, so
-        // their connects are refused, and the error says why.
-        let listener = match capture::Listener::open(netns.as_deref(), config.listen_port) {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                error!(error = %e, "actors in this namespace stay captured but unserved: their connects are refused");
-                None
-            }
-        };
-        let entry = listener.as_ref().map(capture::Listener::entry);
-        for i in actors {
-            let actor = &config.actors[i];
-            capture.register(&actor.cgroup, actor.cgroup_id, entry)?;
-            info!(
-                actor = %actor.id,
-                template = %actor.template,
-                template_namespace = %actor.template_namespace,
-                cgroup = %actor.cgroup.display(),
-                cgroup_id = actor.cgroup_id,
-                netns = %netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
-                listeners = ?listener.as_ref().map(capture::Listener::addrs).unwrap_or_default(),
-                "actor captured"
-            );
-        }
-        listeners.extend(listener);
-    }
-    let configured: std::collections::BTreeSet<u64> =
-        config.actors.iter().map(|a| a.cgroup_id).collect();
-    for stale in capture.pinned_cgroups().difference(&configured) {
-        warn!(
-            cgroup_id = stale,
-            dir = %capture.dir().display(),
-            "a cgroup is still captured by an earlier agent but is not configured: its connects \
-             are refused or reset, never sent out, until it is configured again or released \
-             with `egress-agent detach --cgroup PATH` (or `--cgroup-id ID`)"
-        );
-    }
-
-    let ctx = Arc::new(proxy::Context::new(config.clone()));
+    let registry = Arc::new(actors::Registry::default());
+    let ctx = Arc::new(proxy::Context::new(config.clone(), registry.clone()));
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::new();
-    for listener in listeners {
-        tasks.extend(listener.spawn(&config.bpffs_dir, ctx.clone(), stopped.clone())?);
-    }
+    // Netlink and nft block while the configured actors are set up.
+    let manager = tokio::task::block_in_place(|| {
+        actors::Manager::start(
+            config.clone(),
+            capture,
+            registry,
+            ctx,
+            tokio::runtime::Handle::current(),
+            stopped.clone(),
+        )
+    })?;
+    let actors = manager.list().len();
+    let manager = Arc::new(Mutex::new(manager));
+
+    let mut tasks = vec![tokio::spawn(control.run(manager.clone(), stopped.clone()))];
     if let Some(logger) = logger {
         tasks.push(tokio::spawn(kernel_logs(logger, stopped.clone())));
     }
     info!(
-        actors = config.actors.len(),
+        actors,
         pep = %config.pep,
         bpffs_dir = %config.bpffs_dir.display(),
         listen_port = config.listen_port,
+        veth_listen_port = config.veth_listen_port,
+        control_socket = %config.control_socket.display(),
         "ready"
     );
     shutdown.await;
     let _ = stop.send(true);
+    manager.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     for task in tasks {
         let _ = task.await;
     }
     info!(
         bpffs_dir = %config.bpffs_dir.display(),
-        "stopped; capture stays attached (actors' connects are refused until an agent serves \
-         them again; `egress-agent detach` removes it)"
+        "stopped; capture stays in force (actors' connections are refused until an agent \
+         serves them again; `egress-agent detach` and `egress-agent actor remove` release it)"
     );
     Ok(())
 }

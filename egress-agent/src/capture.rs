@@ -1,5 +1,7 @@
-//! The capture front for cgroup actors: the agent's listeners inside each actor network
-//! namespace, and the accept loops that find each connection's record.
+//! The agent's listeners, one per capture front and network namespace, and the accept loops
+//! that find where each connection was going: the record cgroup eBPF published (loopback
+//! listeners in cgroup actors' namespaces), or `SO_ORIGINAL_DST` of an nftables redirect (the
+//! 0.0.0.0 listener of each veth worker namespace).
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener},
@@ -13,7 +15,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::{ebpf, netns, proxy};
+use crate::{ebpf, netns, proxy, socket};
 
 /// Pending-connection queue of each listener.
 const BACKLOG: i32 = 4096;
@@ -33,11 +35,23 @@ pub enum Error {
     },
 }
 
-/// The agent's listeners in one network namespace: 127.0.0.1:port, and [::1]:port when the
-/// namespace has IPv6.
+/// Which capture front a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Front {
+    /// cgroup eBPF: 127.0.0.1 and ::1 in a cgroup actor's namespace; records in the map.
+    Ebpf,
+    /// nftables redirect: 0.0.0.0 in a veth worker namespace; `SO_ORIGINAL_DST`.
+    Nat,
+}
+
+/// The agent's listeners of one front in one network namespace: 127.0.0.1:port and
+/// [::1]:port (when the namespace has IPv6) for the eBPF front, 0.0.0.0:port for the NAT
+/// front.
 pub struct Listener {
-    /// Its cookie: part of every record key of connections accepted here.
+    /// Its namespace's cookie: part of every record key of connections accepted here, and of
+    /// the veth actor addresses.
     pub cookie: u64,
+    front: Front,
     port: u16,
     v4: StdListener,
     v6: Option<StdListener>,
@@ -83,23 +97,45 @@ impl Listener {
         }
         Ok(Listener {
             cookie,
+            front: Front::Ebpf,
             port,
             v4,
             v6,
         })
     }
 
-    /// The actor map entry pointing at these listeners.
-    pub fn entry(&self) -> ActorEntry {
-        ActorEntry::new(
-            Some(Ipv4Addr::LOCALHOST),
-            self.v6.as_ref().map(|_| Ipv6Addr::LOCALHOST),
-            self.port,
-        )
+    /// Opens the NAT front's listener on 0.0.0.0:`port` inside the worker namespace `netns`:
+    /// nftables `redirect` rewrites the destination to the address of the interface the packet
+    /// came in on (the worker end of a veth), so a loopback listener would not see it.
+    pub fn open_nat(netns: Option<&Path>, port: u16) -> Result<Self, Error> {
+        let label = netns.map_or_else(
+            || "the agent's network namespace".to_string(),
+            |p| p.display().to_string(),
+        );
+        let (v4, cookie) = netns::run_in(netns, move || {
+            let v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+            let cookie = netns::cookie(&v4)?;
+            Ok((v4, cookie))
+        })
+        .map_err(|source| Error::Open {
+            netns: label,
+            port,
+            source,
+        })?;
+        Ok(Listener {
+            cookie,
+            front: Front::Nat,
+            port,
+            v4,
+            v6: None,
+        })
     }
 
     /// Addresses listened on.
     pub fn addrs(&self) -> Vec<SocketAddr> {
+        if self.front == Front::Nat {
+            return vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.port))];
+        }
         let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
         if self.v6.is_some() {
             addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)));
@@ -107,8 +143,8 @@ impl Listener {
         addrs
     }
 
-    /// Serves the listeners from the current runtime until `shutdown` changes; each accept
-    /// loop has its own handle on the pinned record map.
+    /// Serves the listeners from the current runtime until `shutdown` changes (or the tasks
+    /// are aborted); each eBPF accept loop has its own handle on the pinned record map.
     pub fn spawn(
         self,
         bpffs_dir: &Path,
@@ -119,17 +155,30 @@ impl Listener {
         for std_listener in std::iter::once(self.v4).chain(self.v6) {
             let listener =
                 TcpListener::from_std(std_listener).map_err(crate::app::Error::Runtime)?;
-            let conns = ebpf::Conns::open(bpffs_dir)?;
+            let origin = match self.front {
+                Front::Ebpf => Origin::Records(ebpf::Conns::open(bpffs_dir)?),
+                Front::Nat => Origin::Nat,
+            };
             tasks.push(tokio::spawn(accept_loop(
                 listener,
                 self.cookie,
-                conns,
+                origin,
                 ctx.clone(),
                 shutdown.clone(),
             )));
         }
         Ok(tasks)
     }
+}
+
+/// The actor map entry pointing at an eBPF front's listeners on `port`: 127.0.0.1, and ::1
+/// when the namespace has IPv6 (`v6`).
+pub fn ebpf_entry(v6: bool, port: u16) -> ActorEntry {
+    ActorEntry::new(
+        Some(Ipv4Addr::LOCALHOST),
+        v6.then_some(Ipv6Addr::LOCALHOST),
+        port,
+    )
 }
 
 fn bind(addr: SocketAddr) -> io::Result<StdListener> {
@@ -144,10 +193,18 @@ fn bind(addr: SocketAddr) -> io::Result<StdListener> {
     Ok(socket.into())
 }
 
+/// Where an accept loop learns a connection's original destination.
+enum Origin {
+    /// The eBPF record map.
+    Records(ebpf::Conns),
+    /// conntrack, through `SO_ORIGINAL_DST`.
+    Nat,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     cookie: u64,
-    mut conns: ebpf::Conns,
+    mut origin: Origin,
     ctx: Arc<proxy::Context>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -165,7 +222,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let record = conns.take(&ConnKey::new(cookie, client));
-        ctx.accept(stream, client, record);
+        let captured = match &mut origin {
+            Origin::Records(conns) => {
+                proxy::Captured::Record(conns.take(&ConnKey::new(cookie, client)))
+            }
+            Origin::Nat => proxy::Captured::Nat {
+                netns: cookie,
+                original_dst: socket::original_dst(&stream),
+            },
+        };
+        ctx.accept(stream, client, captured);
     }
 }

@@ -4,10 +4,12 @@
 //! listener in the actor's network namespace and record where it was going; the listener
 //! takes the record; [`proxy`] classifies the first bytes ([`classify`]), opens a CONNECT
 //! tunnel through the PEP ([`tunnel`]) and relays.
+pub mod actors;
 pub mod app;
 pub mod capture;
 pub mod classify;
 pub mod config;
+pub mod control;
 pub mod ebpf;
 pub mod net;
 pub mod netns;

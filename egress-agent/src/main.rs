@@ -3,7 +3,13 @@ use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use egress_agent::{app, config, ebpf};
+use egress_agent::{
+    app,
+    config::{self, ActorSpec},
+    control::Request,
+    ebpf,
+    net::nft::Inbound,
+};
 use tracing::info;
 
 /// Captures sandboxed actors' outbound TCP and tunnels it to a policy enforcement point.
@@ -42,6 +48,153 @@ enum Command {
         #[arg(long, env = "EGRESS_DETACH_CGROUP_ID")]
         cgroup_id: Option<u64>,
     },
+    /// Add, remove, list or re-apply actors of the running agent (over its control socket).
+    Actor {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[command(subcommand)]
+        command: ActorCommand,
+    },
+    /// Veth mode (gVisor, microVM actors): `up` adds a veth actor, `down` removes it,
+    /// `reapply` restores its side after the runtime cleared it. Same as `actor add|remove|reapply`.
+    Veth {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[command(subcommand)]
+        command: VethCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The running agent's control socket.
+    #[arg(long, env = "EGRESS_CONTROL_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET)]
+    control_socket: PathBuf,
+    /// Print the agent's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ActorCommand {
+    /// Capture a new actor: `--cgroup` for a process actor, `--veth` for a gVisor/microVM one.
+    Add(AddArgs),
+    /// Stop capturing an actor: release its cgroup, or delete its veth pair and rules.
+    Remove {
+        /// Actor id.
+        id: String,
+    },
+    /// List the actors.
+    List,
+    /// Re-apply a veth actor's side (address, route, links up), e.g. after gVisor cleared it.
+    Reapply {
+        /// Actor id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VethCommand {
+    /// Add a veth actor (same as `actor add --veth`).
+    Up(VethArgs),
+    /// Remove a veth actor: its pair, its address and its rules.
+    Down {
+        /// Actor id.
+        id: String,
+    },
+    /// Re-apply a veth actor's side.
+    Reapply {
+        /// Actor id.
+        id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct Identity {
+    /// Actor id (`x-ate-actor-id`).
+    #[arg(long)]
+    id: String,
+    /// Actor template.
+    #[arg(long, default_value = "")]
+    template: String,
+    /// Template namespace.
+    #[arg(long, default_value = "")]
+    template_namespace: String,
+}
+
+#[derive(clap::Args)]
+struct AddArgs {
+    #[command(flatten)]
+    identity: Identity,
+    /// cgroup v2 directory of a process actor.
+    #[arg(long, conflicts_with = "veth")]
+    cgroup: Option<PathBuf>,
+    /// A veth actor (gVisor, microVM): needs --netns, optionally --worker-netns.
+    #[arg(long)]
+    veth: bool,
+    /// The actor's network namespace file (where a process actor's listener goes, or where a
+    /// veth actor's `eth0` is made).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    #[command(flatten)]
+    veth_args: VethOptions,
+}
+
+#[derive(clap::Args)]
+struct VethArgs {
+    #[command(flatten)]
+    identity: Identity,
+    /// The actor's network namespace file (its end of the pair becomes `eth0` there).
+    #[arg(long)]
+    netns: PathBuf,
+    #[command(flatten)]
+    veth_args: VethOptions,
+}
+
+#[derive(clap::Args)]
+struct VethOptions {
+    /// The worker (pod) network namespace file; omitted: the agent's own.
+    #[arg(long)]
+    worker_netns: Option<PathBuf>,
+    /// A port forwarded from the worker's addresses to the actor, `tcp/PORT` or `udp/PORT`;
+    /// repeat for more.
+    #[arg(long)]
+    inbound: Vec<Inbound>,
+    /// Masquerade the actor's UDP instead of dropping it.
+    #[arg(long)]
+    allow_udp: bool,
+}
+
+impl VethOptions {
+    fn spec(self) -> config::VethSpec {
+        config::VethSpec {
+            worker_netns: self.worker_netns,
+            inbound: self.inbound,
+            allow_udp: self.allow_udp,
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.worker_netns.is_some() || !self.inbound.is_empty() || self.allow_udp
+    }
+}
+
+impl AddArgs {
+    fn spec(self) -> anyhow::Result<ActorSpec> {
+        if !self.veth && self.veth_args.given() {
+            anyhow::bail!(
+                "--worker-netns, --inbound and --allow-udp are for veth actors: add --veth"
+            );
+        }
+        Ok(ActorSpec {
+            id: self.identity.id,
+            template: self.identity.template,
+            template_namespace: self.identity.template_namespace,
+            cgroup: self.cgroup,
+            netns: self.netns,
+            veth: self.veth.then(|| self.veth_args.spec()),
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,8 +236,89 @@ fn main() -> anyhow::Result<()> {
                 bpffs_dir.display()
             );
         }
+        Command::Actor { control, command } => {
+            let request = match command {
+                ActorCommand::Add(args) => Request::Add(args.spec()?),
+                ActorCommand::Remove { id } => Request::Remove { id },
+                ActorCommand::List => Request::List,
+                ActorCommand::Reapply { id } => Request::Reapply { id },
+            };
+            send(&control, &request)?;
+        }
+        Command::Veth { control, command } => {
+            let request = match command {
+                VethCommand::Up(args) => Request::Add(ActorSpec {
+                    id: args.identity.id,
+                    template: args.identity.template,
+                    template_namespace: args.identity.template_namespace,
+                    cgroup: None,
+                    netns: Some(args.netns),
+                    veth: Some(args.veth_args.spec()),
+                }),
+                VethCommand::Down { id } => Request::Remove { id },
+                VethCommand::Reapply { id } => Request::Reapply { id },
+            };
+            send(&control, &request)?;
+        }
     }
     Ok(())
+}
+
+/// Sends one control request and prints the answer: a line per actor, or JSON.
+fn send(control: &ControlArgs, request: &Request) -> anyhow::Result<()> {
+    let response = egress_agent::control::request(&control.control_socket, request)?;
+    if control.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    }
+    if !response.ok {
+        anyhow::bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "the agent refused".into())
+        );
+    }
+    if !control.json {
+        for status in &response.actors {
+            println!("{}", status_line(status));
+        }
+    }
+    Ok(())
+}
+
+fn status_line(s: &egress_agent::actors::Status) -> String {
+    let a = &s.actor;
+    let mut line = format!(
+        "{} template={:?} template_namespace={:?} source={:?} capture={}",
+        a.id, a.template, a.template_namespace, s.source, s.capture
+    );
+    if let Some(cgroup) = &a.cgroup {
+        line += &format!(
+            " cgroup={} cgroup_id={}",
+            cgroup.display(),
+            s.cgroup_id.unwrap_or(0)
+        );
+    }
+    if let Some(netns) = &a.netns {
+        line += &format!(" netns={}", netns.display());
+    }
+    if let Some(v) = &a.veth {
+        if let Some(w) = &v.worker_netns {
+            line += &format!(" worker_netns={}", w.display());
+        }
+        let inbound: Vec<String> = v.inbound.iter().map(ToString::to_string).collect();
+        line += &format!(" inbound=[{}] allow_udp={}", inbound.join(","), v.allow_udp);
+    }
+    if let Some(p) = &s.pair {
+        line += &format!(
+            " veth={} address={}/{} gateway={}",
+            p.worker_if, p.actor, p.prefix_len, p.worker
+        );
+    }
+    if let Some(d) = s.dropped_packets {
+        line += &format!(" dropped_packets={d}");
+    }
+    let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
+    line += &format!(" listeners=[{}]", listeners.join(","));
+    line
 }
 
 fn init_logging(format: LogFormat) {

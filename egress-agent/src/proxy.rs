@@ -2,7 +2,6 @@
 //! accept -> classify (SNI / Host / IP) -> CONNECT to the PEP with the actor's identity ->
 //! relay. Any failure resets the actor's connection (fail closed) and says why in the log.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
@@ -17,6 +16,7 @@ use tokio::{net::TcpStream, sync::Semaphore};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
+    actors::Registry,
     classify::{self, Authority},
     config::{Actor, Config},
     ebpf,
@@ -95,23 +95,33 @@ pub struct Flow {
     pub pid: u32,
 }
 
+/// What a capture front knows of an accepted connection.
+#[derive(Debug)]
+pub enum Captured {
+    /// cgroup eBPF: the record sockops published for it, if any.
+    Record(Result<Option<Record>, ebpf::Error>),
+    /// nftables redirect in the worker namespace with cookie `netns`: conntrack's original
+    /// destination; the actor is found by the connection's source address.
+    Nat {
+        /// Cookie of the worker namespace the listener is in.
+        netns: u64,
+        /// `SO_ORIGINAL_DST` of the connection.
+        original_dst: std::io::Result<SocketAddr>,
+    },
+}
+
 /// What every connection needs: configuration, actors, the socket factory, the bound.
 pub struct Context {
     config: Arc<Config>,
-    actors: HashMap<u64, Arc<Actor>>,
+    actors: Arc<Registry>,
     sockets: SocketFactory,
     limit: Arc<Semaphore>,
     next_id: AtomicU64,
 }
 
 impl Context {
-    /// A context serving `config.actors`.
-    pub fn new(config: Arc<Config>) -> Self {
-        let actors = config
-            .actors
-            .iter()
-            .map(|a| (a.cgroup_id, Arc::new(a.clone())))
-            .collect();
+    /// A context serving the actors of `actors` (which change at run time).
+    pub fn new(config: Arc<Config>, actors: Arc<Registry>) -> Self {
         Context {
             sockets: SocketFactory::new(config.socket_mark),
             limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -126,48 +136,19 @@ impl Context {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes an accepted connection and its capture record (if any) and serves it on a task
+    /// Takes an accepted connection and what its front knows of it and serves it on a task
     /// of its own, or resets it at once when it cannot be served.
-    pub fn accept(
-        self: &Arc<Self>,
-        stream: TcpStream,
-        client: SocketAddr,
-        record: Result<Option<Record>, ebpf::Error>,
-    ) {
+    pub fn accept(self: &Arc<Self>, stream: TcpStream, client: SocketAddr, captured: Captured) {
         let id = self.next_id();
-        let record = match record {
-            Ok(Some(record)) => record,
-            Ok(None) => {
-                // A process that connected to the listener directly, or a record lost to the
-                // LRU bound: there is no identity to vouch for, so it does not go out.
-                warn!(id, client = %client, outcome = Outcome::NoRecord.as_str(), "connection closed");
-                return socket::reset(stream);
-            }
-            Err(e) => {
-                warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
-                return socket::reset(stream);
-            }
+        let flow = match captured {
+            Captured::Record(record) => self.record_flow(id, client, record),
+            Captured::Nat {
+                netns,
+                original_dst,
+            } => self.nat_flow(id, client, netns, original_dst),
         };
-        let age = monotonic_ns().saturating_sub(record.connect_ns);
-        if age > MAX_RECORD_AGE.as_nanos() as u64 {
-            // Left by a connection nobody accepted (agent down); its key was reused by a
-            // connection that published nothing, e.g. one from outside the actor's cgroup.
-            warn!(id, client = %client, age_ms = age / 1_000_000, original_dst = %record.destination(),
-                outcome = Outcome::StaleRecord.as_str(), "connection closed");
+        let Some(flow) = flow else {
             return socket::reset(stream);
-        }
-        let Some(actor) = self.actors.get(&record.actor_cgroup).cloned() else {
-            warn!(id, client = %client, cgroup_id = record.actor_cgroup, pid = record.pid,
-                original_dst = %record.destination(), outcome = Outcome::UnknownActor.as_str(),
-                "connection closed");
-            return socket::reset(stream);
-        };
-        let flow = Flow {
-            id,
-            actor,
-            original_dst: record.destination(),
-            client,
-            pid: record.pid,
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             warn!(id, actor = %flow.actor.id, pid = flow.pid, original_dst = %flow.original_dst,
@@ -180,6 +161,81 @@ impl Context {
             ctx.serve(stream, flow).await;
             drop(permit);
         });
+    }
+
+    /// The flow of an eBPF-captured connection, or `None` (logged) when it has no usable
+    /// record or no actor.
+    fn record_flow(
+        &self,
+        id: u64,
+        client: SocketAddr,
+        record: Result<Option<Record>, ebpf::Error>,
+    ) -> Option<Flow> {
+        let record = match record {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                // A process that connected to the listener directly, or a record lost to the
+                // LRU bound: there is no identity to vouch for, so it does not go out.
+                warn!(id, client = %client, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                return None;
+            }
+            Err(e) => {
+                warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                return None;
+            }
+        };
+        let age = monotonic_ns().saturating_sub(record.connect_ns);
+        if age > MAX_RECORD_AGE.as_nanos() as u64 {
+            // Left by a connection nobody accepted (agent down); its key was reused by a
+            // connection that published nothing, e.g. one from outside the actor's cgroup.
+            warn!(id, client = %client, age_ms = age / 1_000_000, original_dst = %record.destination(),
+                outcome = Outcome::StaleRecord.as_str(), "connection closed");
+            return None;
+        }
+        let Some(actor) = self.actors.by_cgroup(record.actor_cgroup) else {
+            warn!(id, client = %client, cgroup_id = record.actor_cgroup, pid = record.pid,
+                original_dst = %record.destination(), outcome = Outcome::UnknownActor.as_str(),
+                "connection closed");
+            return None;
+        };
+        Some(Flow {
+            id,
+            actor,
+            original_dst: record.destination(),
+            client,
+            pid: record.pid,
+        })
+    }
+
+    /// The flow of a connection nftables redirected, or `None` (logged) when it was not
+    /// redirected or its source is no veth actor of that worker namespace.
+    fn nat_flow(
+        &self,
+        id: u64,
+        client: SocketAddr,
+        netns: u64,
+        original_dst: std::io::Result<SocketAddr>,
+    ) -> Option<Flow> {
+        let original_dst = match original_dst {
+            Ok(dst) => dst,
+            Err(e) => {
+                // Made to the listener directly, not redirected: no destination to vouch for.
+                warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                return None;
+            }
+        };
+        let Some(actor) = self.actors.by_addr(netns, client.ip()) else {
+            warn!(id, client = %client, original_dst = %original_dst,
+                outcome = Outcome::UnknownActor.as_str(), "connection closed");
+            return None;
+        };
+        Some(Flow {
+            id,
+            actor,
+            original_dst,
+            client,
+            pid: 0,
+        })
     }
 
     /// Serves one connection to the end: classify, tunnel, relay, log.

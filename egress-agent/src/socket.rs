@@ -49,3 +49,35 @@ pub fn arm_reset(stream: &TcpStream) {
 pub fn disarm_reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(None);
 }
+
+/// `SO_ORIGINAL_DST` (netfilter, `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (`SOL_IPV6`): both 80.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// Where a connection that nftables redirected to the agent was going: conntrack's original
+/// destination (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6). Fails with `ENOENT`
+/// for a connection that was not NATed (one made to the listener directly).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    use std::os::fd::AsRawFd as _;
+    let v6 = stream.local_addr()?.is_ipv6();
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    // SAFETY: storage and len are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote a sockaddr_in or sockaddr_in6 of `len` bytes.
+    let addr = unsafe { socket2::SockAddr::new(std::mem::transmute_copy(&storage), len) };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned no IP address"))
+}

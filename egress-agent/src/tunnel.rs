@@ -232,16 +232,21 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::classify::{Host, Source};
+    use crate::{
+        classify::{Host, Source},
+        config::Capture,
+    };
 
     fn actor() -> Actor {
         Actor {
             id: "actor-1".into(),
             template: "coder".into(),
             template_namespace: "team-a".into(),
-            cgroup: PathBuf::from("/x"),
-            cgroup_id: 7,
-            netns: None,
+            capture: Capture::Cgroup {
+                cgroup: PathBuf::from("/x"),
+                cgroup_id: 7,
+                netns: None,
+            },
         }
     }
 

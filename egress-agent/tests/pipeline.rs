@@ -11,8 +11,9 @@ use std::{
 };
 
 use egress_agent::{
+    actors::Registry,
     classify::Limits,
-    config::{Actor, Config, PepAddr},
+    config::{Actor, Capture, Config, PepAddr},
     proxy::{Context, Flow, Outcome},
 };
 use tokio::{
@@ -175,9 +176,11 @@ fn actor() -> Arc<Actor> {
         id: "actor-7".into(),
         template: "coder".into(),
         template_namespace: "team-a".into(),
-        cgroup: PathBuf::from("/sys/fs/cgroup/unified/none"),
-        cgroup_id: 42,
-        netns: None,
+        capture: Capture::Cgroup {
+            cgroup: PathBuf::from("/sys/fs/cgroup/unified/none"),
+            cgroup_id: 42,
+            netns: None,
+        },
     })
 }
 
@@ -197,7 +200,8 @@ fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
         socket_mark: 0,
         ..Default::default()
     };
-    Arc::new(Context::new(Arc::new(config)))
+    let registry = Registry::with_cgroup_actors([actor()]);
+    Arc::new(Context::new(Arc::new(config), Arc::new(registry)))
 }
 
 /// Connects a client to a fresh "agent listener" and serves the accepted side with the

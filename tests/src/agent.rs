@@ -63,6 +63,75 @@ impl ActorSpec {
     }
 }
 
+/// A veth-mode actor (gVisor, microVM): an `[[actor]]` table with a `[actor.veth]` table.
+#[derive(Debug, Clone)]
+pub struct VethActorSpec {
+    /// `id`.
+    pub id: String,
+    /// `template`.
+    pub template: String,
+    /// `template_namespace`.
+    pub template_namespace: String,
+    /// `netns`: the actor's namespace (its end of the pair becomes `eth0` there).
+    pub netns: PathBuf,
+    /// `veth.worker_netns`.
+    pub worker_netns: PathBuf,
+    /// `veth.inbound`, e.g. `tcp/8080`.
+    pub inbound: Vec<String>,
+    /// `veth.allow_udp`.
+    pub allow_udp: bool,
+}
+
+impl VethActorSpec {
+    /// A veth actor in `netns` whose worker namespace is `worker`.
+    pub fn new(
+        id: &str,
+        template: &str,
+        template_namespace: &str,
+        netns: &Netns,
+        worker: &Netns,
+    ) -> Self {
+        VethActorSpec {
+            id: id.to_string(),
+            template: template.to_string(),
+            template_namespace: template_namespace.to_string(),
+            netns: netns.path(),
+            worker_netns: worker.path(),
+            inbound: Vec::new(),
+            allow_udp: false,
+        }
+    }
+
+    /// Forwards `proto/port` (e.g. `tcp/8080`) from the worker to the actor.
+    pub fn inbound(mut self, port: &str) -> Self {
+        self.inbound.push(port.to_string());
+        self
+    }
+
+    /// The `egress-agent veth up` / `actor add --veth` arguments for this actor.
+    pub fn add_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--id".to_string(),
+            self.id.clone(),
+            "--template".into(),
+            self.template.clone(),
+            "--template-namespace".into(),
+            self.template_namespace.clone(),
+            "--netns".into(),
+            self.netns.display().to_string(),
+            "--worker-netns".into(),
+            self.worker_netns.display().to_string(),
+        ];
+        for port in &self.inbound {
+            a.extend(["--inbound".into(), port.clone()]);
+        }
+        if self.allow_udp {
+            a.push("--allow-udp".into());
+        }
+        a
+    }
+}
+
 /// How to run the agent. Always run with `--log-format json`.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -70,6 +139,13 @@ pub struct AgentOptions {
     pub pep: String,
     /// Actors; one is passed as flags, several (or `config_file`) as a TOML config file.
     pub actors: Vec<ActorSpec>,
+    /// Veth actors (always in the config file).
+    pub veth_actors: Vec<VethActorSpec>,
+    /// `--veth-resolver`.
+    pub veth_resolver: Option<std::net::Ipv4Addr>,
+    /// Holds `--control-socket` and `--state-dir`: unique per options, shared by every agent
+    /// started with them, so a restarted agent finds what the killed one left.
+    pub run_dir: Arc<tempfile::TempDir>,
     /// Pass the actors in a `--config` file even if there is only one.
     pub config_file: bool,
     /// `--bpffs-dir`: unique per agent so parallel tests never share pins.
@@ -92,6 +168,14 @@ impl AgentOptions {
         AgentOptions {
             pep: pep.to_string(),
             actors: Vec::new(),
+            veth_actors: Vec::new(),
+            veth_resolver: None,
+            run_dir: Arc::new(
+                tempfile::Builder::new()
+                    .prefix("egress-test-run-")
+                    .tempdir()
+                    .expect("agent run dir"),
+            ),
             config_file: false,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(crate::unique_name("egress-test")),
             listen_port: None,
@@ -106,6 +190,22 @@ impl AgentOptions {
     pub fn actor(mut self, actor: ActorSpec) -> Self {
         self.actors.push(actor);
         self
+    }
+
+    /// Adds a veth actor.
+    pub fn veth_actor(mut self, actor: VethActorSpec) -> Self {
+        self.veth_actors.push(actor);
+        self
+    }
+
+    /// `--control-socket`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.path().join("control.sock")
+    }
+
+    /// `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir.path().join("state")
     }
 
     /// The `run` command line; `config_path` is where the config file goes if one is used.
@@ -129,6 +229,15 @@ impl AgentOptions {
             }
         }
         a.extend(["--bpffs-dir".into(), self.bpffs_dir.display().to_string()]);
+        a.extend([
+            "--control-socket".into(),
+            self.control_socket().display().to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+        ]);
+        if let Some(r) = self.veth_resolver {
+            a.extend(["--veth-resolver".into(), r.to_string()]);
+        }
         if let Some(p) = self.listen_port {
             a.extend(["--listen-port".into(), p.to_string()]);
         }
@@ -144,7 +253,7 @@ impl AgentOptions {
     }
 
     fn uses_config_file(&self) -> bool {
-        self.config_file || self.actors.len() > 1
+        self.config_file || self.actors.len() > 1 || !self.veth_actors.is_empty()
     }
 
     /// The `--config` file content: one `[[actor]]` table per actor.
@@ -169,6 +278,27 @@ impl AgentOptions {
                 ));
             }
             s.push('\n');
+        }
+        for a in &self.veth_actors {
+            s.push_str("[[actor]]\n");
+            s.push_str(&format!("id = {}\n", toml_str(&a.id)));
+            s.push_str(&format!("template = {}\n", toml_str(&a.template)));
+            s.push_str(&format!(
+                "template_namespace = {}\n",
+                toml_str(&a.template_namespace)
+            ));
+            s.push_str(&format!(
+                "netns = {}\n",
+                toml_str(&a.netns.display().to_string())
+            ));
+            s.push_str("[actor.veth]\n");
+            s.push_str(&format!(
+                "worker_netns = {}\n",
+                toml_str(&a.worker_netns.display().to_string())
+            ));
+            let inbound: Vec<String> = a.inbound.iter().map(|p| toml_str(p)).collect();
+            s.push_str(&format!("inbound = [{}]\n", inbound.join(", ")));
+            s.push_str(&format!("allow_udp = {}\n\n", a.allow_udp));
         }
         s
     }
@@ -316,6 +446,7 @@ type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
 pub struct Agent {
     child: Child,
     bin: PathBuf,
+    control_socket: PathBuf,
     bpffs_dir: PathBuf,
     lines: Lines,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -368,6 +499,7 @@ impl Agent {
         Agent {
             child,
             bin,
+            control_socket: opts.control_socket(),
             bpffs_dir: opts.bpffs_dir,
             lines,
             readers,
@@ -507,6 +639,18 @@ impl Agent {
         crate::process::wait_timeout(&mut self.child, timeout)
     }
 
+    /// Runs `egress-agent ARGS --control-socket SOCKET` (e.g. `actor list`, `veth up ...`)
+    /// against this agent and returns what it printed.
+    pub fn control(&self, args: &[&str]) -> crate::process::Output {
+        crate::process::run(
+            Command::new(&self.bin)
+                .args(args)
+                .arg("--control-socket")
+                .arg(&self.control_socket),
+            Duration::from_secs(60),
+        )
+    }
+
     /// Runs `egress-agent detach --bpffs-dir DIR` and returns what it printed.
     pub fn detach(&self) -> crate::process::Output {
         crate::process::run(
@@ -637,9 +781,14 @@ mod tests {
         let args = opts.args(Path::new("/tmp/agent.toml")).join(" ");
         assert_eq!(
             args,
-            "run --pep 127.0.0.1:3128 --actor-id a1 --actor-template t --actor-template-namespace ns \
-             --actor-cgroup /sys/fs/cgroup/unified/egress-test-1 --actor-netns /var/run/netns/egt-1-2 \
-             --bpffs-dir /sys/fs/bpf/egress-test-x --listen-port 15001 --log-format json"
+            format!(
+                "run --pep 127.0.0.1:3128 --actor-id a1 --actor-template t --actor-template-namespace ns \
+                 --actor-cgroup /sys/fs/cgroup/unified/egress-test-1 --actor-netns /var/run/netns/egt-1-2 \
+                 --bpffs-dir /sys/fs/bpf/egress-test-x --control-socket {control} --state-dir {state} \
+                 --listen-port 15001 --log-format json",
+                control = opts.control_socket().display(),
+                state = opts.state_dir().display(),
+            )
         );
     }
 

@@ -1,0 +1,775 @@
+//! The actors the agent captures, as they come and go: the [`Registry`] the pipeline reads
+//! (an actor by its cgroup id, or by its veth address in a worker namespace) and the
+//! [`Manager`] that adds and removes them (eBPF registration, listeners, veth pairs, the
+//! nftables table) for the config file, the state file and the control socket.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs, io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
+use tracing::{error, info, warn};
+
+use crate::{
+    capture::{self, Front, Listener},
+    config::{Actor, ActorSpec, Capture, Config, Veth},
+    ebpf,
+    net::{nft, veth},
+    proxy,
+};
+
+/// The state file under `--state-dir`.
+pub const STATE_FILE: &str = "actors.json";
+
+/// Errors of adding, removing or re-applying an actor; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec does not validate.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// No actor has this id.
+    #[error("no actor {0:?} is registered (see `egress-agent actor list`)")]
+    NotFound(String),
+    /// The id is taken by a different spec, or the actor collides with another.
+    #[error("actor {id:?}: {problem}")]
+    Conflict {
+        /// Actor id.
+        id: String,
+        /// What collides.
+        problem: String,
+    },
+    /// `reapply` of an actor that has no veth.
+    #[error("actor {0:?} is a cgroup actor: only veth actors have an actor side to re-apply")]
+    NotVeth(String),
+    /// The veth pool of a worker namespace is used up.
+    #[error(
+        "the veth pool {pool} has no free /30 left in the worker namespace of actor {id:?}: \
+         remove actors or give a larger --veth-pool"
+    )]
+    PoolExhausted {
+        /// Actor id.
+        id: String,
+        /// The pool.
+        pool: veth::Pool,
+    },
+    /// eBPF registration failed.
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Error),
+    /// A listener could not be opened.
+    #[error(transparent)]
+    Listener(#[from] capture::Error),
+    /// The veth pair could not be set up or removed.
+    #[error("actor {id:?}: {source}")]
+    Veth {
+        /// Actor id.
+        id: String,
+        /// The cause.
+        source: veth::Error,
+    },
+    /// The nftables table could not be written.
+    #[error("actor {id:?}: {source}")]
+    Nft {
+        /// Actor id.
+        id: String,
+        /// The cause.
+        source: nft::Error,
+    },
+    /// The async runtime refused a listener.
+    #[error("registering a listener with the runtime: {0}")]
+    Runtime(#[from] crate::app::Error),
+}
+
+/// The actors the pipeline can attribute connections to; read on every accept, written only
+/// by the [`Manager`].
+#[derive(Default)]
+pub struct Registry {
+    index: RwLock<Index>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_cgroup: HashMap<u64, Arc<Actor>>,
+    by_addr: HashMap<(u64, Ipv4Addr), Arc<Actor>>,
+}
+
+impl Registry {
+    /// A registry holding `actors` (cgroup actors only: veth actors need a worker namespace
+    /// cookie and an address, which only the manager assigns). For tests and embedding.
+    pub fn with_cgroup_actors(actors: impl IntoIterator<Item = Arc<Actor>>) -> Self {
+        let registry = Registry::default();
+        for actor in actors {
+            if let Some(id) = actor.cgroup_id() {
+                registry.write().by_cgroup.insert(id, actor);
+            }
+        }
+        registry
+    }
+
+    /// The actor whose cgroup has id `cgroup_id`.
+    pub fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Actor>> {
+        self.read().by_cgroup.get(&cgroup_id).cloned()
+    }
+
+    /// The veth actor with address `addr` in the worker namespace with cookie `netns`.
+    pub fn by_addr(&self, netns: u64, addr: IpAddr) -> Option<Arc<Actor>> {
+        let v4 = match addr {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
+        };
+        self.read().by_addr.get(&(netns, v4)).cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        // The index is replaced entry by entry and never left half-written: a panic elsewhere
+        // while holding the lock does not make it wrong.
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where an actor came from: the config file (or flags) or the control socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The config file or the `--actor-*` flags.
+    Config,
+    /// `egress-agent actor add` (kept in the state file across restarts).
+    Runtime,
+}
+
+/// One actor as `egress-agent actor list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// The actor as configured.
+    pub actor: ActorSpec,
+    /// Where it came from.
+    pub source: Source,
+    /// `cgroup` or `veth`.
+    pub capture: String,
+    /// The cgroup's id (cgroup actors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// The veth pair (veth actors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair: Option<veth::Pair>,
+    /// The agent's listeners serving it (none: its connections are refused).
+    #[serde(default)]
+    pub listeners: Vec<SocketAddr>,
+    /// Packets of the actor dropped by the nftables table (UDP other than DNS, ICMP, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_packets: Option<u64>,
+}
+
+/// The state file's contents: every actor with its source and veth slot.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    actors: Vec<Saved>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    actor: ActorSpec,
+    source: Source,
+    #[serde(default)]
+    slot: Option<u32>,
+}
+
+/// One network namespace's listener, shared by the actors it serves.
+struct Served {
+    cookie: u64,
+    addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    users: usize,
+}
+
+type ListenerKey = (Front, (u64, u64));
+
+struct Entry {
+    actor: Arc<Actor>,
+    source: Source,
+    listener: Option<ListenerKey>,
+    /// veth actors: the pair and the cookie of the worker namespace.
+    pair: Option<(veth::Pair, u64)>,
+}
+
+/// Owns capture: the eBPF programs, the listeners, the veth pairs and nftables tables, the
+/// registry and the state file. Calls block (netlink, nft): run them off the async threads.
+pub struct Manager {
+    config: Arc<Config>,
+    capture: ebpf::Capture,
+    registry: Arc<Registry>,
+    ctx: Arc<proxy::Context>,
+    runtime: Handle,
+    shutdown: watch::Receiver<bool>,
+    listeners: HashMap<ListenerKey, Served>,
+    actors: BTreeMap<String, Entry>,
+}
+
+impl Manager {
+    /// Takes over capture and adds the configured actors, then the ones a previous agent
+    /// added at run time (from the state file), adopting their veth pairs. A configured actor
+    /// that cannot be captured is an error; a remembered one is logged and dropped.
+    pub fn start(
+        config: Arc<Config>,
+        capture: ebpf::Capture,
+        registry: Arc<Registry>,
+        ctx: Arc<proxy::Context>,
+        runtime: Handle,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, Error> {
+        let mut manager = Manager {
+            config: config.clone(),
+            capture,
+            registry,
+            ctx,
+            runtime,
+            shutdown,
+            listeners: HashMap::new(),
+            actors: BTreeMap::new(),
+        };
+        let state = manager.load_state();
+        let slot_of = |id: &str| {
+            state
+                .actors
+                .iter()
+                .find(|s| s.actor.id == id)
+                .and_then(|s| s.slot)
+        };
+        for actor in &config.actors {
+            let slot = slot_of(&actor.id);
+            manager.add_actor(actor.clone(), Source::Config, slot)?;
+        }
+        for saved in &state.actors {
+            if saved.source != Source::Runtime {
+                continue;
+            }
+            if manager.actors.contains_key(&saved.actor.id) {
+                warn!(actor = %saved.actor.id, "an actor added at run time is now in the config file: the config file's wins");
+                continue;
+            }
+            let added = saved
+                .actor
+                .validate()
+                .map_err(Error::from)
+                .and_then(|actor| manager.add_actor(actor, Source::Runtime, saved.slot));
+            match added {
+                Ok(_) => {
+                    info!(actor = %saved.actor.id, "actor added at run time adopted from the state file")
+                }
+                Err(e) => error!(actor = %saved.actor.id, error = %e,
+                    "an actor added at run time could not be captured again and is dropped \
+                     (its sandbox is probably gone); add it again if it is not"),
+            }
+        }
+        let known: BTreeSet<u64> = manager
+            .actors
+            .values()
+            .filter_map(|e| e.actor.cgroup_id())
+            .collect();
+        for stale in manager.capture.pinned_cgroups().difference(&known) {
+            warn!(
+                cgroup_id = stale,
+                dir = %manager.capture.dir().display(),
+                "a cgroup is still captured by an earlier agent but is not configured: its \
+                 connects are refused or reset, never sent out, until it is configured again \
+                 or released with `egress-agent detach --cgroup PATH` (or `--cgroup-id ID`)"
+            );
+        }
+        manager.save_state();
+        Ok(manager)
+    }
+
+    /// Adds an actor at run time; adding the same spec again is a no-op.
+    pub fn add(&mut self, spec: &ActorSpec) -> Result<Status, Error> {
+        let actor = spec.validate()?;
+        let status = self.add_actor(actor, Source::Runtime, None)?;
+        self.save_state();
+        Ok(status)
+    }
+
+    /// Removes an actor: releases its cgroup, or deletes its veth pair and its rules.
+    pub fn remove(&mut self, id: &str) -> Result<Status, Error> {
+        let status = self
+            .actors
+            .get(id)
+            .map(|e| self.status(e))
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let entry = self
+            .actors
+            .remove(id)
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let released = match (&entry.actor.capture, &entry.pair) {
+            (Capture::Cgroup { cgroup_id, .. }, _) => {
+                ebpf::detach(self.capture.dir(), Some(*cgroup_id))
+                    .map(|_| ())
+                    .map_err(Error::from)
+            }
+            (Capture::Veth(v), Some((pair, _))) => self.release_veth(&entry.actor, v, pair),
+            (Capture::Veth(_), None) => Ok(()),
+        };
+        if let Err(e) = released {
+            // Keep it registered: half-removed capture must stay visible and in force.
+            self.actors.insert(id.to_string(), entry);
+            return Err(e);
+        }
+        {
+            let mut index = self.registry.write();
+            match (&entry.actor.capture, &entry.pair) {
+                (Capture::Cgroup { cgroup_id, .. }, _) => {
+                    index.by_cgroup.remove(cgroup_id);
+                }
+                (Capture::Veth(_), Some((pair, cookie))) => {
+                    index.by_addr.remove(&(*cookie, pair.actor));
+                }
+                (Capture::Veth(_), None) => {}
+            }
+        }
+        if let Some(key) = entry.listener {
+            self.unuse_listener(key);
+        }
+        info!(actor = %id, capture = %status.capture, "actor removed");
+        self.save_state();
+        Ok(status)
+    }
+
+    /// Re-applies a veth actor's side (address, routes, links up) after its runtime cleared
+    /// them (gVisor does on run and restore).
+    pub fn reapply(&mut self, id: &str) -> Result<Status, Error> {
+        let entry = self
+            .actors
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let (Capture::Veth(v), Some((pair, _))) = (&entry.actor.capture, &entry.pair) else {
+            return Err(Error::NotVeth(id.into()));
+        };
+        veth::reapply(&v.netns, pair).map_err(|source| Error::Veth {
+            id: id.into(),
+            source,
+        })?;
+        info!(actor = %id, netns = %v.netns.display(), address = %pair.actor, "actor side re-applied");
+        Ok(self.status(entry))
+    }
+
+    /// Every actor, in id order.
+    pub fn list(&self) -> Vec<Status> {
+        self.actors.values().map(|e| self.status(e)).collect()
+    }
+
+    /// Stops every listener (capture itself stays in force).
+    pub fn shutdown(&mut self) {
+        for served in self.listeners.values() {
+            for task in &served.tasks {
+                task.abort();
+            }
+        }
+        self.listeners.clear();
+    }
+
+    fn add_actor(
+        &mut self,
+        actor: Actor,
+        source: Source,
+        slot: Option<u32>,
+    ) -> Result<Status, Error> {
+        if let Some(existing) = self.actors.get(&actor.id) {
+            if *existing.actor == actor {
+                return Ok(self.status(existing));
+            }
+            return Err(Error::Conflict {
+                id: actor.id.clone(),
+                problem: "is already registered with a different spec: remove it first".into(),
+            });
+        }
+        if let Some(problem) = self.actors.values().find_map(|e| actor.conflict(&e.actor)) {
+            return Err(Error::Conflict {
+                id: actor.id.clone(),
+                problem,
+            });
+        }
+        let actor = Arc::new(actor);
+        let entry = match &actor.capture {
+            Capture::Cgroup {
+                cgroup,
+                cgroup_id,
+                netns,
+            } => self.add_cgroup(&actor, cgroup, *cgroup_id, netns.as_deref(), source)?,
+            Capture::Veth(v) => self.add_veth(&actor, v, source, slot)?,
+        };
+        let status = self.status(&entry);
+        info!(
+            actor = %actor.id,
+            template = %actor.template,
+            template_namespace = %actor.template_namespace,
+            source = ?source,
+            capture = %status.capture,
+            cgroup_id = ?status.cgroup_id,
+            veth = ?status.pair.as_ref().map(|p| p.worker_if.as_str()),
+            address = ?status.pair.as_ref().map(|p| p.actor),
+            listeners = ?status.listeners,
+            "actor captured"
+        );
+        self.actors.insert(actor.id.clone(), entry);
+        Ok(status)
+    }
+
+    fn add_cgroup(
+        &mut self,
+        actor: &Arc<Actor>,
+        cgroup: &Path,
+        cgroup_id: u64,
+        netns: Option<&Path>,
+        source: Source,
+    ) -> Result<Entry, Error> {
+        // One namespace whose listener cannot be opened (say, a process there holds the port)
+        // must not take the other actors down: the actor stays captured with no listener, so
+        // its connects are refused, and the error says why.
+        let listener = match self.use_listener(Front::Ebpf, netns) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                error!(actor = %actor.id, error = %e, "the actor stays captured but unserved: its connects are refused");
+                None
+            }
+        };
+        let entry = listener
+            .and_then(|key| self.listeners.get(&key))
+            .map(|_| capture::ebpf_entry(self.listener_v6(listener), self.config.listen_port));
+        // The registry first: a connect captured the moment the programs attach must find
+        // its actor.
+        self.registry
+            .write()
+            .by_cgroup
+            .insert(cgroup_id, actor.clone());
+        if let Err(e) = self.capture.register(cgroup, cgroup_id, entry) {
+            self.registry.write().by_cgroup.remove(&cgroup_id);
+            if let Some(key) = listener {
+                self.unuse_listener(key);
+            }
+            return Err(e.into());
+        }
+        Ok(Entry {
+            actor: actor.clone(),
+            source,
+            listener,
+            pair: None,
+        })
+    }
+
+    fn add_veth(
+        &mut self,
+        actor: &Arc<Actor>,
+        v: &Veth,
+        source: Source,
+        slot: Option<u32>,
+    ) -> Result<Entry, Error> {
+        let id = actor.id.clone();
+        let pair = self.choose_pair(&id, v, slot)?;
+        let key = self.use_listener(Front::Nat, v.worker_netns.as_deref())?;
+        let cookie = self.listeners.get(&key).map_or(0, |s| s.cookie);
+        let entry = Entry {
+            actor: actor.clone(),
+            source,
+            listener: Some(key),
+            pair: Some((pair.clone(), cookie)),
+        };
+        // Rules before the link: the moment the actor has a route, its TCP is redirected and
+        // everything else dropped; never a window where forwarding passes it through.
+        let mut table = self.worker_table(v.worker_identity);
+        table.actors.push(nft_actor(actor, v, &pair));
+        let setup = nft::apply(v.worker_netns.as_deref(), &table)
+            .map_err(|source| Error::Nft {
+                id: id.clone(),
+                source,
+            })
+            .and_then(|()| {
+                veth::enable_forwarding(v.worker_netns.as_deref()).map_err(|source| Error::Veth {
+                    id: id.clone(),
+                    source,
+                })
+            })
+            .and_then(|_| {
+                veth::up(v.worker_netns.as_deref(), &v.netns, &pair).map_err(|source| Error::Veth {
+                    id: id.clone(),
+                    source,
+                })
+            });
+        let up = match setup {
+            Ok(up) => up,
+            Err(e) => {
+                // Back to the rules of the other actors (or no table): nothing of this actor
+                // is left half-made.
+                let table = self.worker_table(v.worker_identity);
+                if let Err(undo) = apply_or_remove(v.worker_netns.as_deref(), &table) {
+                    error!(actor = %id, error = %undo, "undoing the nftables rules failed");
+                }
+                self.unuse_listener(key);
+                return Err(e);
+            }
+        };
+        self.registry
+            .write()
+            .by_addr
+            .insert((cookie, pair.actor), actor.clone());
+        info!(actor = %id, veth = %pair.worker_if, created = up.created,
+            "veth pair {}", if up.created { "created" } else { "adopted" });
+        Ok(entry)
+    }
+
+    /// Deletes a veth actor's pair, then rewrites its worker's table without it.
+    fn release_veth(&self, actor: &Actor, v: &Veth, pair: &veth::Pair) -> Result<(), Error> {
+        veth::down(v.worker_netns.as_deref(), pair).map_err(|source| Error::Veth {
+            id: actor.id.clone(),
+            source,
+        })?;
+        let mut table = self.worker_table(v.worker_identity);
+        table.actors.retain(|a| a.id != actor.id);
+        apply_or_remove(v.worker_netns.as_deref(), &table).map_err(|source| Error::Nft {
+            id: actor.id.clone(),
+            source,
+        })
+    }
+
+    /// The table of one worker namespace for the veth actors registered there.
+    fn worker_table(&self, worker: (u64, u64)) -> nft::Worker {
+        let actors = self
+            .actors
+            .values()
+            .filter_map(|e| match (&e.actor.capture, &e.pair) {
+                (Capture::Veth(v), Some((pair, _))) if v.worker_identity == worker => {
+                    Some(nft_actor(&e.actor, v, pair))
+                }
+                _ => None,
+            })
+            .collect();
+        nft::Worker {
+            listen_port: self.config.veth_listen_port,
+            resolver: self.config.veth_resolver,
+            actors,
+        }
+    }
+
+    /// The /30 for a new veth actor: the remembered slot if it is still free, else the lowest
+    /// slot neither another actor of the worker nor a leftover interface holds.
+    fn choose_pair(&self, id: &str, v: &Veth, slot: Option<u32>) -> Result<veth::Pair, Error> {
+        let taken: BTreeSet<u32> = self
+            .actors
+            .values()
+            .filter_map(|e| match (&e.actor.capture, &e.pair) {
+                (Capture::Veth(other), Some((pair, _)))
+                    if other.worker_identity == v.worker_identity =>
+                {
+                    Some(pair.slot)
+                }
+                _ => None,
+            })
+            .collect();
+        let pool = self.config.veth_pool;
+        if let Some(slot) = slot.filter(|s| !taken.contains(s))
+            && let Some(pair) = pool.pair(slot)
+        {
+            return Ok(pair);
+        }
+        let present: BTreeSet<String> = veth::list(v.worker_netns.as_deref())
+            .map_err(|source| Error::Veth {
+                id: id.into(),
+                source,
+            })?
+            .into_iter()
+            .collect();
+        (0..pool.capacity())
+            .filter(|s| !taken.contains(s))
+            .filter_map(|s| pool.pair(s))
+            .find(|p| !present.contains(&p.worker_if))
+            .ok_or_else(|| Error::PoolExhausted {
+                id: id.into(),
+                pool,
+            })
+    }
+
+    /// The listener of `front` in `netns`, opened if this is its first actor.
+    fn use_listener(&mut self, front: Front, netns: Option<&Path>) -> Result<ListenerKey, Error> {
+        let identity = crate::netns::identity(netns).map_err(|source| capture::Error::Open {
+            netns: netns.map_or("the agent's network namespace".into(), |p| {
+                p.display().to_string()
+            }),
+            port: 0,
+            source,
+        })?;
+        let key = (front, identity);
+        if let Some(served) = self.listeners.get_mut(&key) {
+            served.users += 1;
+            return Ok(key);
+        }
+        // The agent's own namespace is entered by no thread switch at all.
+        let own = crate::netns::identity(None).ok() == Some(identity);
+        let netns = if own { None } else { netns };
+        let listener = match front {
+            Front::Ebpf => Listener::open(netns, self.config.listen_port)?,
+            Front::Nat => Listener::open_nat(netns, self.config.veth_listen_port)?,
+        };
+        let cookie = listener.cookie;
+        let addrs = listener.addrs();
+        let tasks = {
+            let _runtime = self.runtime.enter();
+            listener.spawn(
+                &self.config.bpffs_dir,
+                self.ctx.clone(),
+                self.shutdown.clone(),
+            )?
+        };
+        info!(front = ?front, netns = %netns.map_or("(agent's)".into(), |p| p.display().to_string()),
+            listeners = ?addrs, "listening");
+        self.listeners.insert(
+            key,
+            Served {
+                cookie,
+                addrs,
+                tasks,
+                users: 1,
+            },
+        );
+        Ok(key)
+    }
+
+    fn unuse_listener(&mut self, key: ListenerKey) {
+        let Some(served) = self.listeners.get_mut(&key) else {
+            return;
+        };
+        served.users -= 1;
+        if served.users == 0
+            && let Some(served) = self.listeners.remove(&key)
+        {
+            for task in served.tasks {
+                task.abort();
+            }
+            info!(front = ?key.0, listeners = ?served.addrs, "listener closed: no actor left in its namespace");
+        }
+    }
+
+    fn listener_v6(&self, key: Option<ListenerKey>) -> bool {
+        key.and_then(|k| self.listeners.get(&k))
+            .is_some_and(|s| s.addrs.iter().any(SocketAddr::is_ipv6))
+    }
+
+    fn status(&self, entry: &Entry) -> Status {
+        let (capture, dropped_packets) = match &entry.actor.capture {
+            Capture::Cgroup { .. } => ("cgroup", None),
+            Capture::Veth(v) => (
+                "veth",
+                entry.pair.as_ref().and_then(|(pair, _)| {
+                    nft::dropped(v.worker_netns.as_deref(), &pair.worker_if)
+                        .ok()
+                        .flatten()
+                        .map(|c| c.packets)
+                }),
+            ),
+        };
+        Status {
+            actor: entry.actor.spec(),
+            source: entry.source,
+            capture: capture.into(),
+            cgroup_id: entry.actor.cgroup_id(),
+            pair: entry.pair.as_ref().map(|(p, _)| p.clone()),
+            listeners: entry
+                .listener
+                .and_then(|k| self.listeners.get(&k))
+                .map(|s| s.addrs.clone())
+                .unwrap_or_default(),
+            dropped_packets,
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.config.state_dir.join(STATE_FILE)
+    }
+
+    fn load_state(&self) -> State {
+        let path = self.state_path();
+        match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(state) => state,
+                Err(e) => {
+                    error!(path = %path.display(), error = %e,
+                        "the state file is unreadable: actors added at run time before this \
+                         start are not adopted; add them again");
+                    State::default()
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "reading the state file");
+                State::default()
+            }
+        }
+    }
+
+    /// Writes the state file (write a temporary file, then rename: never half-written).
+    fn save_state(&self) {
+        let state = State {
+            actors: self
+                .actors
+                .values()
+                .map(|e| Saved {
+                    actor: e.actor.spec(),
+                    source: e.source,
+                    slot: e.pair.as_ref().map(|(p, _)| p.slot),
+                })
+                .collect(),
+        };
+        let path = self.state_path();
+        let written = (|| -> io::Result<()> {
+            use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.config.state_dir)?;
+            let tmp = path.with_extension("json.tmp");
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            io::Write::write_all(&mut file, &serde_json::to_vec_pretty(&state)?)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            error!(path = %path.display(), error = %e,
+                "writing the state file failed: a restarted agent will not adopt the actors \
+                 added at run time");
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn nft_actor(actor: &Actor, v: &Veth, pair: &veth::Pair) -> nft::Actor {
+    nft::Actor {
+        id: actor.id.clone(),
+        veth: pair.worker_if.clone(),
+        addr: pair.actor,
+        gateway: pair.worker,
+        inbound: v.inbound.clone(),
+        allow_udp: v.allow_udp,
+    }
+}
+
+/// Writes the table, or removes it when no actor is left.
+fn apply_or_remove(worker_netns: Option<&Path>, table: &nft::Worker) -> Result<(), nft::Error> {
+    if table.actors.is_empty() {
+        nft::remove(worker_netns).map(|_| ())
+    } else {
+        nft::apply(worker_netns, table)
+    }
+}
