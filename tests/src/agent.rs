@@ -623,6 +623,11 @@ impl Agent {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits up to `timeout` for the agent to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        crate::process::wait_timeout(&mut self.child, timeout)
+    }
+
     /// SIGKILLs the agent and reaps it, leaving its pins (and so the capture) in place.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

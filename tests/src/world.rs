@@ -30,6 +30,8 @@ pub const T: Duration = Duration::from_secs(20);
 pub struct World {
     /// The agent under test.
     pub agent: Agent,
+    /// The options it was started with (to start it again).
+    pub agent_options: AgentOptions,
     /// The PEP.
     pub squid: Squid,
     /// HTTPS on :443 and :8443 (IPv4) and :8443 (IPv6), HTTP on :8080, a banner on :2222.
@@ -77,10 +79,11 @@ impl World {
             AgentOptions::new(squid.addr())
                 .actor(ActorSpec::new(actor_id, "coder", "team-a", &cgroup).netns(&topo.actor)),
         );
-        let mut agent = Agent::start(&topo.node, None, opts);
+        let mut agent = Agent::start(&topo.node, None, opts.clone());
         agent.wait_ready(T);
         World {
             agent,
+            agent_options: opts,
             squid,
             upstream,
             ca,
