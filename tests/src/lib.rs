@@ -42,11 +42,14 @@
 pub mod agent;
 pub mod cgroup;
 pub mod client;
+pub mod dns;
+pub mod gvisor;
 pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod squid;
 pub mod topology;
+pub mod udp;
 pub mod upstream;
 pub mod world;
 
@@ -70,7 +73,8 @@ pub fn require_commands(names: &[&str]) {
     if !missing.is_empty() {
         panic!(
             "this test needs {missing:?} on PATH; install them (Debian: squid-openssl, curl, \
-             openssl, iproute2, util-linux), e.g. with `cargo xtask setup`"
+             openssl, iproute2, util-linux, runsc, dnsmasq-base, bind9-dnsutils), e.g. with \
+             `cargo xtask setup`"
         );
     }
 }

@@ -2,20 +2,23 @@
 //! They need root; run with `cargo test -p egress-tests` as root (or `cargo xtask test`).
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use egress_tests::agent::{ActorSpec, Agent, AgentOptions};
 use egress_tests::cgroup::Cgroup;
 use egress_tests::client::{
     banner_exchange_command, connect_in, curl_command, http_connect, read_line,
 };
-use egress_tests::netns::Netns;
+use egress_tests::dns::{Dns, dig, dig_output};
+use egress_tests::gvisor::Sandbox;
+use egress_tests::netns::{Netns, veth};
 use egress_tests::pki::TestCa;
 use egress_tests::process::{ChildGuard, command_in, run};
 use egress_tests::squid::{Squid, SquidConfig};
 use egress_tests::topology::Topology;
+use egress_tests::udp::{UDP_REFUSED_EXIT, UDP_TIMEOUT_EXIT, UdpEcho, udp_send, udp_send_args};
 use egress_tests::upstream::{BANNER, Upstream, UpstreamSpec};
 use egress_tests::{require_commands, require_root};
 
@@ -448,4 +451,237 @@ fn guards_clean_up_on_drop() {
     );
     let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(squid_pid as i32), None).is_ok();
     assert!(!alive, "squid {squid_pid} still running");
+}
+
+/// The rig's probe binary (UDP peers; also run inside gVisor, whose root is the host's `/`).
+fn probe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_egress-probe"))
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+/// `ip -n NETNS ARGS` output; panics if ip fails.
+fn ip_show(netns: &Netns, args: &[&str]) -> String {
+    let out = run(
+        std::process::Command::new("ip")
+            .args(["-n", netns.name()])
+            .args(args),
+        T,
+    );
+    out.expect_success(&format!("ip {}", args.join(" ")));
+    out.stdout
+}
+
+#[test]
+fn gvisor_sandbox_reaches_a_server_through_its_veth_and_takes_the_addresses() {
+    require_root();
+    require_commands(&[
+        "runsc", "curl", "ip", "nsenter", "unshare", "dnsmasq", "dig",
+    ]);
+    let server = Netns::new();
+    let sbx = Netns::new();
+    let veth = veth(&server, &sbx, &["10.253.1.1/24"], &["10.253.1.2/24"]);
+    let dev = veth.b_name.as_str();
+    // What runsc takes from the namespace at every start, put back before each run.
+    let restore = || {
+        sbx.ip(&["addr", "add", "10.253.1.2/24", "dev", dev]);
+        sbx.ip(&["route", "add", "default", "via", "10.253.1.1"]);
+    };
+    sbx.ip(&["route", "add", "default", "via", "10.253.1.1"]);
+    let ca = TestCa::new();
+    let http: SocketAddr = "10.253.1.1:8080".parse().unwrap();
+    let upstream = Upstream::start(&server, &ca, UpstreamSpec::new().http(http));
+    let dns = Dns::start(
+        &server,
+        v4(10, 253, 1, 1),
+        &[("dns.egress.test", v4(10, 253, 1, 1))],
+    );
+    let echo = UdpEcho::start(probe(), &server, "10.253.1.1:0".parse().unwrap());
+    let sandbox = Sandbox::new(&sbx)
+        .hosts(&[(WEB, v4(10, 253, 1, 1))])
+        .resolver(dns.addr());
+    let curl = |url: &str| sandbox.run(&["curl", "-sS", "--max-time", "10", url], T);
+
+    // By address: gVisor's netstack sends from the address it took over.
+    let started = Instant::now();
+    let out = curl("http://10.253.1.1:8080/by-ip");
+    let took = started.elapsed();
+    out.expect_success("curl by IP in gVisor");
+    eprintln!("gvisor: one sandbox run of curl took {took:?}");
+    assert!(
+        out.stdout
+            .contains("upstream=http:10.253.1.1:8080 sni=- host=10.253.1.1:8080 path=/by-ip"),
+        "{}",
+        out.stdout
+    );
+    let seen = upstream.seen_on(http);
+    assert_eq!(seen[0].peer.ip(), v4(10, 253, 1, 2), "{seen:#?}");
+
+    // runsc moved the address into its netstack: the namespace's end has none left, and the
+    // default route went with it; the link itself stays up.
+    let addrs = ip_show(&sbx, &["-4", "-o", "addr", "show", "dev", dev]);
+    assert_eq!(addrs.trim(), "", "runsc left IPv4 addresses on {dev}");
+    let routes = ip_show(&sbx, &["-4", "route", "show"]);
+    assert_eq!(routes.trim(), "", "routes left in the sandbox netns");
+    assert!(
+        ip_show(&sbx, &["link", "show", "dev", dev]).contains("state UP"),
+        "{dev} went down"
+    );
+
+    // So a second sandbox in the same namespace has no address and cannot reach the server.
+    let out = curl("http://10.253.1.1:8080/no-address");
+    assert!(
+        !out.success(),
+        "curl without an address succeeded: {}",
+        out.describe()
+    );
+    eprintln!("gvisor: without addresses: {}", out.describe());
+    assert_eq!(upstream.accepted(http), 1);
+
+    // With the address and route re-added it works again: a name from the mounted hosts file,
+    restore();
+    let out = curl(&format!("http://{WEB}:8080/by-name"));
+    out.expect_success("curl by hosts-file name in gVisor");
+    assert!(
+        out.stdout
+            .contains(&format!("host={WEB}:8080 path=/by-name")),
+        "{}",
+        out.stdout
+    );
+    // a name from the private DNS server named in the mounted resolv.conf (UDP from gVisor),
+    restore();
+    let out = curl("http://dns.egress.test:8080/by-dns");
+    out.expect_success("curl by DNS name in gVisor");
+    assert!(out.stdout.contains("path=/by-dns"), "{}", out.stdout);
+    let q = dns.wait_for_query("dns.egress.test", T);
+    assert_eq!(q.source, v4(10, 253, 1, 2));
+    // and a UDP round trip of the probe itself.
+    restore();
+    let mut argv = vec![probe().to_str().expect("utf-8 probe path").to_string()];
+    argv.extend(udp_send_args(
+        echo.addr(),
+        "from-gvisor",
+        Duration::from_secs(5),
+    ));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = sandbox.run(&argv, T);
+    out.expect_success("udp-send in gVisor");
+    assert_eq!(
+        out.stdout.trim(),
+        format!("reply=from-gvisor from={}", echo.addr())
+    );
+    assert_eq!(echo.wait_for_peers(1, T)[0].ip(), v4(10, 253, 1, 2));
+}
+
+#[test]
+fn gvisor_run_that_times_out_is_killed_and_cleaned_up() {
+    require_root();
+    require_commands(&["runsc", "sleep", "ip", "nsenter", "unshare"]);
+    let sbx = Netns::new();
+    let started = Instant::now();
+    let out = Sandbox::new(&sbx).run(&["sleep", "30"], Duration::from_secs(2));
+    assert!(out.timed_out, "{}", out.describe());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing of the container survives: every runsc process (run, gofer, sandbox) names its
+    // private --root, which the run removed; and runsc made no cgroup directory.
+    let ps = run(std::process::Command::new("ps").args(["-eo", "args"]), T).stdout;
+    let orphans: Vec<&str> = ps
+        .lines()
+        .filter(|l| l.contains("runsc"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|a| a.strip_prefix("--root="))
+                .is_some_and(|root| !Path::new(root).exists())
+        })
+        .collect();
+    assert!(orphans.is_empty(), "runsc processes left: {orphans:#?}");
+    let prefix = format!("egt-sbx-{}-", std::process::id());
+    let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .expect("read /sys/fs/cgroup")
+        .flatten()
+        .filter_map(|h| std::fs::read_dir(h.path()).ok())
+        .flat_map(|d| d.flatten().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .collect();
+    assert!(cgroups.is_empty(), "runsc cgroups left: {cgroups:#?}");
+}
+
+#[test]
+fn dnsmasq_answers_its_hosts_only_on_its_address() {
+    require_root();
+    require_commands(&["dnsmasq", "dig", "ip", "nsenter"]);
+    let dns_ns = Netns::new();
+    let client = Netns::new();
+    veth(&dns_ns, &client, &["10.253.2.1/24"], &["10.253.2.2/24"]);
+    let dns = Dns::start(
+        &dns_ns,
+        v4(10, 253, 2, 1),
+        &[
+            (WEB, v4(10, 253, 2, 80)),
+            ("two.egress.test", v4(10, 253, 2, 81)),
+            ("two.egress.test", v4(10, 253, 2, 82)),
+        ],
+    );
+    assert_eq!(dig(&client, dns.addr(), WEB), vec![v4(10, 253, 2, 80)]);
+    let mut two = dig(&client, dns.addr(), "two.egress.test");
+    two.sort();
+    assert_eq!(two, vec![v4(10, 253, 2, 81), v4(10, 253, 2, 82)]);
+    // Unknown names get an answer without records (REFUSED: there is no upstream to ask).
+    assert_eq!(
+        dig(&client, dns.addr(), "unknown.egress.test"),
+        Vec::<IpAddr>::new()
+    );
+    let q = dns.wait_for_query(WEB, T);
+    assert_eq!((q.qtype.as_str(), q.source), ("A", v4(10, 253, 2, 2)));
+    assert_eq!(dns.queries().len(), 3, "{:#?}", dns.queries());
+    // Bound to its address only: the namespace's loopback has no DNS server.
+    let out = dig_output(&dns_ns, v4(127, 0, 0, 1), WEB, &[]);
+    assert!(
+        !out.success(),
+        "dnsmasq answered on 127.0.0.1: {}",
+        out.describe()
+    );
+}
+
+#[test]
+fn udp_echo_round_trip_between_namespaces() {
+    require_root();
+    require_commands(&["ip", "nsenter"]);
+    let a = Netns::new();
+    let b = Netns::new();
+    veth(&a, &b, &["10.253.3.1/24"], &["10.253.3.2/24"]);
+    let echo = UdpEcho::start(probe(), &a, "10.253.3.1:0".parse().unwrap());
+    assert_ne!(echo.addr().port(), 0);
+    let out = udp_send(
+        probe(),
+        &b,
+        echo.addr(),
+        "hello udp",
+        Duration::from_secs(5),
+    );
+    out.expect_success("udp-send");
+    assert_eq!(
+        out.stdout.trim(),
+        format!("reply=hello udp from={}", echo.addr())
+    );
+    let peers = echo.wait_for_peers(1, T);
+    assert_eq!(peers[0].ip(), v4(10, 253, 3, 2));
+    // A closed port answers ICMP port unreachable: a distinct exit code, not a timeout.
+    let closed: SocketAddr = "10.253.3.1:9".parse().unwrap();
+    let out = udp_send(probe(), &b, closed, "x", Duration::from_secs(5));
+    assert_eq!(out.code(), Some(UDP_REFUSED_EXIT), "{}", out.describe());
+    // An address nobody holds stays silent.
+    let silent: SocketAddr = "10.253.3.9:7".parse().unwrap();
+    let out = udp_send(probe(), &b, silent, "x", Duration::from_millis(300));
+    assert_eq!(out.code(), Some(UDP_TIMEOUT_EXIT), "{}", out.describe());
+    assert_eq!(echo.peers().len(), 1);
 }

@@ -33,6 +33,13 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "procps",
+    // veth-mode tests: actors run in gVisor (ptrace platform, Debian's 2022 build) so their
+    // packets leave through its own netstack and a veth, as they do on a gVisor node.
+    "runsc",
+    // A private DNS server inside a test namespace; `-base` has no system service to start.
+    "dnsmasq-base",
+    // `dig`, to ask that DNS server directly (readiness checks and DNS assertions).
+    "bind9-dnsutils",
 ];
 
 /// bpf-linker release known to build against llvm-22 here.
@@ -67,7 +74,8 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
                 "this is not a Debian machine (no apt-get) and rustup's nightly has no rust-src.\n\
                  Install: `rustup toolchain install nightly --component rust-src` and \
                  `cargo install bpf-linker`, plus squid (with OpenSSL), curl, openssl, iproute2, \
-                 nftables and bpftool from your distribution; then run this again."
+                 nftables, bpftool, runsc (gVisor), dnsmasq and dig from your distribution; \
+                 then run this again."
             );
         }
         if !is_root() {

@@ -7,13 +7,20 @@
 //!   `ok=N failed=M first_error=...`; exits 1 unless every request got `HTTP/1.1 200`;
 //! - `egress-probe send-close ADDR HOST COUNT CONCURRENCY`: COUNT connections that each write
 //!   one `GET /send-close` request and close at once, without reading (fire and forget, as
-//!   `echo ... > /dev/tcp/...` does); prints `ok=N failed=M first_error=...`.
+//!   `echo ... > /dev/tcp/...` does); prints `ok=N failed=M first_error=...`;
+//! - `egress-probe udp-echo ADDR [SECONDS]`: binds a UDP socket, prints `ready=<local addr>`,
+//!   then echoes every datagram to its sender and prints `from=<peer> len=N` for each; runs
+//!   until stdin reaches EOF or, with SECONDS, for that long (for runs whose stdin is
+//!   /dev/null, e.g. inside a sandbox);
+//! - `egress-probe udp-send ADDR MESSAGE TIMEOUT_MS`: sends MESSAGE in one datagram from a
+//!   connected socket and waits for one reply; prints `reply=<text> from=<peer>` and exits 0,
+//!   or exits 3 when no reply came in time and 4 when the peer refused (ICMP unreachable).
 //!
 //! With `EGRESS_PROBE_MARK=N` every socket gets `SO_MARK` N before it connects (an actor
 //! trying to pass for the agent).
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::{ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     sync::atomic::{AtomicUsize, Ordering},
     sync::{Arc, Mutex},
@@ -42,9 +49,25 @@ fn main() -> ExitCode {
             };
             many(addr, host, count, concurrency, *mode == "send-close")
         }
+        ["udp-echo", addr] => udp_echo(addr, None),
+        ["udp-echo", addr, seconds] => {
+            let Ok(seconds) = seconds.parse() else {
+                eprintln!("SECONDS must be a number");
+                return ExitCode::from(2);
+            };
+            udp_echo(addr, Some(Duration::from_secs(seconds)))
+        }
+        ["udp-send", addr, message, timeout_ms] => {
+            let Ok(ms) = timeout_ms.parse() else {
+                eprintln!("TIMEOUT_MS must be a number");
+                return ExitCode::from(2);
+            };
+            udp_send(addr, message, Duration::from_millis(ms))
+        }
         _ => {
             eprintln!(
-                "usage: egress-probe peername ADDR | (http-many|send-close) ADDR HOST COUNT CONCURRENCY"
+                "usage: egress-probe peername ADDR | (http-many|send-close) ADDR HOST COUNT CONCURRENCY \
+                 | udp-echo ADDR [SECONDS] | udp-send ADDR MESSAGE TIMEOUT_MS"
             );
             ExitCode::from(2)
         }
@@ -154,6 +177,103 @@ fn send_and_close(addr: SocketAddr, request: &str) -> Result<(), String> {
         .map_err(|e| format!("write: {e}"))?;
     // Dropped here: close(2) right after the write, nothing read.
     Ok(())
+}
+
+fn udp_echo(addr: &str, lifetime: Option<Duration>) -> ExitCode {
+    let addr = match parse(addr) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let socket = match UdpSocket::bind(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bind {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = socket.local_addr().unwrap_or(addr);
+    println!("ready={local}");
+    let _ = std::io::stdout().flush();
+    match lifetime {
+        Some(d) => {
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                std::process::exit(0);
+            });
+        }
+        None => {
+            // The parent holds our stdin open for as long as we should run.
+            std::thread::spawn(|| {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                std::process::exit(0);
+            });
+        }
+    }
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                if let Err(e) = socket.send_to(&buf[..n], peer) {
+                    eprintln!("send to {peer}: {e}");
+                }
+                println!("from={peer} len={n}");
+                let _ = std::io::stdout().flush();
+            }
+            // E.g. ECONNREFUSED left by an earlier echo to a peer that was gone.
+            Err(e) => eprintln!("recv: {e}"),
+        }
+    }
+}
+
+/// Exit code of `udp-send` when no reply arrived in time.
+const UDP_TIMEOUT: u8 = 3;
+/// Exit code of `udp-send` when the peer answered with ICMP unreachable.
+const UDP_REFUSED: u8 = 4;
+
+fn udp_send(addr: &str, message: &str, timeout: Duration) -> ExitCode {
+    let addr = match parse(addr) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let any: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // Connected, so an ICMP port-unreachable shows as ECONNREFUSED instead of a silent timeout.
+    let socket = match UdpSocket::bind(any).and_then(|s| s.connect(addr).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("udp socket to {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = socket
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .and_then(|()| socket.send(message.as_bytes()).map(drop))
+    {
+        eprintln!("send to {addr}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut buf = vec![0u8; 65536];
+    match socket.recv(&mut buf) {
+        Ok(n) => {
+            println!("reply={} from={addr}", String::from_utf8_lossy(&buf[..n]));
+            ExitCode::SUCCESS
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            eprintln!("no reply from {addr} within {timeout:?}");
+            ExitCode::from(UDP_TIMEOUT)
+        }
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            eprintln!("{addr} refused: {e}");
+            ExitCode::from(UDP_REFUSED)
+        }
+        Err(e) => {
+            eprintln!("recv from {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Connects, with `SO_MARK` from `EGRESS_PROBE_MARK` when set.
