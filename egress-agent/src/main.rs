@@ -68,10 +68,10 @@ enum Command {
 #[derive(clap::Args)]
 struct ControlArgs {
     /// The running agent's control socket.
-    #[arg(long, env = "EGRESS_CONTROL_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, env = "EGRESS_CONTROL_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET, global = true)]
     control_socket: PathBuf,
     /// Print the agent's answer as JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 }
 
