@@ -3,14 +3,16 @@
 //! the actor.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
 use crate::{
-    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, LogLine},
+    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, LogLine, VethActorSpec},
     cgroup::Cgroup,
     client::curl_command,
+    dns::Dns,
+    netns::{Netns, veth},
     pki::TestCa,
     process,
     squid::{Squid, SquidConfig},
@@ -132,5 +134,123 @@ impl World {
                     .filter_map(|l| ConnectionLog::from_line(&l))
                     .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
             })
+    }
+}
+
+/// The world of the veth-mode tests and demo: a "node" namespace (agent, squid, upstreams,
+/// a DNS server), a "worker" namespace (the pod that hosts sandboxes) whose own `eth0`-like
+/// link goes to the node on `10.252.NET.0/24`, and an empty actor namespace the agent gives
+/// a veth pair to.
+pub struct VethWorld {
+    /// The agent under test.
+    pub agent: Agent,
+    /// The options it was started with (to start it again).
+    pub agent_options: AgentOptions,
+    /// The worker's resolver: dnsmasq on the node's address, answering [`NAME`].
+    pub dns: Dns,
+    /// The PEP.
+    pub squid: Squid,
+    /// HTTPS on :443 and :8443, HTTP on :8080, on the node's address.
+    pub upstream: Upstream,
+    /// The CA the upstream's certificate comes from.
+    pub ca: TestCa,
+    /// The (first) actor's namespace: empty until the agent gives it `eth0`.
+    pub actor: Netns,
+    /// The worker's namespace.
+    pub worker: Netns,
+    /// The node's namespace.
+    pub node: Netns,
+    net: u8,
+}
+
+impl VethWorld {
+    /// A world on `10.252.NET.0/24` whose agent captures veth actor `actor_id` (template
+    /// `sandbox`, namespace `team-b`) from its config file; `tune` adjusts the agent's
+    /// options (e.g. clears the actors to add them at run time).
+    pub fn new(net: u8, actor_id: &str, tune: impl FnOnce(AgentOptions) -> AgentOptions) -> Self {
+        crate::require_root();
+        crate::require_commands(&["squid", "curl", "openssl", "ip", "nft", "dnsmasq", "dig"]);
+        let node = Netns::new();
+        let worker = Netns::new();
+        let actor = Netns::new();
+        let node_ip = format!("10.252.{net}.1/24");
+        let worker_ip = format!("10.252.{net}.2/24");
+        veth(&node, &worker, &[&node_ip], &[&worker_ip]);
+        worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
+        let node_v4 = Ipv4Addr::new(10, 252, net, 1);
+        let ca = TestCa::new();
+        let at = |port| SocketAddr::new(IpAddr::V4(node_v4), port);
+        let upstream = Upstream::start(
+            &node,
+            &ca,
+            UpstreamSpec::new()
+                .names(&[NAME])
+                .https(at(443))
+                .https(at(8443))
+                .http(at(8080)),
+        );
+        let squid = Squid::start(
+            &node,
+            SquidConfig::default().host(NAME, IpAddr::V4(node_v4)),
+        );
+        let dns = Dns::start(&node, IpAddr::V4(node_v4), &[(NAME, IpAddr::V4(node_v4))]);
+        let mut opts = AgentOptions::new(squid.addr()).veth_actor(VethActorSpec::new(
+            actor_id, "sandbox", "team-b", &actor, &worker,
+        ));
+        opts.veth_resolver = Some(node_v4);
+        let opts = tune(opts);
+        let mut agent = Agent::start(&node, None, opts.clone());
+        agent.wait_ready(T);
+        VethWorld {
+            agent,
+            agent_options: opts,
+            dns,
+            squid,
+            upstream,
+            ca,
+            actor,
+            worker,
+            node,
+            net,
+        }
+    }
+
+    /// The node's address, where the upstreams, squid's upstream side and the resolver are.
+    pub fn node_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 252, self.net, 1)
+    }
+
+    /// The worker's own address on its link to the node (the "pod IP").
+    pub fn worker_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 252, self.net, 2)
+    }
+
+    /// `node_v4:port`.
+    pub fn node_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.node_v4()), port)
+    }
+
+    /// A curl for `url` inside `netns` (no cgroup: veth capture needs none), resolving
+    /// [`NAME`]`:port` to the node.
+    pub fn curl_command(&self, netns: &Netns, port: u16, url: &str) -> std::process::Command {
+        curl_command(
+            Some(netns),
+            None,
+            &self.ca.cert_path(),
+            &[(NAME, port, IpAddr::V4(self.node_v4()))],
+            url,
+        )
+    }
+
+    /// Runs a curl for `url` in `netns`.
+    pub fn curl(&self, netns: &Netns, port: u16, url: &str) -> process::Output {
+        process::run(&mut self.curl_command(netns, port, url), T)
+    }
+
+    /// `nft list tables` in the worker namespace.
+    pub fn worker_tables(&self) -> String {
+        let out = process::run(self.worker.command("nft").args(["list", "tables"]), T);
+        out.expect_success("nft list tables in the worker");
+        out.stdout
     }
 }

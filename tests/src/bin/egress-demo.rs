@@ -19,12 +19,13 @@ use egress_tests::{
     client::banner_exchange_command,
     process::{self, command_in},
     squid::{AccessEntry, Squid, SquidConfig},
-    world::{NAME, T, World},
+    world::{NAME, T, VethWorld, World},
 };
 
 const NET: u8 = 200;
 
 type Shared = Arc<Mutex<Option<World>>>;
+type SharedVeth = Arc<Mutex<Option<VethWorld>>>;
 
 /// Builds one scenario's client command inside the world.
 type MakeCommand = Box<dyn Fn(&World) -> Command>;
@@ -33,7 +34,8 @@ fn main() -> ExitCode {
     egress_tests::require_root();
     egress_tests::require_commands(&["squid", "curl", "openssl", "bash", "ip"]);
     let world: Shared = Arc::new(Mutex::new(None));
-    install_cleanup_on_signal(world.clone());
+    let veth_world: SharedVeth = Arc::new(Mutex::new(None));
+    install_cleanup_on_signal(world.clone(), veth_world.clone());
 
     println!(
         "egress demo: building a throw-away actor (network namespaces, cgroup, upstreams, squid, agent)..."
@@ -234,15 +236,173 @@ fn main() -> ExitCode {
 
     println!("\ncleaning up...");
     drop(world.lock().unwrap_or_else(|e| e.into_inner()).take());
+    failures += veth_part(&veth_world);
     if failures == 0 {
         println!(
-            "demo: every captured connection reached its upstream through squid with the actor's identity"
+            "demo: every captured connection (cgroup and veth actors) reached its upstream through \
+             squid with the actor's identity"
         );
         ExitCode::SUCCESS
     } else {
         println!("demo: {failures} step(s) failed (see above)");
         ExitCode::FAILURE
     }
+}
+
+/// Veth mode: a worker namespace, an actor namespace the agent gives a veth pair, and a
+/// process and (when runsc is installed) a gVisor sandbox as the actor.
+fn veth_part(shared: &SharedVeth) -> usize {
+    println!(
+        "\negress demo, veth mode: a worker namespace, an empty actor namespace; the agent makes the pair and the nftables rules..."
+    );
+    let built = VethWorld::new(NET + 1, "demo-sandbox", |o| o);
+    println!(
+        "  worker netns {} (its own link {} -> node {})",
+        built.worker.path().display(),
+        built.worker_v4(),
+        built.node_v4()
+    );
+    println!(
+        "  actor netns  {} (eth0 10.200.0.2/30 via 10.200.0.1, made by the agent)",
+        built.actor.path().display()
+    );
+    println!("  identity     actor-id=demo-sandbox template=sandbox template-namespace=team-b");
+    *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(built);
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        drop(shared.lock().unwrap_or_else(|e| e.into_inner()).take());
+        std::process::exit(130);
+    }
+    let mut failures = 0;
+    let gvisor = which_runsc();
+    let runs: Vec<(&str, bool)> = if gvisor {
+        vec![
+            ("a process in the actor namespace", false),
+            ("gVisor (runsc, its own netstack)", true),
+        ]
+    } else {
+        println!(
+            "  (runsc not installed: the gVisor step is skipped; `cargo xtask setup` installs it)"
+        );
+        vec![("a process in the actor namespace", false)]
+    };
+    for (i, (who, in_gvisor)) in runs.iter().enumerate() {
+        let url = format!("https://{NAME}:8443/");
+        println!("\n[veth {}] {who} runs: curl {url}", i + 1);
+        let g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = g.as_ref() else {
+            drop(g);
+            wait_for_cleanup()
+        };
+        if *in_gvisor {
+            // runsc took eth0's address when the first sandbox started on it before: put the
+            // actor side back (what a runtime does before each sandbox start).
+            let _ = w.agent.control(&["veth", "reapply", "demo-sandbox"]);
+        }
+        let out = if *in_gvisor {
+            egress_tests::gvisor::Sandbox::new(&w.actor)
+                .hosts(&[(NAME, IpAddr::V4(w.node_v4()))])
+                .mount(w.ca.cert_path(), "/etc/egress-demo-ca.pem")
+                .run(
+                    &[
+                        "curl",
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "HTTP %{http_code}\n",
+                        "--cacert",
+                        "/etc/egress-demo-ca.pem",
+                        &url,
+                    ],
+                    T,
+                )
+        } else {
+            let mut cmd = w.curl_command(&w.actor, 8443, &url);
+            process::run(&mut cmd, T)
+        };
+        let first = out
+            .stdout
+            .lines()
+            .chain(out.stderr.lines())
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        println!(
+            "    client  exit {} | {first}",
+            out.code().map_or("?".into(), |c| c.to_string())
+        );
+        if !out.success() {
+            failures += 1;
+        }
+        match wait_conn(&w.agent, &w.node_addr(8443).to_string(), i) {
+            Some(c) => println!(
+                "    agent   actor={} client={} original_dst={} authority={} source={} pep_status={} outcome={}",
+                s(&c.actor),
+                c.line.field_str("client").unwrap_or_default(),
+                s(&c.original_dst),
+                s(&c.authority),
+                s(&c.source),
+                n(c.pep_status.map(u64::from)),
+                s(&c.outcome)
+            ),
+            None => {
+                println!("    agent   (no connection line)");
+                failures += 1;
+            }
+        }
+        let entries = w.squid.access_log_entries();
+        let entry = (0..100).find_map(|_| {
+            let e = w.squid.access_log_entries();
+            if e.len() > i {
+                return e.get(i).cloned();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        });
+        let _ = entries;
+        match entry {
+            Some(e) => println!(
+                "    squid   {} {} x-ate-actor-id={} x-ate-actor-template={} x-ate-actor-template-namespace={} x-ate-original-destination={}",
+                e.method,
+                e.uri,
+                s(&e.actor_id),
+                s(&e.actor_template),
+                s(&e.actor_template_namespace),
+                s(&e.original_destination)
+            ),
+            None => {
+                println!("    squid   (no access-log line)");
+                failures += 1;
+            }
+        }
+    }
+    {
+        let g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = g.as_ref() {
+            let answer = egress_tests::dns::dig(
+                &w.actor,
+                IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 0, 1)),
+                NAME,
+            );
+            println!(
+                "\n[veth dns] dig @10.200.0.1 {NAME} in the actor -> {answer:?} (the worker's resolver, masqueraded)"
+            );
+            let list = w.agent.control(&["actor", "list"]);
+            println!(
+                "[veth list] egress-agent actor list:\n    {}",
+                list.stdout.trim()
+            );
+        }
+    }
+    println!("\ncleaning up...");
+    drop(shared.lock().unwrap_or_else(|e| e.into_inner()).take());
+    failures
+}
+
+fn which_runsc() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("runsc").is_file()))
 }
 
 fn build_world() -> World {
@@ -302,7 +462,7 @@ static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 
 /// On SIGINT/SIGTERM: drop the world (stopping the agent and squid, removing pins, the
 /// cgroup and the namespaces), then exit.
-fn install_cleanup_on_signal(world: Shared) {
+fn install_cleanup_on_signal(world: Shared, veth_world: SharedVeth) {
     use signal_hook::{
         consts::{SIGINT, SIGTERM},
         iterator::Signals,
@@ -313,8 +473,10 @@ fn install_cleanup_on_signal(world: Shared) {
             eprintln!("\nsignal {sig}: cleaning up...");
             INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             let taken = world.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(taken) = taken {
+            let taken_veth = veth_world.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if taken.is_some() || taken_veth.is_some() {
                 drop(taken);
+                drop(taken_veth);
                 eprintln!("cleaned up");
                 std::process::exit(130);
             }
