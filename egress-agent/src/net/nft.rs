@@ -1,12 +1,48 @@
-//! nftables: the `egress` table of a worker namespace. (Interface stub; the real module
-//! lands from the net branch.)
-use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
+//! nftables: the `egress` table of a worker namespace.
+//!
+//! It redirects every TCP connection an actor opens through its veth to the agent's listener
+//! in the worker namespace (the agent reads SO_ORIGINAL_DST), DNATs the actor's DNS to the
+//! resolver, drops and counts everything else the actor sends unless UDP is allowed, and DNATs
+//! configured inbound ports of the worker to the actor. The table only matches our own veths,
+//! so the worker's own traffic is untouched; it stays in force when the agent dies, and
+//! captured TCP then hits a closed port (fail closed).
+//!
+//! The table is always replaced whole in one `nft -j -f -` transaction (add table; delete
+//! table; add everything), run from a thread inside the worker namespace: the `nft` child
+//! inherits that thread's network namespace.
+use std::{
+    borrow::Cow,
+    collections::{BTreeSet, HashMap},
+    fmt,
+    io::{self, Write as _},
+    net::Ipv4Addr,
+    path::Path,
+    process::{Command, Stdio},
+    str::FromStr,
+};
+
+use nftables::{
+    expr::{CT, PayloadField, SetItem},
+    expr::{Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload},
+    schema::{Chain, Counter as CounterObj, NfCmd, NfListObject, NfObject, Nftables, Rule, Table},
+    stmt::{Counter as CounterRef, Match, NAT, NATFamily, Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
 
 /// The table's name (family inet).
 pub const TABLE: &str = "egress";
 
-/// Transport protocol of an inbound port.
+/// Chain priorities as nft names them: dstnat, srcnat, filter.
+const PRIO_DSTNAT: i32 = -100;
+const PRIO_SRCNAT: i32 = 100;
+const PRIO_FILTER: i32 = 0;
+
+/// nft refuses rule comments longer than this (NFT_USERDATA_MAXLEN / 2).
+const MAX_COMMENT: usize = 128;
+
+/// A transport protocol of an inbound port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// TCP.
     Tcp,
@@ -14,109 +50,1061 @@ pub enum Proto {
     Udp,
 }
 
-/// A port forwarded from the worker to the actor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+impl Proto {
+    fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A port of the worker that is forwarded to the actor: `tcp/8080`, `udp/4433`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Inbound {
-    /// Protocol.
+    /// The protocol.
     pub proto: Proto,
-    /// Port.
+    /// The port, the same on the worker and on the actor.
     pub port: u16,
 }
 
+impl fmt::Display for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.proto, self.port)
+    }
+}
+
 impl FromStr for Inbound {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (p, port) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected tcp/PORT or udp/PORT"))?;
-        let proto = match p {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let invalid = |reason| Error::InvalidInbound {
+            input: s.to_string(),
+            reason,
+        };
+        let (proto, port) = s.split_once('/').ok_or(invalid("no '/'"))?;
+        let proto = match proto {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
-            _ => return Err(format!("{s:?}: expected tcp/PORT or udp/PORT")),
+            _ => return Err(invalid("protocol is not tcp or udp")),
         };
-        let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+        let port: u16 = port.parse().map_err(|_| invalid("port is not 1-65535"))?;
+        if port == 0 {
+            return Err(invalid("port is not 1-65535"));
+        }
         Ok(Inbound { proto, port })
     }
 }
-impl fmt::Display for Inbound {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            match self.proto {
-                Proto::Tcp => "tcp",
-                Proto::Udp => "udp",
-            },
-            self.port
-        )
-    }
-}
-impl serde::Serialize for Inbound {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-impl<'de> serde::Deserialize<'de> for Inbound {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+
+impl TryFrom<String> for Inbound {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
     }
 }
 
-/// One actor's rules.
-#[derive(Clone, Debug)]
+impl From<Inbound> for String {
+    fn from(i: Inbound) -> String {
+        i.to_string()
+    }
+}
+
+/// One actor behind a veth of the worker namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Actor {
-    /// Actor id (rule comments).
+    /// The actor's id, put in a comment on each of its rules.
     pub id: String,
-    /// Worker-side interface.
+    /// The worker end of the actor's veth pair (`egressN`).
     pub veth: String,
-    /// Actor address.
+    /// The actor's address.
     pub addr: Ipv4Addr,
-    /// Worker-side address.
+    /// The worker end's address, the actor's gateway.
     pub gateway: Ipv4Addr,
-    /// Inbound ports.
+    /// Ports of the worker forwarded to the actor.
     pub inbound: Vec<Inbound>,
-    /// Masquerade UDP instead of dropping it.
+    /// Let the actor's UDP through (masqueraded) instead of dropping it.
     pub allow_udp: bool,
 }
 
-/// A worker namespace's table.
-#[derive(Clone, Debug)]
+/// Everything the table of one worker namespace is built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Worker {
-    /// The agent's NAT listener port.
+    /// The agent's capture listener port in the worker namespace.
     pub listen_port: u16,
-    /// Resolver for actor DNS.
+    /// The DNS resolver the actors' DNS is sent to; `None`: UDP DNS is dropped, TCP captured.
     pub resolver: Option<Ipv4Addr>,
-    /// Actors on this worker.
+    /// The actors.
     pub actors: Vec<Actor>,
 }
 
-/// A counter.
-#[derive(Clone, Copy, Debug, Default)]
+/// A counter's values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
-    /// Packets.
+    /// Packets counted.
     pub packets: u64,
-    /// Bytes.
+    /// Bytes counted.
     pub bytes: u64,
 }
 
-/// Errors.
+/// Errors of the nft module; each names the namespace and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Stub.
-    #[error("nft: {0}")]
-    Nft(String),
+    /// A string that is not `tcp/PORT` or `udp/PORT`.
+    #[error(
+        "invalid inbound port {input:?}: {reason}; expected tcp/PORT or udp/PORT, e.g. tcp/8080"
+    )]
+    InvalidInbound {
+        /// The string given.
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two actors claim one worker port.
+    #[error(
+        "inbound {inbound} is configured for both actor {first} and actor {second}; a worker port can go to one actor only"
+    )]
+    InboundConflict {
+        /// The port.
+        inbound: Inbound,
+        /// The first actor claiming it.
+        first: String,
+        /// The second actor claiming it.
+        second: String,
+    },
+    /// `nft` could not be run (or the namespace entered).
+    #[error(
+        "running nft in network namespace {netns}: {source}; is nftables installed (`nft` on PATH) and does the namespace exist?"
+    )]
+    Spawn {
+        /// The namespace.
+        netns: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// `nft` ran and failed.
+    #[error("`nft {args}` in network namespace {netns} failed: {stderr}")]
+    Nft {
+        /// The namespace.
+        netns: String,
+        /// The command line after `nft`.
+        args: String,
+        /// What nft printed.
+        stderr: String,
+    },
+    /// `nft -j` printed something that is not the JSON we expect.
+    #[error("reading the JSON of `nft {args}` in network namespace {netns}: {source}")]
+    Json {
+        /// The namespace.
+        netns: String,
+        /// The command line after `nft`.
+        args: String,
+        /// The cause.
+        source: serde_json::Error,
+    },
 }
 
-/// Replaces the table.
-pub fn apply(_worker_netns: Option<&Path>, _w: &Worker) -> Result<(), Error> {
-    Err(Error::Nft("not implemented".into()))
+/// The name of the named counter of an actor's dropped packets.
+pub fn counter_name(veth: &str) -> String {
+    format!("dropped_{veth}")
 }
-/// Removes the table.
-pub fn remove(_worker_netns: Option<&Path>) -> Result<bool, Error> {
-    Err(Error::Nft("not implemented".into()))
+
+/// Pure: the whole transaction that replaces the table with the one `w` describes (add table;
+/// delete table; table, chains, counters, rules). Unit-tested without root.
+pub fn ruleset(w: &Worker) -> Nftables<'static> {
+    let mut objs = Vec::new();
+    // `add` first so `delete` cannot fail on a missing table: the replace is one transaction.
+    objs.push(NfObject::CmdObject(NfCmd::Add(
+        NfListObject::Table(table()),
+    )));
+    objs.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
+        table(),
+    ))));
+    let mut add = |obj| objs.push(NfObject::CmdObject(NfCmd::Add(obj)));
+    add(NfListObject::Table(table()));
+    for (name, kind, hook, prio) in [
+        (
+            "prerouting",
+            NfChainType::NAT,
+            NfHook::Prerouting,
+            PRIO_DSTNAT,
+        ),
+        (
+            "postrouting",
+            NfChainType::NAT,
+            NfHook::Postrouting,
+            PRIO_SRCNAT,
+        ),
+        ("forward", NfChainType::Filter, NfHook::Forward, PRIO_FILTER),
+        ("input", NfChainType::Filter, NfHook::Input, PRIO_FILTER),
+    ] {
+        add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            _type: Some(kind),
+            hook: Some(hook),
+            prio: Some(prio),
+            // Accept: the table only ever drops traffic of our own veths.
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }));
+    }
+    for a in &w.actors {
+        add(NfListObject::Counter(CounterObj {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: counter_name(&a.veth).into(),
+            handle: None,
+            packets: Some(0),
+            bytes: Some(0),
+        }));
+    }
+    for rule in rules(w) {
+        add(NfListObject::Rule(rule));
+    }
+    Nftables {
+        objects: objs.into(),
+    }
 }
-/// Drop counter.
-pub fn dropped(_worker_netns: Option<&Path>, _veth: &str) -> Result<Option<Counter>, Error> {
-    Err(Error::Nft("not implemented".into()))
+
+/// The rules, chain by chain, in order.
+fn rules(w: &Worker) -> Vec<Rule<'static>> {
+    let mut out = Vec::new();
+    let veths: BTreeSet<String> = w.actors.iter().map(|a| a.veth.clone()).collect();
+    let dns = [Proto::Tcp, Proto::Udp];
+    let mut rule = |chain: &'static str, comment: &str, expr: Vec<Statement<'static>>| {
+        out.push(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.into(),
+            expr: expr.into(),
+            comment: Some(truncate(comment).into()),
+            ..Rule::default()
+        });
+    };
+
+    // prerouting. DNS before the TCP redirect, or TCP/53 would go to the agent.
+    if let Some(resolver) = w.resolver {
+        for a in &w.actors {
+            let daddrs: BTreeSet<Ipv4Addr> = [a.gateway, resolver].into();
+            rule(
+                "prerouting",
+                &a.id,
+                vec![
+                    iifname(&a.veth),
+                    is(
+                        payload("ip", "daddr"),
+                        set(daddrs.iter().map(|d| d.to_string())),
+                    ),
+                    l4proto_in(&dns),
+                    is(payload("th", "dport"), Expression::Number(53)),
+                    dnat(resolver),
+                ],
+            );
+        }
+    }
+    for a in &w.actors {
+        // meta l4proto, not `ip protocol`: in the inet family this captures IPv6 TCP too.
+        rule(
+            "prerouting",
+            &a.id,
+            vec![
+                iifname(&a.veth),
+                l4proto_in(&[Proto::Tcp]),
+                Statement::Redirect(Some(NAT {
+                    addr: None,
+                    family: None,
+                    port: Some(Expression::Number(w.listen_port.into())),
+                    flags: None,
+                })),
+            ],
+        );
+    }
+    for a in &w.actors {
+        for i in &a.inbound {
+            // Not from any actor veth: an actor's TCP must be captured, never forwarded to
+            // another actor, whatever the rule order.
+            rule(
+                "prerouting",
+                &a.id,
+                vec![
+                    not_in(meta(MetaKey::Iifname), veths.iter().cloned()),
+                    is(meta(MetaKey::Nfproto), s("ipv4")),
+                    is(
+                        Expression::Named(NamedExpression::Fib(Fib {
+                            result: FibResult::Type,
+                            flags: [FibFlag::Daddr].into(),
+                        })),
+                        s("local"),
+                    ),
+                    l4proto_in(&[i.proto]),
+                    is(payload("th", "dport"), Expression::Number(i.port.into())),
+                    dnat(a.addr),
+                ],
+            );
+        }
+    }
+
+    // postrouting: the actor's forwarded packets (DNS, allowed UDP) leave as the worker.
+    for a in &w.actors {
+        rule(
+            "postrouting",
+            &a.id,
+            vec![
+                is(payload("ip", "saddr"), s(a.addr.to_string())),
+                isnt(meta(MetaKey::Oifname), s(a.veth.clone())),
+                Statement::Masquerade(None),
+            ],
+        );
+    }
+
+    // forward
+    for a in &w.actors {
+        let counter = counter_name(&a.veth);
+        let mut r = |expr| rule("forward", &a.id, expr);
+        r(spoofed(a, &counter));
+        r(vec![iifname(&a.veth), ct_state_established(), accept()]);
+        r(vec![oifname(&a.veth), ct_state_established(), accept()]);
+        if let Some(resolver) = w.resolver {
+            r(dns_to_resolver(a, resolver));
+        }
+        if !a.inbound.is_empty() {
+            r(vec![
+                oifname(&a.veth),
+                Statement::Match(Match {
+                    left: ct("status"),
+                    right: s("dnat"),
+                    op: Operator::IN,
+                }),
+                accept(),
+            ]);
+        }
+        if a.allow_udp {
+            r(vec![iifname(&a.veth), l4proto_in(&[Proto::Udp]), accept()]);
+        }
+        r(vec![
+            iifname(&a.veth),
+            Statement::Counter(CounterRef::Named(counter.clone().into())),
+            drop(),
+        ]);
+        r(vec![oifname(&a.veth), drop()]);
+    }
+
+    // input. Nobody but loopback and the actors may reach the capture port.
+    if !w.actors.is_empty() {
+        let allowed = std::iter::once("lo".to_string()).chain(veths.iter().cloned());
+        rule(
+            "input",
+            "capture port only from actors and loopback",
+            vec![
+                l4proto_in(&[Proto::Tcp]),
+                is(
+                    payload("th", "dport"),
+                    Expression::Number(w.listen_port.into()),
+                ),
+                not_in(meta(MetaKey::Iifname), allowed),
+                drop(),
+            ],
+        );
+    }
+    for a in &w.actors {
+        let counter = counter_name(&a.veth);
+        let mut r = |expr| rule("input", &a.id, expr);
+        r(spoofed(a, &counter));
+        r(vec![
+            iifname(&a.veth),
+            l4proto_in(&[Proto::Tcp]),
+            is(
+                payload("th", "dport"),
+                Expression::Number(w.listen_port.into()),
+            ),
+            accept(),
+        ]);
+        r(vec![iifname(&a.veth), ct_state_established(), accept()]);
+        if let Some(resolver) = w.resolver {
+            // A resolver on the worker itself is reached through input, not forward.
+            r(dns_to_resolver(a, resolver));
+        }
+        r(vec![
+            iifname(&a.veth),
+            Statement::Counter(CounterRef::Named(counter.into())),
+            drop(),
+        ]);
+    }
+    out
+}
+
+/// IPv4 from the actor's veth with another source address: the agent and the masquerade
+/// rule identify the actor by its address, so a forged one is dropped (and counted).
+fn spoofed(a: &Actor, counter: &str) -> Vec<Statement<'static>> {
+    vec![
+        iifname(&a.veth),
+        isnt(payload("ip", "saddr"), s(a.addr.to_string())),
+        Statement::Counter(CounterRef::Named(counter.to_string().into())),
+        drop(),
+    ]
+}
+
+fn dns_to_resolver(a: &Actor, resolver: Ipv4Addr) -> Vec<Statement<'static>> {
+    vec![
+        iifname(&a.veth),
+        is(payload("ip", "daddr"), s(resolver.to_string())),
+        l4proto_in(&[Proto::Tcp, Proto::Udp]),
+        is(payload("th", "dport"), Expression::Number(53)),
+        accept(),
+    ]
+}
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn set(items: impl IntoIterator<Item = String>) -> Expression<'static> {
+    let mut items: Vec<SetItem<'static>> =
+        items.into_iter().map(|i| SetItem::Element(s(i))).collect();
+    // A one-element anonymous set is just that value; nft lists it that way too.
+    if items.len() == 1 {
+        let SetItem::Element(only) = items.remove(0) else {
+            unreachable!("built as elements")
+        };
+        return only;
+    }
+    Expression::Named(NamedExpression::Set(items))
+}
+
+fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn isnt(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+fn not_in(
+    left: Expression<'static>,
+    items: impl IntoIterator<Item = String>,
+) -> Statement<'static> {
+    isnt(left, set(items))
+}
+
+fn iifname(veth: &str) -> Statement<'static> {
+    is(meta(MetaKey::Iifname), s(veth))
+}
+
+fn oifname(veth: &str) -> Statement<'static> {
+    is(meta(MetaKey::Oifname), s(veth))
+}
+
+fn l4proto_in(protos: &[Proto]) -> Statement<'static> {
+    is(
+        meta(MetaKey::L4proto),
+        set(protos.iter().map(|p| p.as_str().to_string())),
+    )
+}
+
+fn ct_state_established() -> Statement<'static> {
+    Statement::Match(Match {
+        left: ct("state"),
+        right: Expression::List(vec![s("established"), s("related")]),
+        op: Operator::IN,
+    })
+}
+
+fn dnat(to: Ipv4Addr) -> Statement<'static> {
+    Statement::DNAT(Some(NAT {
+        addr: Some(s(to.to_string())),
+        family: Some(NATFamily::IP),
+        port: None,
+        flags: None,
+    }))
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+fn drop() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+fn truncate(comment: &str) -> String {
+    let mut end = comment.len().min(MAX_COMMENT);
+    while !comment.is_char_boundary(end) {
+        end -= 1;
+    }
+    comment[..end].to_string()
+}
+
+/// Refuses a worker port claimed by two actors: only one DNAT rule could win.
+fn validate(w: &Worker) -> Result<(), Error> {
+    let mut owners: HashMap<Inbound, &str> = HashMap::new();
+    for a in &w.actors {
+        for i in &a.inbound {
+            if let Some(first) = owners.insert(*i, &a.id)
+                && first != a.id
+            {
+                return Err(Error::InboundConflict {
+                    inbound: *i,
+                    first: first.to_string(),
+                    second: a.id.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Atomically replaces the `egress` table in the worker namespace (`None`: the agent's own)
+/// with [`ruleset`]`(w)`, never touching other tables; with no actors, removes it instead.
+///
+/// Each actor's drop counter keeps its value across the replace (read just before it).
+pub fn apply(worker_netns: Option<&Path>, w: &Worker) -> Result<(), Error> {
+    validate(w)?;
+    if w.actors.is_empty() {
+        remove(worker_netns)?;
+        return Ok(());
+    }
+    let previous = counters(worker_netns)?;
+    let mut json = serde_json::to_value(ruleset(w)).expect("the ruleset serializes");
+    carry_counters(&mut json, &previous);
+    let payload = json.to_string();
+    nft(worker_netns, &["-j", "-f", "-"], Some(payload))?;
+    Ok(())
+}
+
+/// Deletes the `egress` table; `Ok(false)` when there was none.
+pub fn remove(worker_netns: Option<&Path>) -> Result<bool, Error> {
+    Ok(nft_optional(worker_netns, &["delete", "table", "inet", TABLE])?.is_some())
+}
+
+/// Whether the `egress` table exists.
+pub fn exists(worker_netns: Option<&Path>) -> Result<bool, Error> {
+    Ok(list(worker_netns)?.is_some())
+}
+
+/// The drop counter of the actor behind `veth` (packets, bytes), `None` if absent.
+pub fn dropped(worker_netns: Option<&Path>, veth: &str) -> Result<Option<Counter>, Error> {
+    let name = counter_name(veth);
+    let args = ["-j", "list", "counter", "inet", TABLE, &name];
+    let Some(out) = nft_optional(worker_netns, &args)? else {
+        return Ok(None);
+    };
+    let json = parse_json(worker_netns, &args, &out)?;
+    Ok(counter_objects(&json).remove(&name))
+}
+
+/// The table as `nft list table inet egress` prints it (for docs and operators), `None` if
+/// absent.
+pub fn list(worker_netns: Option<&Path>) -> Result<Option<String>, Error> {
+    nft_optional(worker_netns, &["list", "table", "inet", TABLE])
+}
+
+/// The current values of the table's named counters.
+fn counters(worker_netns: Option<&Path>) -> Result<HashMap<String, Counter>, Error> {
+    let args = ["-j", "list", "table", "inet", TABLE];
+    match nft_optional(worker_netns, &args)? {
+        Some(out) => Ok(counter_objects(&parse_json(worker_netns, &args, &out)?)),
+        None => Ok(HashMap::new()),
+    }
+}
+
+/// Named counters in `nft -j` output, read as u64 (the nftables crate's schema has u32).
+fn counter_objects(json: &serde_json::Value) -> HashMap<String, Counter> {
+    let objects = json["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    objects
+        .iter()
+        .filter_map(|o| {
+            let c = o.get("counter")?;
+            Some((
+                c["name"].as_str()?.to_string(),
+                Counter {
+                    packets: c["packets"].as_u64().unwrap_or(0),
+                    bytes: c["bytes"].as_u64().unwrap_or(0),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Seeds the `add counter` objects of a transaction with the values from before.
+fn carry_counters(json: &mut serde_json::Value, previous: &HashMap<String, Counter>) {
+    let Some(objects) = json["nftables"].as_array_mut() else {
+        return;
+    };
+    for o in objects {
+        let Some(c) = o.pointer_mut("/add/counter") else {
+            continue;
+        };
+        let Some(prev) = c["name"].as_str().and_then(|n| previous.get(n)) else {
+            continue;
+        };
+        c["packets"] = prev.packets.into();
+        c["bytes"] = prev.bytes.into();
+    }
+}
+
+fn parse_json(
+    worker_netns: Option<&Path>,
+    args: &[&str],
+    out: &str,
+) -> Result<serde_json::Value, Error> {
+    serde_json::from_str(out).map_err(|source| Error::Json {
+        netns: ns_name(worker_netns),
+        args: args.join(" "),
+        source,
+    })
+}
+
+/// Like [`nft`], but "No such file or directory" (no such table or object) is `Ok(None)`.
+fn nft_optional(worker_netns: Option<&Path>, args: &[&str]) -> Result<Option<String>, Error> {
+    match nft(worker_netns, args, None) {
+        Ok(out) => Ok(Some(out)),
+        Err(Error::Nft { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `nft ARGS` (stdin: `input`) from a thread inside the worker namespace, so the child
+/// inherits that namespace; returns stdout.
+fn nft(worker_netns: Option<&Path>, args: &[&str], input: Option<String>) -> Result<String, Error> {
+    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = crate::netns::run_in(worker_netns, move || {
+        let mut child = Command::new("nft")
+            .args(&owned)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            // Piped, unlike the nftables crate's helper, so the error says what nft said.
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .map_err(|source| Error::Spawn {
+        netns: ns_name(worker_netns),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Nft {
+            netns: ns_name(worker_netns),
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ns_name(netns: Option<&Path>) -> String {
+    netns.map_or_else(|| "of the agent".to_string(), |p| p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn actor(n: u8, inbound: &[&str], allow_udp: bool) -> Actor {
+        Actor {
+            id: format!("actor-{n}"),
+            veth: format!("egress{n}"),
+            addr: Ipv4Addr::new(10, 200, 0, 4 * n + 2),
+            gateway: Ipv4Addr::new(10, 200, 0, 4 * n + 1),
+            inbound: inbound.iter().map(|i| i.parse().unwrap()).collect(),
+            allow_udp,
+        }
+    }
+
+    fn worker(actors: Vec<Actor>, resolver: Option<Ipv4Addr>) -> Worker {
+        Worker {
+            listen_port: 15001,
+            resolver,
+            actors,
+        }
+    }
+
+    fn objects(w: &Worker) -> Vec<Value> {
+        let v = serde_json::to_value(ruleset(w)).unwrap();
+        v["nftables"].as_array().unwrap().clone()
+    }
+
+    /// The `expr` arrays of the added rules of `chain`, with their comments.
+    fn chain_rules(w: &Worker, chain: &str) -> Vec<(Value, String)> {
+        objects(w)
+            .into_iter()
+            .filter_map(|o| {
+                let r = o.pointer("/add/rule")?;
+                (r["chain"] == chain).then(|| {
+                    (
+                        r["expr"].clone(),
+                        r["comment"].as_str().unwrap().to_string(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn has(expr: &Value, stmt: &Value) -> bool {
+        expr.as_array().unwrap().contains(stmt)
+    }
+
+    #[test]
+    fn inbound_parses_and_prints() {
+        let i: Inbound = "tcp/8080".parse().unwrap();
+        assert_eq!(
+            i,
+            Inbound {
+                proto: Proto::Tcp,
+                port: 8080
+            }
+        );
+        assert_eq!(i.to_string(), "tcp/8080");
+        assert_eq!("udp/4433".parse::<Inbound>().unwrap().proto, Proto::Udp);
+        assert_eq!(serde_json::to_value(i).unwrap(), json!("tcp/8080"));
+        assert_eq!(
+            serde_json::from_value::<Inbound>(json!("udp/53")).unwrap(),
+            "udp/53".parse().unwrap()
+        );
+        for bad in ["tcp", "sctp/1", "tcp/0", "tcp/65536", "tcp/x", "/80"] {
+            let err = bad.parse::<Inbound>().unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn transaction_replaces_only_our_table() {
+        let objs = objects(&worker(vec![actor(0, &[], false)], None));
+        let table = json!({"family": "inet", "name": "egress"});
+        assert_eq!(objs[0], json!({"add": {"table": table}}));
+        assert_eq!(objs[1], json!({"delete": {"table": table}}));
+        assert_eq!(objs[2], json!({"add": {"table": table}}));
+        // Nothing outside the table: no flush ruleset, no other table.
+        for o in &objs {
+            let s = o.to_string();
+            assert!(!s.contains("flush"), "{s}");
+            let inner = o.as_object().unwrap().values().next().unwrap();
+            let obj = inner.as_object().unwrap().values().next().unwrap();
+            let t = obj.get("table").or(obj.get("name")).unwrap();
+            assert_eq!(t, "egress", "{s}");
+        }
+    }
+
+    #[test]
+    fn chains_hooks_and_priorities() {
+        let chains: Vec<Value> = objects(&worker(vec![actor(0, &[], false)], None))
+            .into_iter()
+            .filter_map(|o| o.pointer("/add/chain").cloned())
+            .collect();
+        let brief: Vec<(String, String, String, i64)> = chains
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().into(),
+                    c["type"].as_str().unwrap().into(),
+                    c["hook"].as_str().unwrap().into(),
+                    c["prio"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("prerouting", "nat", "prerouting", -100),
+            ("postrouting", "nat", "postrouting", 100),
+            ("forward", "filter", "forward", 0),
+            ("input", "filter", "input", 0),
+        ];
+        assert_eq!(
+            brief,
+            want.map(|(a, b, c, d)| (a.into(), b.into(), c.into(), d))
+        );
+        assert!(chains.iter().all(|c| c["policy"] == "accept"));
+    }
+
+    #[test]
+    fn dns_comes_before_the_tcp_redirect() {
+        let resolver = Ipv4Addr::new(10, 252, 9, 2);
+        let w = worker(
+            vec![actor(0, &[], false), actor(1, &[], false)],
+            Some(resolver),
+        );
+        let pre = chain_rules(&w, "prerouting");
+        let first_redirect = pre
+            .iter()
+            .position(|(e, _)| e.to_string().contains("redirect"))
+            .unwrap();
+        let dns: Vec<usize> = pre
+            .iter()
+            .enumerate()
+            .filter(|(_, (e, _))| e.to_string().contains("dnat"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(dns.len(), 2);
+        assert!(dns.iter().all(|&i| i < first_redirect), "{pre:#?}");
+        let (dns0, comment) = &pre[0];
+        assert_eq!(comment, "actor-0");
+        assert!(has(
+            dns0,
+            &json!({"match": {"left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                "right": {"set": ["10.200.0.1", "10.252.9.2"]}, "op": "=="}})
+        ));
+        assert!(has(
+            dns0,
+            &json!({"match": {"left": {"payload": {"protocol": "th", "field": "dport"}},
+                "right": 53, "op": "=="}})
+        ));
+        assert!(has(
+            dns0,
+            &json!({"dnat": {"addr": "10.252.9.2", "family": "ip"}})
+        ));
+        let redirect = &pre[first_redirect].0;
+        assert!(has(
+            redirect,
+            &json!({"match": {"left": {"meta": {"key": "iifname"}}, "right": "egress0", "op": "=="}})
+        ));
+        assert!(has(
+            redirect,
+            &json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}})
+        ));
+        assert!(has(redirect, &json!({"redirect": {"port": 15001}})));
+    }
+
+    #[test]
+    fn without_resolver_no_dns_rules() {
+        let w = worker(vec![actor(0, &[], false)], None);
+        let all = serde_json::to_string(&ruleset(&w)).unwrap();
+        assert!(!all.contains("dnat"), "{all}");
+        assert!(!all.contains("53"), "{all}");
+    }
+
+    #[test]
+    fn inbound_dnat_excludes_every_actor_veth() {
+        let w = worker(
+            vec![
+                actor(0, &["tcp/8080", "udp/4433"], false),
+                actor(1, &[], false),
+            ],
+            None,
+        );
+        let pre = chain_rules(&w, "prerouting");
+        let inbound: Vec<&Value> = pre
+            .iter()
+            .filter(|(e, _)| e.to_string().contains("fib"))
+            .map(|(e, _)| e)
+            .collect();
+        assert_eq!(inbound.len(), 2);
+        let not_actors = json!({"match": {"left": {"meta": {"key": "iifname"}},
+            "right": {"set": ["egress0", "egress1"]}, "op": "!="}});
+        assert!(inbound.iter().all(|e| has(e, &not_actors)));
+        assert!(has(
+            inbound[0],
+            &json!({"match": {"left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                "right": "local", "op": "=="}})
+        ));
+        assert!(has(
+            inbound[1],
+            &json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "udp", "op": "=="}})
+        ));
+        assert!(has(
+            inbound[1],
+            &json!({"dnat": {"addr": "10.200.0.2", "family": "ip"}})
+        ));
+        // The DNATed connection is let through to the actor.
+        let fwd = chain_rules(&w, "forward");
+        assert!(fwd.iter().any(|(e, c)| c == "actor-0"
+            && has(
+                e,
+                &json!({"match": {"left": {"ct": {"key": "status"}}, "right": "dnat", "op": "in"}})
+            )));
+        assert!(
+            !fwd.iter()
+                .any(|(e, c)| c == "actor-1" && e.to_string().contains("status"))
+        );
+    }
+
+    #[test]
+    fn forward_ends_in_counted_drop_and_udp_only_if_allowed() {
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], true)], None);
+        let fwd = chain_rules(&w, "forward");
+        for (n, veth) in ["egress0", "egress1"].iter().enumerate() {
+            let mine: Vec<&Value> = fwd
+                .iter()
+                .filter(|(_, c)| *c == format!("actor-{n}"))
+                .map(|(e, _)| e)
+                .collect();
+            let counted = json!({"counter": format!("dropped_{veth}")});
+            let last_two = &mine[mine.len() - 2..];
+            assert!(has(last_two[0], &counted), "{mine:#?}");
+            assert!(has(last_two[0], &json!({"drop": null})));
+            assert_eq!(
+                last_two[1],
+                &json!([{"match": {"left": {"meta": {"key": "oifname"}}, "right": veth, "op": "=="}},
+                    {"drop": null}])
+            );
+            let udp_accept = mine.iter().any(|e| {
+                has(
+                    e,
+                    &json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "udp", "op": "=="}}),
+                ) && has(e, &json!({"accept": null}))
+            });
+            assert_eq!(udp_accept, n == 1, "allow_udp of actor-{n}");
+            assert!(mine.iter().any(|e| has(
+                e,
+                &json!({"match": {"left": {"ct": {"key": "state"}},
+                    "right": ["established", "related"], "op": "in"}})
+            )));
+        }
+    }
+
+    #[test]
+    fn input_guards_the_capture_port() {
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let input = chain_rules(&w, "input");
+        let (guard, _) = &input[0];
+        assert_eq!(
+            guard,
+            &json!([
+                {"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}},
+                {"match": {"left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 15001, "op": "=="}},
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": {"set": ["lo", "egress0", "egress1"]}, "op": "!="}},
+                {"drop": null}
+            ])
+        );
+        for veth in ["egress0", "egress1"] {
+            let last = input
+                .iter()
+                .rev()
+                .find(|(e, _)| e.to_string().contains(&format!("\"{veth}\"")))
+                .unwrap();
+            assert!(has(&last.0, &json!({"counter": format!("dropped_{veth}")})));
+        }
+    }
+
+    #[test]
+    fn one_named_counter_per_actor_and_comments() {
+        let w = worker(
+            vec![actor(0, &["tcp/80"], false), actor(1, &[], true)],
+            Some(Ipv4Addr::new(10, 0, 0, 53)),
+        );
+        let counters: Vec<Value> = objects(&w)
+            .into_iter()
+            .filter_map(|o| o.pointer("/add/counter").cloned())
+            .collect();
+        let names: Vec<&str> = counters
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dropped_egress0", "dropped_egress1"]);
+        // Every per-actor rule carries the id of the actor whose veth it names.
+        for (chain, expr, comment) in ["prerouting", "postrouting", "forward", "input"]
+            .into_iter()
+            .flat_map(|c| chain_rules(&w, c).into_iter().map(move |(e, m)| (c, e, m)))
+        {
+            let s = expr.to_string();
+            if comment.starts_with("capture port")
+                || s.contains("\"set\":[\"egress0\",\"egress1\"]")
+            {
+                continue;
+            }
+            let n = if s.contains("egress0") || s.contains("10.200.0.2\"") {
+                0
+            } else {
+                1
+            };
+            assert_eq!(comment, format!("actor-{n}"), "{chain}: {s}");
+        }
+    }
+
+    #[test]
+    fn long_ids_are_truncated_for_comments() {
+        let mut a = actor(0, &[], false);
+        a.id = "é".repeat(100);
+        let rules = chain_rules(&worker(vec![a], None), "forward");
+        assert!(
+            rules
+                .iter()
+                .all(|(_, c)| c.len() <= MAX_COMMENT && c.starts_with('é'))
+        );
+    }
+
+    #[test]
+    fn conflicting_inbound_is_refused() {
+        let w = worker(
+            vec![actor(0, &["tcp/80"], false), actor(1, &["tcp/80"], false)],
+            None,
+        );
+        let err = validate(&w).unwrap_err();
+        assert!(err.to_string().contains("tcp/80"), "{err}");
+        let ok = worker(
+            vec![actor(0, &["tcp/80"], false), actor(1, &["udp/80"], false)],
+            None,
+        );
+        validate(&ok).unwrap();
+    }
+
+    #[test]
+    fn counters_are_carried_over_as_u64() {
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let mut json = serde_json::to_value(ruleset(&w)).unwrap();
+        let big = Counter {
+            packets: 7,
+            bytes: 5_000_000_000,
+        };
+        carry_counters(&mut json, &[("dropped_egress1".to_string(), big)].into());
+        let listing = json!({"nftables": json["nftables"].as_array().unwrap().iter()
+            .filter_map(|o| o.get("add").cloned()).collect::<Vec<_>>()});
+        let counters = counter_objects(&listing);
+        assert_eq!(counters["dropped_egress1"], big);
+        assert_eq!(counters["dropped_egress0"], Counter::default());
+    }
 }
