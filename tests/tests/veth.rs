@@ -360,3 +360,42 @@ fn down_removes_everything_up_is_idempotent_and_a_restarted_agent_adopts_the_pai
     assert!(!out.success(), "a second down says there is nothing");
     w.agent = again;
 }
+
+#[test]
+fn a_worker_veth_that_no_actor_owns_forwards_nothing() {
+    let w = VethWorld::new(46, "vactor-46", |o| o);
+    // A pair named like the agent's, made by hand (as if an agent had lost its state file).
+    let stray = Netns::new();
+    w.worker.ip(&[
+        "link",
+        "add",
+        "egress9",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        stray.name(),
+    ]);
+    w.worker
+        .ip(&["addr", "add", "10.200.0.37/30", "dev", "egress9"]);
+    w.worker.ip(&["link", "set", "egress9", "up"]);
+    stray.ip(&["addr", "add", "10.200.0.38/30", "dev", "eth0"]);
+    stray.ip(&["link", "set", "eth0", "up"]);
+    stray.ip(&["route", "add", "default", "via", "10.200.0.37"]);
+    let echo = UdpEcho::start(probe(), &w.node, w.node_addr(9999));
+    let out = udp_send(
+        probe(),
+        &stray,
+        echo.addr(),
+        "leak?",
+        Duration::from_millis(500),
+    );
+    assert_eq!(out.code(), Some(UDP_TIMEOUT_EXIT), "{}", out.describe());
+    assert!(echo.peers().is_empty(), "nothing was forwarded to the node");
+    // The registered actor's UDP is dropped as well; its TCP is still captured.
+    w.curl(&w.actor, 8080, &format!("http://{NAME}:8080/"))
+        .expect_success("curl from the registered actor");
+    w.squid.wait_for_entries(1, T);
+}

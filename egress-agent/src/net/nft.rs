@@ -397,6 +397,13 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         ]);
         r(vec![oifname(&a.veth), drop()]);
     }
+    // A worker end of ours that no registered actor owns (an agent that lost its state file,
+    // a pair made by hand): its traffic is dropped, never forwarded unfiltered.
+    let ours = format!("{}*", super::veth::WORKER_IF_PREFIX);
+    if !w.actors.is_empty() {
+        rule("forward", ORPHAN, vec![iifname(&ours), drop()]);
+        rule("forward", ORPHAN, vec![oifname(&ours), drop()]);
+    }
 
     // input. Nobody but loopback and the actors may reach the capture port.
     if !w.actors.is_empty() {
@@ -439,8 +446,14 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
             drop(),
         ]);
     }
+    if !w.actors.is_empty() {
+        rule("input", ORPHAN, vec![iifname(&ours), drop()]);
+    }
     out
 }
+
+/// The comment of the rules for veths of ours that no registered actor owns.
+const ORPHAN: &str = "egress veth of no registered actor";
 
 /// IPv4 from the actor's veth with another source address: the agent and the masquerade
 /// rule identify the actor by its address, so a forged one is dropped (and counted).
@@ -1052,6 +1065,7 @@ mod tests {
         {
             let s = expr.to_string();
             if comment.starts_with("capture port")
+                || comment == ORPHAN
                 || s.contains("\"set\":[\"egress0\",\"egress1\"]")
             {
                 continue;
@@ -1073,8 +1087,20 @@ mod tests {
         assert!(
             rules
                 .iter()
+                .filter(|(_, c)| c != ORPHAN)
                 .all(|(_, c)| c.len() <= MAX_COMMENT && c.starts_with('é'))
         );
+    }
+
+    #[test]
+    fn veths_of_no_actor_are_dropped_last() {
+        let w = worker(vec![actor(0, &[], false)], None);
+        for chain in ["forward", "input"] {
+            let rules = chain_rules(&w, chain);
+            let (expr, comment) = rules.last().expect("rules");
+            assert_eq!(comment, ORPHAN, "{chain}");
+            assert!(expr.to_string().contains("\"egress*\""), "{chain}: {expr}");
+        }
     }
 
     #[test]

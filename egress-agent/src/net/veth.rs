@@ -34,7 +34,7 @@ use rtnetlink::{
 pub const ACTOR_IF: &str = "eth0";
 
 /// Worker-end interface names are this prefix plus the slot number.
-const WORKER_IF_PREFIX: &str = "egress";
+pub const WORKER_IF_PREFIX: &str = "egress";
 
 /// Every pair is a point-to-point /30: network, worker, actor, broadcast.
 const PAIR_PREFIX_LEN: u8 = 30;
