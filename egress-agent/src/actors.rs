@@ -68,7 +68,7 @@ pub enum Error {
         /// Actor id.
         id: String,
         /// The cause.
-        source: veth::Error,
+        source: Box<veth::Error>,
     },
     /// The nftables table could not be written.
     #[error("actor {id:?}: {source}")]
@@ -76,11 +76,27 @@ pub enum Error {
         /// Actor id.
         id: String,
         /// The cause.
-        source: nft::Error,
+        source: Box<nft::Error>,
     },
     /// The async runtime refused a listener.
     #[error("registering a listener with the runtime: {0}")]
     Runtime(#[from] crate::app::Error),
+}
+
+impl Error {
+    fn veth(id: &str, source: veth::Error) -> Self {
+        Error::Veth {
+            id: id.into(),
+            source: Box::new(source),
+        }
+    }
+
+    fn nft(id: &str, source: nft::Error) -> Self {
+        Error::Nft {
+            id: id.into(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// The actors the pipeline can attribute connections to; read on every accept, written only
@@ -142,6 +158,16 @@ pub enum Source {
     Config,
     /// `egress-agent actor add` (kept in the state file across restarts).
     Runtime,
+}
+
+impl Source {
+    /// Stable name for logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Runtime => "runtime",
+        }
+    }
 }
 
 /// One actor as `egress-agent actor list` shows it.
@@ -349,10 +375,7 @@ impl Manager {
         let (Capture::Veth(v), Some((pair, _))) = (&entry.actor.capture, &entry.pair) else {
             return Err(Error::NotVeth(id.into()));
         };
-        veth::reapply(&v.netns, pair).map_err(|source| Error::Veth {
-            id: id.into(),
-            source,
-        })?;
+        veth::reapply(&v.netns, pair).map_err(|source| Error::veth(id, source))?;
         info!(actor = %id, netns = %v.netns.display(), address = %pair.actor, "actor side re-applied");
         Ok(self.status(entry))
     }
@@ -403,18 +426,42 @@ impl Manager {
             Capture::Veth(v) => self.add_veth(&actor, v, source, slot)?,
         };
         let status = self.status(&entry);
-        info!(
-            actor = %actor.id,
-            template = %actor.template,
-            template_namespace = %actor.template_namespace,
-            source = ?source,
-            capture = %status.capture,
-            cgroup_id = ?status.cgroup_id,
-            veth = ?status.pair.as_ref().map(|p| p.worker_if.as_str()),
-            address = ?status.pair.as_ref().map(|p| p.actor),
-            listeners = ?status.listeners,
-            "actor captured"
-        );
+        let listeners = format!("{:?}", status.listeners);
+        match (&actor.capture, &status.pair) {
+            (
+                Capture::Cgroup {
+                    cgroup,
+                    cgroup_id,
+                    netns,
+                },
+                _,
+            ) => info!(
+                actor = %actor.id,
+                template = %actor.template,
+                template_namespace = %actor.template_namespace,
+                source = source.as_str(),
+                capture = "cgroup",
+                cgroup = %cgroup.display(),
+                cgroup_id,
+                netns = %netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
+                listeners,
+                "actor captured"
+            ),
+            (Capture::Veth(v), pair) => info!(
+                actor = %actor.id,
+                template = %actor.template,
+                template_namespace = %actor.template_namespace,
+                source = source.as_str(),
+                capture = "veth",
+                netns = %v.netns.display(),
+                worker_netns = %v.worker_netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
+                veth = pair.as_ref().map_or("", |p| p.worker_if.as_str()),
+                address = %pair.as_ref().map_or(String::new(), |p| format!("{}/{}", p.actor, p.prefix_len)),
+                gateway = %pair.as_ref().map_or(String::new(), |p| p.worker.to_string()),
+                listeners,
+                "actor captured"
+            ),
+        }
         self.actors.insert(actor.id.clone(), entry);
         Ok(status)
     }
@@ -483,21 +530,14 @@ impl Manager {
         let mut table = self.worker_table(v.worker_identity);
         table.actors.push(nft_actor(actor, v, &pair));
         let setup = nft::apply(v.worker_netns.as_deref(), &table)
-            .map_err(|source| Error::Nft {
-                id: id.clone(),
-                source,
-            })
+            .map_err(|source| Error::nft(&id, source))
             .and_then(|()| {
-                veth::enable_forwarding(v.worker_netns.as_deref()).map_err(|source| Error::Veth {
-                    id: id.clone(),
-                    source,
-                })
+                veth::enable_forwarding(v.worker_netns.as_deref())
+                    .map_err(|source| Error::veth(&id, source))
             })
             .and_then(|_| {
-                veth::up(v.worker_netns.as_deref(), &v.netns, &pair).map_err(|source| Error::Veth {
-                    id: id.clone(),
-                    source,
-                })
+                veth::up(v.worker_netns.as_deref(), &v.netns, &pair)
+                    .map_err(|source| Error::veth(&id, source))
             });
         let up = match setup {
             Ok(up) => up,
@@ -523,16 +563,12 @@ impl Manager {
 
     /// Deletes a veth actor's pair, then rewrites its worker's table without it.
     fn release_veth(&self, actor: &Actor, v: &Veth, pair: &veth::Pair) -> Result<(), Error> {
-        veth::down(v.worker_netns.as_deref(), pair).map_err(|source| Error::Veth {
-            id: actor.id.clone(),
-            source,
-        })?;
+        veth::down(v.worker_netns.as_deref(), pair)
+            .map_err(|source| Error::veth(&actor.id, source))?;
         let mut table = self.worker_table(v.worker_identity);
         table.actors.retain(|a| a.id != actor.id);
-        apply_or_remove(v.worker_netns.as_deref(), &table).map_err(|source| Error::Nft {
-            id: actor.id.clone(),
-            source,
-        })
+        apply_or_remove(v.worker_netns.as_deref(), &table)
+            .map_err(|source| Error::nft(&actor.id, source))
     }
 
     /// The table of one worker namespace for the veth actors registered there.
@@ -576,10 +612,7 @@ impl Manager {
             return Ok(pair);
         }
         let present: BTreeSet<String> = veth::list(v.worker_netns.as_deref())
-            .map_err(|source| Error::Veth {
-                id: id.into(),
-                source,
-            })?
+            .map_err(|source| Error::veth(id, source))?
             .into_iter()
             .collect();
         (0..pool.capacity())

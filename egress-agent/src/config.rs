@@ -802,6 +802,99 @@ mod tests {
     }
 
     #[test]
+    fn veth_actors_parse_from_the_file() {
+        let f: File = toml::from_str(
+            r#"
+            pep = "127.0.0.1:3128"
+            [[actor]]
+            id = "sbx-1"
+            netns = "/var/run/netns/sbx-1"
+            [actor.veth]
+            worker_netns = "/var/run/netns/pod-1"
+            inbound = ["tcp/8080", "udp/4433"]
+            allow_udp = true
+            "#,
+        )
+        .unwrap();
+        let veth = f.actors[0].veth.as_ref().unwrap();
+        assert_eq!(
+            veth.worker_netns.as_deref(),
+            Some(Path::new("/var/run/netns/pod-1"))
+        );
+        assert_eq!(veth.inbound[0].to_string(), "tcp/8080");
+        assert!(veth.allow_udp);
+        for bad in [
+            "[[actor]]\nid = \"a\"\n[actor.veth]\nworkr_netns = \"/x\"\n",
+            "[[actor]]\nid = \"a\"\n[actor.veth]\ninbound = [\"icmp/1\"]\n",
+        ] {
+            assert!(toml::from_str::<File>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn actor_specs_say_what_is_wrong() {
+        let problem = |spec: ActorSpec| match spec.validate() {
+            Err(Error::Actor { problem, .. }) => problem,
+            other => panic!("expected an actor error, got {other:?}"),
+        };
+        let own = PathBuf::from("/proc/self/ns/net");
+        let veth = |inbound: Vec<&str>| VethSpec {
+            worker_netns: None,
+            inbound: inbound.into_iter().map(|i| i.parse().unwrap()).collect(),
+            allow_udp: false,
+        };
+        let base = ActorSpec {
+            id: "a".into(),
+            ..ActorSpec::default()
+        };
+        assert!(problem(base.clone()).contains("give `cgroup`"));
+        assert!(
+            problem(ActorSpec {
+                cgroup: Some("/x".into()),
+                veth: Some(veth(vec![])),
+                ..base.clone()
+            })
+            .contains("not both")
+        );
+        assert!(
+            problem(ActorSpec {
+                veth: Some(veth(vec![])),
+                ..base.clone()
+            })
+            .contains("needs `netns`")
+        );
+        // The agent's own namespace as both actor and worker.
+        assert!(
+            problem(ActorSpec {
+                netns: Some(own.clone()),
+                veth: Some(veth(vec![])),
+                ..base.clone()
+            })
+            .contains("namespace of its own")
+        );
+        assert!(
+            problem(ActorSpec {
+                netns: Some("/tmp".into()),
+                veth: Some(veth(vec![])),
+                ..base.clone()
+            })
+            .contains("not a namespace file")
+        );
+        let mut dup = veth(vec!["tcp/80", "tcp/80"]);
+        dup.worker_netns = Some("/proc/1/ns/net".into());
+        // Validation stops at the namespace check or the duplicate, never passes.
+        assert!(
+            ActorSpec {
+                netns: Some(own),
+                veth: Some(dup),
+                ..base
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
     fn header_values_are_checked() {
         assert!(header_safe("actor-1 / team"));
         assert!(!header_safe("a\r\nx-evil: 1"));

@@ -287,8 +287,12 @@ fn send(control: &ControlArgs, request: &Request) -> anyhow::Result<()> {
 fn status_line(s: &egress_agent::actors::Status) -> String {
     let a = &s.actor;
     let mut line = format!(
-        "{} template={:?} template_namespace={:?} source={:?} capture={}",
-        a.id, a.template, a.template_namespace, s.source, s.capture
+        "{} template={:?} template_namespace={:?} source={} capture={}",
+        a.id,
+        a.template,
+        a.template_namespace,
+        s.source.as_str(),
+        s.capture
     );
     if let Some(cgroup) = &a.cgroup {
         line += &format!(
