@@ -36,6 +36,9 @@ fn main() -> ExitCode {
     let world: Shared = Arc::new(Mutex::new(None));
     let veth_world: SharedVeth = Arc::new(Mutex::new(None));
     install_cleanup_on_signal(world.clone(), veth_world.clone());
+    // A panic (a step that cannot even be set up) unwinds through this guard, which stops
+    // everything and removes the worlds; the signal thread's clones would keep them alive.
+    let _cleanup = Cleanup(world.clone(), veth_world.clone());
 
     println!(
         "egress demo: building a throw-away actor (network namespaces, cgroup, upstreams, squid, agent)..."
@@ -272,6 +275,24 @@ fn veth_part(shared: &SharedVeth) -> usize {
         drop(shared.lock().unwrap_or_else(|e| e.into_inner()).take());
         std::process::exit(130);
     }
+    {
+        let g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = g.as_ref() {
+            let answer = egress_tests::dns::dig(
+                &w.actor,
+                IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 0, 1)),
+                NAME,
+            );
+            println!(
+                "\n[veth dns] dig @10.200.0.1 {NAME} in the actor -> {answer:?} (the worker's resolver, masqueraded)"
+            );
+            let list = w.agent.control(&["actor", "list"]);
+            println!(
+                "[veth list] egress-agent actor list:\n    {}",
+                list.stdout.trim()
+            );
+        }
+    }
     let mut failures = 0;
     let gvisor = which_runsc();
     let runs: Vec<(&str, bool)> = if gvisor {
@@ -377,24 +398,6 @@ fn veth_part(shared: &SharedVeth) -> usize {
             }
         }
     }
-    {
-        let g = shared.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = g.as_ref() {
-            let answer = egress_tests::dns::dig(
-                &w.actor,
-                IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 0, 1)),
-                NAME,
-            );
-            println!(
-                "\n[veth dns] dig @10.200.0.1 {NAME} in the actor -> {answer:?} (the worker's resolver, masqueraded)"
-            );
-            let list = w.agent.control(&["actor", "list"]);
-            println!(
-                "[veth list] egress-agent actor list:\n    {}",
-                list.stdout.trim()
-            );
-        }
-    }
     println!("\ncleaning up...");
     drop(shared.lock().unwrap_or_else(|e| e.into_inner()).take());
     failures
@@ -448,6 +451,16 @@ fn s(v: &Option<String>) -> &str {
 
 fn n(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
+}
+
+/// Drops whatever world is still shared when `main` returns or unwinds.
+struct Cleanup(Shared, SharedVeth);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+        drop(self.1.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
 }
 
 /// The world is gone: the signal thread is removing it and will exit the process.
