@@ -161,8 +161,8 @@ impl Server {
         })
     }
 
-    /// Serves requests until `shutdown` changes, one at a time against the manager, then
-    /// removes the socket file.
+    /// Serves requests until `shutdown` changes, one at a time against the manager; the
+    /// socket file goes when the server is dropped.
     pub async fn run(self, manager: Arc<Mutex<Manager>>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let accepted = tokio::select! {
@@ -179,6 +179,12 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Also when the agent fails to start after binding: no stale socket file is left.
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -200,7 +200,7 @@ pub enum Error {
     #[error(
         "{worker_if} exists in worker network namespace {worker_netns} but is not paired with \
          {ACTOR_IF} of {actor_netns} ({detail}); another actor may own this slot: pick another \
-         slot, or delete it with veth::down if it is stale"
+         slot, or delete the stale interface (`ip -n WORKER link del {worker_if}`)"
     )]
     NotOurPeer {
         /// The worker end.
@@ -224,7 +224,9 @@ pub enum Error {
         netns: String,
     },
     /// [`reapply`] on an actor namespace without `eth0`.
-    #[error("actor network namespace {actor_netns} has no {ACTOR_IF}; run veth::up first")]
+    #[error(
+        "actor network namespace {actor_netns} has no {ACTOR_IF}: the pair is gone (was the namespace recreated?); remove the actor and add it again"
+    )]
     ActorIfMissing {
         /// The actor namespace.
         actor_netns: String,
