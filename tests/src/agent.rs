@@ -260,13 +260,7 @@ impl AgentOptions {
     pub fn config_toml(&self) -> String {
         let mut s = String::new();
         for a in &self.actors {
-            s.push_str("[[actor]]\n");
-            s.push_str(&format!("id = {}\n", toml_str(&a.id)));
-            s.push_str(&format!("template = {}\n", toml_str(&a.template)));
-            s.push_str(&format!(
-                "template_namespace = {}\n",
-                toml_str(&a.template_namespace)
-            ));
+            s.push_str(&identity_toml(&a.id, &a.template, &a.template_namespace));
             s.push_str(&format!(
                 "cgroup = {}\n",
                 toml_str(&a.cgroup.display().to_string())
@@ -280,13 +274,7 @@ impl AgentOptions {
             s.push('\n');
         }
         for a in &self.veth_actors {
-            s.push_str("[[actor]]\n");
-            s.push_str(&format!("id = {}\n", toml_str(&a.id)));
-            s.push_str(&format!("template = {}\n", toml_str(&a.template)));
-            s.push_str(&format!(
-                "template_namespace = {}\n",
-                toml_str(&a.template_namespace)
-            ));
+            s.push_str(&identity_toml(&a.id, &a.template, &a.template_namespace));
             s.push_str(&format!(
                 "netns = {}\n",
                 toml_str(&a.netns.display().to_string())
@@ -302,6 +290,16 @@ impl AgentOptions {
         }
         s
     }
+}
+
+/// The start of an `[[actor]]` table: its identity.
+fn identity_toml(id: &str, template: &str, template_namespace: &str) -> String {
+    format!(
+        "[[actor]]\nid = {}\ntemplate = {}\ntemplate_namespace = {}\n",
+        toml_str(id),
+        toml_str(template),
+        toml_str(template_namespace)
+    )
 }
 
 /// A TOML basic string.

@@ -91,6 +91,42 @@ pub struct AccessEntry {
     pub connect_authority: Option<String>,
 }
 
+impl AccessEntry {
+    /// Asserts a CONNECT to `authority` carrying the identity `actor` / `template` /
+    /// `template_namespace`, the original destination `original` and `authority` as
+    /// `x-ate-connect-authority`.
+    pub fn assert_identity(
+        &self,
+        (actor, template, template_namespace): (&str, &str, &str),
+        original: std::net::SocketAddr,
+        authority: &str,
+    ) {
+        assert_eq!(self.method, "CONNECT");
+        assert_eq!(self.uri, authority, "CONNECT authority");
+        assert_eq!(self.actor_id.as_deref(), Some(actor), "x-ate-actor-id");
+        assert_eq!(
+            self.actor_template.as_deref(),
+            Some(template),
+            "x-ate-actor-template"
+        );
+        assert_eq!(
+            self.actor_template_namespace.as_deref(),
+            Some(template_namespace),
+            "x-ate-actor-template-namespace"
+        );
+        assert_eq!(
+            self.original_destination.as_deref(),
+            Some(original.to_string().as_str()),
+            "x-ate-original-destination"
+        );
+        assert_eq!(
+            self.connect_authority.as_deref(),
+            Some(authority),
+            "x-ate-connect-authority"
+        );
+    }
+}
+
 /// Fields in our logformat; the tab-separated line must have exactly this many.
 const FIELDS: usize = 11;
 

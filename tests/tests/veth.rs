@@ -30,24 +30,7 @@ fn probe() -> &'static Path {
 }
 
 fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, authority: &str) {
-    assert_eq!(entry.method, "CONNECT");
-    assert_eq!(entry.uri, authority, "CONNECT authority");
-    assert_eq!(entry.actor_id.as_deref(), Some(actor), "x-ate-actor-id");
-    assert_eq!(
-        entry.actor_template.as_deref(),
-        Some("sandbox"),
-        "x-ate-actor-template"
-    );
-    assert_eq!(
-        entry.actor_template_namespace.as_deref(),
-        Some("team-b"),
-        "x-ate-actor-template-namespace"
-    );
-    assert_eq!(
-        entry.original_destination.as_deref(),
-        Some(original.to_string().as_str()),
-        "x-ate-original-destination"
-    );
+    entry.assert_identity((actor, "sandbox", "team-b"), original, authority);
 }
 
 /// `ip -n NS -o ARGS` output.
