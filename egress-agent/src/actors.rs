@@ -294,6 +294,7 @@ impl Manager {
                      (its sandbox is probably gone); add it again if it is not"),
             }
         }
+        manager.forget_unconfigured(&state);
         let known: BTreeSet<u64> = manager
             .actors
             .values()
@@ -310,6 +311,42 @@ impl Manager {
         }
         manager.save_state();
         Ok(manager)
+    }
+
+    /// Veth actors the previous agent had from its config file that this one's config no longer
+    /// lists: their pairs are deleted (the actor loses its network, it does not go out
+    /// uncaptured) and their worker's table rewritten. A cgroup actor in that case stays
+    /// captured with the stale-cgroup warning, as before.
+    fn forget_unconfigured(&mut self, state: &State) {
+        for saved in &state.actors {
+            if saved.source != Source::Config || self.actors.contains_key(&saved.actor.id) {
+                continue;
+            }
+            let (Ok(actor), Some(slot)) = (saved.actor.validate(), saved.slot) else {
+                // Its namespaces are gone, and the pair with them.
+                continue;
+            };
+            let (Capture::Veth(v), Some(pair)) = (&actor.capture, self.config.veth_pool.pair(slot))
+            else {
+                continue;
+            };
+            let removed = veth::down(v.worker_netns.as_deref(), &pair)
+                .map_err(|e| Error::veth(&actor.id, e))
+                .and_then(|_| {
+                    apply_or_remove(
+                        v.worker_netns.as_deref(),
+                        &self.worker_table(v.worker_identity),
+                    )
+                    .map_err(|e| Error::nft(&actor.id, e))
+                });
+            match removed {
+                Ok(()) => warn!(actor = %actor.id, veth = %pair.worker_if,
+                    "a veth actor is no longer in the config file: its pair is deleted"),
+                Err(e) => error!(actor = %actor.id, error = %e,
+                    "a veth actor is no longer in the config file and its pair could not be \
+                     deleted: its traffic is dropped (no rules redirect it); delete the pair by hand"),
+            }
+        }
     }
 
     /// Adds an actor at run time; adding the same spec again is a no-op.

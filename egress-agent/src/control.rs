@@ -40,6 +40,8 @@ use crate::{
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long a client may take to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control connections served at once; more are answered "busy" at once.
+pub const MAX_CLIENTS: usize = 16;
 /// How long the client waits for an answer (a veth setup runs netlink and nft).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -164,15 +166,32 @@ impl Server {
     /// Serves requests until `shutdown` changes, one at a time against the manager; the
     /// socket file goes when the server is dropped.
     pub async fn run(self, manager: Arc<Mutex<Manager>>, mut shutdown: watch::Receiver<bool>) {
+        let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
                 _ = shutdown.changed() => break,
             };
             match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, manager.clone()));
-                }
+                Ok((mut stream, _)) => match clients.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let manager = manager.clone();
+                        tokio::spawn(async move {
+                            serve(stream, manager).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let busy = Response::failed(format!(
+                            "the agent is serving {MAX_CLIENTS} control requests already: retry"
+                        ));
+                        let mut line = serde_json::to_vec(&busy).unwrap_or_default();
+                        line.push(b'\n');
+                        // Bounded: a client that does not read is dropped, not waited for.
+                        let _ =
+                            tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line)).await;
+                    }
+                },
                 Err(e) => {
                     warn!(error = %e, "control socket accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

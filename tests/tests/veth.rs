@@ -382,3 +382,26 @@ fn a_worker_veth_that_no_actor_owns_forwards_nothing() {
         .expect_success("curl from the registered actor");
     w.squid.wait_for_entries(1, T);
 }
+
+#[test]
+fn a_veth_actor_dropped_from_the_config_loses_its_pair_on_restart() {
+    let mut w = VethWorld::new(47, "vactor-47", |o| o);
+    assert!(ip_out(&w.worker, &["link"]).contains("egress0"));
+    let mut opts = w.agent_options.clone();
+    opts.veth_actors.clear();
+    w.agent.terminate(T);
+    let mut again = Agent::start(&w.node, None, opts);
+    again.wait_ready(T);
+    again.wait_for_message(
+        "a veth actor is no longer in the config file: its pair is deleted",
+        T,
+    );
+    assert!(!ip_out(&w.worker, &["link"]).contains("egress0"));
+    assert!(!ip_out(&w.actor, &["link"]).contains("eth0"));
+    assert!(
+        !w.worker_tables().contains("egress"),
+        "{}",
+        w.worker_tables()
+    );
+    w.agent = again;
+}
