@@ -81,6 +81,17 @@ pub enum Error {
     /// The async runtime refused a listener.
     #[error("registering a listener with the runtime: {0}")]
     Runtime(#[from] crate::app::Error),
+    /// The state file could not be written: the actor was not added.
+    #[error(
+        "recording the actor in the state file {path}: {source}; it was not added (a restarted \
+         agent would not know it): check --state-dir"
+    )]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -236,7 +247,12 @@ pub struct Manager {
     shutdown: watch::Receiver<bool>,
     listeners: HashMap<ListenerKey, Served>,
     actors: BTreeMap<String, Entry>,
+    /// Slots freed by removed veth actors, oldest first: reused last.
+    freed: Vec<((u64, u64), u32)>,
 }
+
+/// Most freed slots remembered.
+const MAX_FREED: usize = 4096;
 
 impl Manager {
     /// Takes over capture and adds the configured actors, then the ones a previous agent
@@ -259,6 +275,7 @@ impl Manager {
             shutdown,
             listeners: HashMap::new(),
             actors: BTreeMap::new(),
+            freed: Vec::new(),
         };
         let state = manager.load_state();
         let slot_of = |id: &str| {
@@ -330,14 +347,18 @@ impl Manager {
             else {
                 continue;
             };
+            if self.slots_taken(v.worker_identity).contains(&slot) {
+                // The worker namespace was replaced and the slot is another actor's now.
+                continue;
+            }
             let removed = veth::down(v.worker_netns.as_deref(), &pair)
                 .map_err(|e| Error::veth(&actor.id, e))
                 .and_then(|_| {
                     apply_or_remove(
+                        &actor.id,
                         v.worker_netns.as_deref(),
                         &self.worker_table(v.worker_identity),
                     )
-                    .map_err(|e| Error::nft(&actor.id, e))
                 });
             match removed {
                 Ok(()) => warn!(actor = %actor.id, veth = %pair.worker_if,
@@ -349,11 +370,21 @@ impl Manager {
         }
     }
 
-    /// Adds an actor at run time; adding the same spec again is a no-op.
+    /// Adds an actor at run time; adding the same spec again is a no-op. An actor that cannot
+    /// be recorded in the state file is removed again: a restarted agent would not know it.
     pub fn add(&mut self, spec: &ActorSpec) -> Result<Status, Error> {
         let actor = spec.validate()?;
+        let known = self.actors.contains_key(&actor.id);
         let status = self.add_actor(actor, Source::Runtime, None)?;
-        self.save_state();
+        if let Err(e) = self.write_state() {
+            if !known {
+                let _ = self.remove(&spec.id);
+            }
+            return Err(Error::State {
+                path: self.state_path(),
+                source: e,
+            });
+        }
         Ok(status)
     }
 
@@ -373,6 +404,15 @@ impl Manager {
                 ebpf::detach(self.capture.dir(), Some(*cgroup_id))
                     .map(|_| ())
                     .map_err(Error::from)
+            }
+            (Capture::Veth(v), Some(_))
+                if !same_namespace(v.worker_netns.as_deref(), v.worker_identity) =>
+            {
+                // Never touch a namespace that replaced it at the same path: its egress0 is
+                // someone else's. The pair and the rules went with the old namespace.
+                warn!(actor = %id, "the actor's worker namespace is gone or was replaced: its \
+                    pair and rules went with it; unregistering only");
+                Ok(())
             }
             (Capture::Veth(v), Some((pair, _))) => self.release_veth(&entry.actor, v, pair),
             (Capture::Veth(_), None) => Ok(()),
@@ -394,6 +434,9 @@ impl Manager {
                 (Capture::Veth(_), None) => {}
             }
         }
+        if let (Capture::Veth(v), Some((pair, _))) = (&entry.actor.capture, &entry.pair) {
+            self.free_slot(v.worker_identity, pair.slot);
+        }
         if let Some(key) = entry.listener {
             self.unuse_listener(key);
         }
@@ -412,6 +455,18 @@ impl Manager {
         let (Capture::Veth(v), Some((pair, _))) = (&entry.actor.capture, &entry.pair) else {
             return Err(Error::NotVeth(id.into()));
         };
+        if !same_namespace(Some(&v.netns), v.netns_identity)
+            || !same_namespace(v.worker_netns.as_deref(), v.worker_identity)
+        {
+            return Err(Error::Conflict {
+                id: id.into(),
+                problem: format!(
+                    "its network namespace {} (or its worker's) is gone or is not the one it was \
+                     added with (recreated?): remove the actor and add it again",
+                    v.netns.display()
+                ),
+            });
+        }
         veth::reapply(&v.netns, pair).map_err(|source| Error::veth(id, source))?;
         info!(actor = %id, netns = %v.netns.display(), address = %pair.actor, "actor side re-applied");
         Ok(self.status(entry))
@@ -579,10 +634,10 @@ impl Manager {
         let up = match setup {
             Ok(up) => up,
             Err(e) => {
-                // Back to the rules of the other actors (or no table): nothing of this actor
-                // is left half-made.
+                // Back to the rules of the other actors: this actor's rules go; a pair of it
+                // that is left (one adopted, not made, by this call) is dropped by the guards.
                 let table = self.worker_table(v.worker_identity);
-                if let Err(undo) = apply_or_remove(v.worker_netns.as_deref(), &table) {
+                if let Err(undo) = apply_or_remove(&id, v.worker_netns.as_deref(), &table) {
                     error!(actor = %id, error = %undo, "undoing the nftables rules failed");
                 }
                 self.unuse_listener(key);
@@ -604,8 +659,7 @@ impl Manager {
             .map_err(|source| Error::veth(&actor.id, source))?;
         let mut table = self.worker_table(v.worker_identity);
         table.actors.retain(|a| a.id != actor.id);
-        apply_or_remove(v.worker_netns.as_deref(), &table)
-            .map_err(|source| Error::nft(&actor.id, source))
+        apply_or_remove(&actor.id, v.worker_netns.as_deref(), &table)
     }
 
     /// The table of one worker namespace for the veth actors registered there.
@@ -627,21 +681,25 @@ impl Manager {
         }
     }
 
-    /// The /30 for a new veth actor: the remembered slot if it is still free, else the lowest
-    /// slot neither another actor of the worker nor a leftover interface holds.
-    fn choose_pair(&self, id: &str, v: &Veth, slot: Option<u32>) -> Result<veth::Pair, Error> {
-        let taken: BTreeSet<u32> = self
-            .actors
+    /// Slots held by registered veth actors of one worker namespace.
+    fn slots_taken(&self, worker: (u64, u64)) -> BTreeSet<u32> {
+        self.actors
             .values()
             .filter_map(|e| match (&e.actor.capture, &e.pair) {
-                (Capture::Veth(other), Some((pair, _)))
-                    if other.worker_identity == v.worker_identity =>
-                {
+                (Capture::Veth(other), Some((pair, _))) if other.worker_identity == worker => {
                     Some(pair.slot)
                 }
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// The /30 for a new veth actor: the remembered slot if it is still free, else the lowest
+    /// slot neither another actor of the worker nor a leftover interface holds, preferring slots
+    /// never freed, then the longest-freed: a new actor does not inherit the address of one
+    /// just removed (connections still queued, conntrack entries of the old one).
+    fn choose_pair(&self, id: &str, v: &Veth, slot: Option<u32>) -> Result<veth::Pair, Error> {
+        let taken = self.slots_taken(v.worker_identity);
         let pool = self.config.veth_pool;
         if let Some(slot) = slot.filter(|s| !taken.contains(s))
             && let Some(pair) = pool.pair(slot)
@@ -652,14 +710,31 @@ impl Manager {
             .map_err(|source| Error::veth(id, source))?
             .into_iter()
             .collect();
-        (0..pool.capacity())
-            .filter(|s| !taken.contains(s))
+        let freed: Vec<u32> = self
+            .freed
+            .iter()
+            .filter(|(worker, _)| *worker == v.worker_identity)
+            .map(|(_, slot)| *slot)
+            .collect();
+        let usable = |s: &u32| !taken.contains(s);
+        let fresh = (0..pool.capacity()).filter(|s| usable(s) && !freed.contains(s));
+        fresh
+            .chain(freed.iter().copied().filter(usable))
             .filter_map(|s| pool.pair(s))
             .find(|p| !present.contains(&p.worker_if))
             .ok_or_else(|| Error::PoolExhausted {
                 id: id.into(),
                 pool,
             })
+    }
+
+    /// Remembers a freed slot (oldest first, bounded).
+    fn free_slot(&mut self, worker: (u64, u64), slot: u32) {
+        self.freed.retain(|&(w, s)| (w, s) != (worker, slot));
+        if self.freed.len() >= MAX_FREED {
+            self.freed.remove(0);
+        }
+        self.freed.push((worker, slot));
     }
 
     /// The listener of `front` in `netns`, opened if this is its first actor.
@@ -779,8 +854,17 @@ impl Manager {
         }
     }
 
-    /// Writes the state file (write a temporary file, then rename: never half-written).
+    /// Writes the state file, logging a failure.
     fn save_state(&self) {
+        if let Err(e) = self.write_state() {
+            error!(path = %self.state_path().display(), error = %e,
+                "writing the state file failed: a restarted agent will not adopt the actors \
+                 added at run time");
+        }
+    }
+
+    /// Writes the state file (write a temporary file, then rename: never half-written).
+    fn write_state(&self) -> io::Result<()> {
         let state = State {
             actors: self
                 .actors
@@ -793,28 +877,21 @@ impl Manager {
                 .collect(),
         };
         let path = self.state_path();
-        let written = (|| -> io::Result<()> {
-            use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&self.config.state_dir)?;
-            let tmp = path.with_extension("json.tmp");
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            io::Write::write_all(&mut file, &serde_json::to_vec_pretty(&state)?)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            error!(path = %path.display(), error = %e,
-                "writing the state file failed: a restarted agent will not adopt the actors \
-                 added at run time");
-        }
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.config.state_dir)?;
+        let tmp = path.with_extension("json.tmp");
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        io::Write::write_all(&mut file, &serde_json::to_vec_pretty(&state)?)?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path)
     }
 }
 
@@ -822,6 +899,11 @@ impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Whether the namespace at `path` (`None`: the agent's own) is still the one with `identity`.
+fn same_namespace(path: Option<&Path>, identity: (u64, u64)) -> bool {
+    crate::netns::identity(path).is_ok_and(|id| id == identity)
 }
 
 fn nft_actor(actor: &Actor, v: &Veth, pair: &veth::Pair) -> nft::Actor {
@@ -835,11 +917,24 @@ fn nft_actor(actor: &Actor, v: &Veth, pair: &veth::Pair) -> nft::Actor {
     }
 }
 
-/// Writes the table, or removes it when no actor is left.
-fn apply_or_remove(worker_netns: Option<&Path>, table: &nft::Worker) -> Result<(), nft::Error> {
+/// Writes the table; removes it only when no actor is left *and* no `egress*` interface is
+/// left in the worker namespace. A pair whose deletion failed, or one no actor owns any more,
+/// keeps the guards that drop its traffic: it is never left forwarding unfiltered.
+fn apply_or_remove(
+    id: &str,
+    worker_netns: Option<&Path>,
+    table: &nft::Worker,
+) -> Result<(), Error> {
     if table.actors.is_empty() {
-        nft::remove(worker_netns).map(|_| ())
-    } else {
-        nft::apply(worker_netns, table)
+        let left = veth::list(worker_netns).map_err(|e| Error::veth(id, e))?;
+        if left.is_empty() {
+            return nft::remove(worker_netns)
+                .map(|_| ())
+                .map_err(|e| Error::nft(id, e));
+        }
+        warn!(actor = %id, interfaces = ?left,
+            "no actor left in this worker namespace but veths of ours are: the table stays and \
+             drops their traffic; delete them (`ip link del NAME` in the worker namespace)");
     }
+    nft::apply(worker_netns, table).map_err(|e| Error::nft(id, e))
 }

@@ -151,7 +151,8 @@ impl Listener {
         ctx: Arc<proxy::Context>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::app::Error> {
-        let mut tasks = Vec::new();
+        // Everything that can fail first: an error must not leave one loop running unowned.
+        let mut ready = Vec::new();
         for std_listener in std::iter::once(self.v4).chain(self.v6) {
             let listener =
                 TcpListener::from_std(std_listener).map_err(crate::app::Error::Runtime)?;
@@ -159,6 +160,10 @@ impl Listener {
                 Front::Ebpf => Origin::Records(ebpf::Conns::open(bpffs_dir)?),
                 Front::Nat => Origin::Nat,
             };
+            ready.push((listener, origin));
+        }
+        let mut tasks = Vec::new();
+        for (listener, origin) in ready {
             tasks.push(tokio::spawn(accept_loop(
                 listener,
                 self.cookie,

@@ -68,6 +68,12 @@ pub enum Error {
     /// A setting that must be above zero is zero.
     #[error("--{0} must be above zero")]
     Zero(&'static str),
+    /// The two listener ports are equal.
+    #[error(
+        "--listen-port and --veth-listen-port are both {0}: a namespace with cgroup actors and \
+         veth actors would need both listeners; give them different ports"
+    )]
+    SamePorts(u16),
     /// More connections than the agent can count.
     #[error("--max-connections {0} is above the most the agent supports ({max})", max = tokio::sync::Semaphore::MAX_PERMITS)]
     TooManyConnections(usize),
@@ -360,10 +366,13 @@ impl ActorSpec {
                     .map_err(|e| problem(format!("network namespace {}: {e}", netns.display())))?;
                 let worker_ns = crate::netns::identity(veth.worker_netns.as_deref())
                     .map_err(|e| problem(format!("worker network namespace: {e}")))?;
-                if actor_ns == worker_ns {
+                let own_ns = crate::netns::identity(None)
+                    .map_err(|e| problem(format!("the agent's network namespace: {e}")))?;
+                if actor_ns == worker_ns || actor_ns == own_ns {
                     return Err(problem(
-                        "the actor's namespace is the worker's: a veth actor needs a network \
-                         namespace of its own"
+                        "the actor's namespace is the worker's or the agent's: a veth actor \
+                         needs a network namespace of its own (its eth0 and default route are \
+                         set by the agent)"
                             .into(),
                     ));
                 }
@@ -619,6 +628,9 @@ impl RunArgs {
             if value == 0 {
                 return Err(Error::Zero(flag));
             }
+        }
+        if self.listen_port == self.veth_listen_port {
+            return Err(Error::SamePorts(self.listen_port));
         }
         if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(Error::TooManyConnections(self.max_connections));
@@ -940,6 +952,15 @@ mod tests {
         // No actor at start is fine: they come over the control socket.
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128"]).unwrap();
         assert!(t.run.into_config().unwrap().actors.is_empty());
+        let t = T::try_parse_from([
+            "t",
+            "--pep",
+            "127.0.0.1:3128",
+            "--veth-listen-port",
+            "15001",
+        ])
+        .unwrap();
+        assert!(matches!(t.run.into_config(), Err(Error::SamePorts(15001))));
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128", "--socket-mark", "0"]).unwrap();
         assert!(matches!(
             t.run.into_config(),

@@ -182,14 +182,12 @@ impl Server {
                         });
                     }
                     Err(_) => {
-                        let busy = Response::failed(format!(
-                            "the agent is serving {MAX_CLIENTS} control requests already: retry"
-                        ));
-                        let mut line = serde_json::to_vec(&busy).unwrap_or_default();
-                        line.push(b'\n');
-                        // Bounded: a client that does not read is dropped, not waited for.
-                        let _ =
-                            tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line)).await;
+                        tokio::spawn(async move {
+                            let busy = Response::failed(format!(
+                                "the agent is serving {MAX_CLIENTS} control requests already: retry"
+                            ));
+                            let _ = answer(&mut stream, &busy).await;
+                        });
                     }
                 },
                 Err(e) => {
@@ -213,12 +211,22 @@ async fn serve(mut stream: UnixStream, manager: Arc<Mutex<Manager>>) {
         Ok(response) => response,
         Err(e) => Response::failed(e),
     };
-    let mut line = serde_json::to_vec(&response).unwrap_or_else(|e| {
+    let _ = answer(&mut stream, &response).await;
+}
+
+/// Writes one answer line and closes; bounded, so a client that never reads does not hold its
+/// slot.
+async fn answer(stream: &mut UnixStream, response: &Response) -> Result<(), ()> {
+    let mut line = serde_json::to_vec(response).unwrap_or_else(|e| {
         format!("{{\"ok\":false,\"error\":\"encoding the answer: {e}\"}}").into_bytes()
     });
     line.push(b'\n');
-    let _ = stream.write_all(&line).await;
-    let _ = stream.shutdown().await;
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let _ = stream.write_all(&line).await;
+        let _ = stream.shutdown().await;
+    })
+    .await
+    .map_err(|_| ())
 }
 
 async fn handle(stream: &mut UnixStream, manager: Arc<Mutex<Manager>>) -> Result<Response, String> {

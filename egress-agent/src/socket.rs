@@ -54,11 +54,13 @@ pub fn disarm_reset(stream: &TcpStream) {
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
 /// Where a connection that nftables redirected to the agent was going: conntrack's original
-/// destination (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6). Fails with `ENOENT`
-/// for a connection that was not NATed (one made to the listener directly).
+/// destination (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6). A connection made to
+/// the listener directly (not redirected) is an error: conntrack then answers the listener's
+/// own address, and no destination can be vouched for.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     use std::os::fd::AsRawFd as _;
-    let v6 = stream.local_addr()?.is_ipv6();
+    let local = stream.local_addr()?;
+    let v6 = local.is_ipv6();
     // SAFETY: sockaddr_storage is plain data; zero is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -78,6 +80,13 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
     // SAFETY: the kernel wrote a sockaddr_in or sockaddr_in6 of `len` bytes.
     let addr = unsafe { socket2::SockAddr::new(std::mem::transmute_copy(&storage), len) };
-    addr.as_socket()
-        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned no IP address"))
+    let original = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned no IP address"))?;
+    if original == local {
+        return Err(io::Error::other(
+            "not redirected: the connection was made to the agent's listener itself",
+        ));
+    }
+    Ok(original)
 }

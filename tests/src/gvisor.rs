@@ -63,8 +63,8 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A sandbox whose network is `netns`; the root filesystem is the host's `/`, read-only,
-    /// with a private writable tmpfs on /tmp.
+    /// A sandbox whose network is `netns`; the root filesystem is the host's `/`, read-only
+    /// (so the test's files, its CA and the probe binary are seen at their host paths).
     pub fn new(netns: &Netns) -> Sandbox {
         Sandbox {
             netns: netns.path(),
@@ -79,9 +79,16 @@ impl Sandbox {
         }
     }
 
-    /// Bind-mounts `host` read-only over `container` (which must exist on the host's `/`: the
-    /// root is read-only, so runsc cannot create mount points).
+    /// Bind-mounts `host` read-only over `container`, which must exist on the host: for a
+    /// mount point missing from the read-only root, runsc creates an empty file *on the host*
+    /// (seen here under /etc, /usr/local/bin and /tmp).
     pub fn mount(mut self, host: impl AsRef<Path>, container: impl AsRef<Path>) -> Self {
+        let target = container.as_ref();
+        assert!(
+            target.exists(),
+            "gVisor mount point {} is not present on the host: runsc would create it there",
+            target.display()
+        );
         self.mounts.push((
             host.as_ref().to_path_buf(),
             container.as_ref().to_path_buf(),
@@ -188,7 +195,7 @@ impl Sandbox {
         use serde_json::json;
         let mut env = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            "HOME=/tmp".to_string(),
+            "HOME=/".to_string(),
         ];
         env.extend(self.env.iter().cloned());
         // runsc spec's defaults: enough for curl and plain sockets, nothing that reaches the host.
@@ -198,8 +205,6 @@ impl Sandbox {
             json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}),
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                    "options": ["nosuid", "noexec", "nodev", "ro"]}),
-            json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                   "options": ["nosuid", "nodev", "mode=1777"]}),
         ];
         for (host, container) in &self.mounts {
             mounts.push(json!({
@@ -401,11 +406,7 @@ mod tests {
         assert!(mounts.iter().any(|m| m["destination"] == "/etc/hosts"
             && m["source"] == "/tmp/h"
             && m["options"] == serde_json::json!(["rbind", "ro"])));
-        assert!(
-            mounts
-                .iter()
-                .any(|m| m["destination"] == "/tmp" && m["type"] == "tmpfs")
-        );
+        assert!(!mounts.iter().any(|m| m["destination"] == "/tmp"));
         assert!(
             spec["process"]["env"]
                 .as_array()

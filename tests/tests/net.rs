@@ -453,15 +453,8 @@ fn nft_redirects_tcp_counts_dropped_udp_and_replaces_only_its_table() {
     let from_lo = connect(&worker, "127.0.0.1:15001".parse().unwrap());
     assert!(from_lo.is_ok(), "loopback reaches the capture port");
 
-    // remove takes only our table; an empty actor list does too.
-    assert!(nft::remove(Some(&wp)).expect("remove"));
-    assert!(!nft::exists(Some(&wp)).expect("exists"));
-    assert!(!nft::remove(Some(&wp)).expect("remove twice"));
-    assert_eq!(
-        nft::dropped(Some(&wp), &p.worker_if).expect("dropped"),
-        None
-    );
-    nft::apply(Some(&wp), &w).expect("apply after remove");
+    // With no actor the table keeps only the guards: the pair still there forwards nothing
+    // and reaches nothing on the worker (not even the capture port).
     nft::apply(
         Some(&wp),
         &Worker {
@@ -470,7 +463,26 @@ fn nft_redirects_tcp_counts_dropped_udp_and_replaces_only_its_table() {
         },
     )
     .expect("apply empty");
+    let guards = nft_in(&worker, &["list", "table", "inet", "egress"]);
+    assert!(
+        guards.contains("egress veth of no registered actor") && !guards.contains("redirect"),
+        "{guards}"
+    );
+    let res = actor.run(|| {
+        TcpStream::connect_timeout(&"10.200.0.1:15001".parse().unwrap(), Duration::from_secs(1))
+    });
+    assert!(res.is_err(), "an unowned veth reaches the worker");
+
+    // remove takes only our table.
+    assert!(nft::remove(Some(&wp)).expect("remove"));
     assert!(!nft::exists(Some(&wp)).expect("exists"));
+    assert!(!nft::remove(Some(&wp)).expect("remove twice"));
+    assert_eq!(
+        nft::dropped(Some(&wp), &p.worker_if).expect("dropped"),
+        None
+    );
+    nft::apply(Some(&wp), &w).expect("apply after remove");
+    assert!(nft::exists(Some(&wp)).expect("exists"));
     let others = nft_in(&worker, &["list", "tables"]);
     assert!(others.contains("table ip other"), "{others}");
 }

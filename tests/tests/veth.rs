@@ -128,16 +128,16 @@ fn veth_actor_dns_resolves_and_other_udp_is_dropped_and_counted() {
 fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
     egress_tests::require_commands(&["runsc"]);
     let w = VethWorld::new(42, "gvisor-42", |o| o);
-    let sandbox = Sandbox::new(&w.actor)
-        .hosts(&[(NAME, IpAddr::V4(w.node_v4()))])
-        .mount(w.ca.cert_path(), "/etc/egress-test-ca.pem");
+    // The sandbox's root is the host's `/`: the CA file is seen at its own path.
+    let sandbox = Sandbox::new(&w.actor).hosts(&[(NAME, IpAddr::V4(w.node_v4()))]);
+    let ca = w.ca.cert_path().display().to_string();
     let curl = [
         "curl",
         "-sS",
         "--max-time",
         "10",
         "--cacert",
-        "/etc/egress-test-ca.pem",
+        &ca,
         "https://web.egress.test:8443/",
     ];
     sandbox.run(&curl, T).expect_success("curl in gVisor");
@@ -174,7 +174,11 @@ fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
 
 #[test]
 fn two_veth_actors_on_one_worker_get_distinct_slots_and_identities() {
-    let w = VethWorld::new(43, "vactor-43a", |o| o);
+    // The first actor may send UDP out, but never to another actor (its rules come first).
+    let w = VethWorld::new(43, "vactor-43a", |mut o| {
+        o.veth_actors[0].allow_udp = true;
+        o
+    });
     let second = Netns::new();
     let spec = VethActorSpec::new("vactor-43b", "sandbox", "team-b", &second, &w.worker);
     let mut args = vec!["veth", "up"];
@@ -208,6 +212,20 @@ fn two_veth_actors_on_one_worker_get_distinct_slots_and_identities() {
         "{}",
         list.stdout
     );
+    let echo = UdpEcho::start(
+        probe(),
+        &second,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9999)),
+    );
+    let out = udp_send(
+        probe(),
+        &w.actor,
+        SocketAddr::from((Ipv4Addr::new(10, 200, 0, 6), 9999)),
+        "neighbour?",
+        Duration::from_millis(500),
+    );
+    assert!(!out.success(), "{}", out.describe());
+    assert!(echo.peers().is_empty(), "no UDP between actors");
     // Remove the second before its namespace goes.
     w.agent
         .control(&["veth", "down", "vactor-43b"])

@@ -366,7 +366,19 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         );
     }
 
-    // forward
+    // forward. First the guards that hold whatever the actors: nothing between two actor
+    // veths (an actor allowed UDP must not reach another actor), and nothing through a veth of
+    // ours that no registered actor owns (an agent that lost its state file, a pair made by
+    // hand, an actor whose adoption failed): its traffic is dropped, never forwarded unfiltered.
+    let ours = format!("{}*", super::veth::WORKER_IF_PREFIX);
+    rule(
+        "forward",
+        BETWEEN,
+        vec![iifname(&ours), oifname(&ours), drop()],
+    );
+    for key in [MetaKey::Iifname, MetaKey::Oifname] {
+        rule("forward", ORPHAN, orphan(key, &ours, &veths));
+    }
     for a in &w.actors {
         let counter = counter_name(&a.veth);
         let mut r = |expr| rule("forward", &a.id, expr);
@@ -388,7 +400,13 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
             ]);
         }
         if a.allow_udp {
-            r(vec![iifname(&a.veth), l4proto_in(&[Proto::Udp]), accept()]);
+            // IPv4 only: masquerade and the forged-source rule are IPv4.
+            r(vec![
+                iifname(&a.veth),
+                is(meta(MetaKey::Nfproto), s("ipv4")),
+                l4proto_in(&[Proto::Udp]),
+                accept(),
+            ]);
         }
         r(vec![
             iifname(&a.veth),
@@ -397,15 +415,10 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         ]);
         r(vec![oifname(&a.veth), drop()]);
     }
-    // A worker end of ours that no registered actor owns (an agent that lost its state file,
-    // a pair made by hand): its traffic is dropped, never forwarded unfiltered.
-    let ours = format!("{}*", super::veth::WORKER_IF_PREFIX);
-    if !w.actors.is_empty() {
-        rule("forward", ORPHAN, vec![iifname(&ours), drop()]);
-        rule("forward", ORPHAN, vec![oifname(&ours), drop()]);
-    }
 
-    // input. Nobody but loopback and the actors may reach the capture port.
+    // input. Veths of no registered actor reach nothing on the worker either.
+    rule("input", ORPHAN, orphan(MetaKey::Iifname, &ours, &veths));
+    // Nobody but loopback and the actors may reach the capture port.
     if !w.actors.is_empty() {
         let allowed = std::iter::once("lo".to_string()).chain(veths.iter().cloned());
         rule(
@@ -446,14 +459,23 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
             drop(),
         ]);
     }
-    if !w.actors.is_empty() {
-        rule("input", ORPHAN, vec![iifname(&ours), drop()]);
-    }
     out
 }
 
 /// The comment of the rules for veths of ours that no registered actor owns.
 const ORPHAN: &str = "egress veth of no registered actor";
+/// The comment of the rule that keeps actors apart.
+const BETWEEN: &str = "nothing between actor veths";
+
+/// `<key> "egress*" <key> != { registered veths } drop` (no set when none is registered).
+fn orphan(key: MetaKey, ours: &str, veths: &BTreeSet<String>) -> Vec<Statement<'static>> {
+    let mut expr = vec![is(meta(key), s(ours.to_string()))];
+    if !veths.is_empty() {
+        expr.push(not_in(meta(key), veths.iter().cloned()));
+    }
+    expr.push(drop());
+    expr
+}
 
 /// IPv4 from the actor's veth with another source address: the agent and the masquerade
 /// rule identify the actor by its address, so a forged one is dropped (and counted).
@@ -613,17 +635,19 @@ fn validate(w: &Worker) -> Result<(), Error> {
 }
 
 /// Atomically replaces the `egress` table in the worker namespace (`None`: the agent's own)
-/// with [`ruleset`]`(w)`, never touching other tables; with no actors, removes it instead.
+/// with [`ruleset`]`(w)`, never touching other tables. With no actors the table still holds
+/// the guards that drop traffic of any `egress*` veth: [`remove`] it only once no such
+/// interface is left.
 ///
 /// Each actor's drop counter keeps its value across the replace (read just before it).
 pub fn apply(worker_netns: Option<&Path>, w: &Worker) -> Result<(), Error> {
     validate(w)?;
-    if w.actors.is_empty() {
-        remove(worker_netns)?;
-        return Ok(());
-    }
     let previous = counters(worker_netns)?;
-    let mut json = serde_json::to_value(ruleset(w)).expect("the ruleset serializes");
+    let mut json = serde_json::to_value(ruleset(w)).map_err(|source| Error::Json {
+        netns: ns_name(worker_netns),
+        args: "-j -f - (encoding the ruleset)".into(),
+        source,
+    })?;
     carry_counters(&mut json, &previous);
     let payload = json.to_string();
     nft(worker_netns, &["-j", "-f", "-"], Some(payload))?;
@@ -1023,7 +1047,8 @@ mod tests {
     fn input_guards_the_capture_port() {
         let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
         let input = chain_rules(&w, "input");
-        let (guard, _) = &input[0];
+        assert_eq!(input[0].1, ORPHAN);
+        let (guard, _) = &input[1];
         assert_eq!(
             guard,
             &json!([
@@ -1066,6 +1091,7 @@ mod tests {
             let s = expr.to_string();
             if comment.starts_with("capture port")
                 || comment == ORPHAN
+                || comment == BETWEEN
                 || s.contains("\"set\":[\"egress0\",\"egress1\"]")
             {
                 continue;
@@ -1087,20 +1113,61 @@ mod tests {
         assert!(
             rules
                 .iter()
-                .filter(|(_, c)| c != ORPHAN)
+                .filter(|(_, c)| c != ORPHAN && c != BETWEEN)
                 .all(|(_, c)| c.len() <= MAX_COMMENT && c.starts_with('é'))
         );
     }
 
     #[test]
-    fn veths_of_no_actor_are_dropped_last() {
-        let w = worker(vec![actor(0, &[], false)], None);
-        for chain in ["forward", "input"] {
-            let rules = chain_rules(&w, chain);
-            let (expr, comment) = rules.last().expect("rules");
-            assert_eq!(comment, ORPHAN, "{chain}");
-            assert!(expr.to_string().contains("\"egress*\""), "{chain}: {expr}");
+    fn guards_come_first_and_hold_without_actors() {
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let forward = chain_rules(&w, "forward");
+        assert_eq!(forward[0].1, BETWEEN);
+        assert_eq!(
+            forward[0].0,
+            json!([
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": "egress*", "op": "=="}},
+                {"match": {"left": {"meta": {"key": "oifname"}}, "right": "egress*", "op": "=="}},
+                {"drop": null}
+            ])
+        );
+        for (i, key) in [(1, "iifname"), (2, "oifname")] {
+            assert_eq!(forward[i].1, ORPHAN);
+            assert_eq!(
+                forward[i].0,
+                json!([
+                    {"match": {"left": {"meta": {"key": key}}, "right": "egress*", "op": "=="}},
+                    {"match": {"left": {"meta": {"key": key}}, "right": {"set": ["egress0", "egress1"]}, "op": "!="}},
+                    {"drop": null}
+                ])
+            );
         }
+        // No actor left: the table keeps dropping whatever egress* veth remains.
+        let empty = worker(vec![], None);
+        let forward = chain_rules(&empty, "forward");
+        assert_eq!(forward.len(), 3, "{forward:?}");
+        assert_eq!(
+            forward[1].0,
+            json!([
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": "egress*", "op": "=="}},
+                {"drop": null}
+            ])
+        );
+        let input = chain_rules(&empty, "input");
+        assert_eq!(input.len(), 1);
+        assert_eq!(input[0].1, ORPHAN);
+        assert!(chain_rules(&empty, "prerouting").is_empty());
+    }
+
+    #[test]
+    fn allowed_udp_is_ipv4_only() {
+        let w = worker(vec![actor(0, &[], true)], None);
+        let forward = chain_rules(&w, "forward");
+        let udp = forward
+            .iter()
+            .find(|(e, _)| e.to_string().contains("\"udp\"") && e.to_string().contains("accept"))
+            .expect("the allow_udp rule");
+        assert!(udp.0.to_string().contains("\"ipv4\""), "{}", udp.0);
     }
 
     #[test]

@@ -320,9 +320,9 @@ fn veth_part(shared: &SharedVeth) -> usize {
             let _ = w.agent.control(&["veth", "reapply", "demo-sandbox"]);
         }
         let out = if *in_gvisor {
+            let ca = w.ca.cert_path().display().to_string();
             egress_tests::gvisor::Sandbox::new(&w.actor)
                 .hosts(&[(NAME, IpAddr::V4(w.node_v4()))])
-                .mount(w.ca.cert_path(), "/etc/egress-demo-ca.pem")
                 .run(
                     &[
                         "curl",
@@ -332,7 +332,7 @@ fn veth_part(shared: &SharedVeth) -> usize {
                         "-w",
                         "HTTP %{http_code}\n",
                         "--cacert",
-                        "/etc/egress-demo-ca.pem",
+                        &ca,
                         &url,
                     ],
                     T,
