@@ -445,6 +445,9 @@ pub struct Agent {
     child: Child,
     bin: PathBuf,
     control_socket: PathBuf,
+    /// Keeps the control socket's and state's directory until the agent is stopped (Drop
+    /// stops it first; fields drop after).
+    _run_dir: Arc<tempfile::TempDir>,
     bpffs_dir: PathBuf,
     lines: Lines,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -498,6 +501,7 @@ impl Agent {
             child,
             bin,
             control_socket: opts.control_socket(),
+            _run_dir: opts.run_dir.clone(),
             bpffs_dir: opts.bpffs_dir,
             lines,
             readers,
