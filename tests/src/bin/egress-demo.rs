@@ -146,19 +146,7 @@ fn main() -> ExitCode {
             b""
         };
         let out = process::run_with_input(&mut cmd, input, T);
-        let first = out
-            .stdout
-            .lines()
-            .chain(out.stderr.lines())
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        println!(
-            "    client  exit {} | {}",
-            out.code().map_or("?".into(), |c| c.to_string()),
-            first
-        );
+        print_client(&out);
         if !out.success() {
             failures += 1;
         }
@@ -341,18 +329,7 @@ fn veth_part(shared: &SharedVeth) -> usize {
             let mut cmd = w.curl_command(&w.actor, 8443, &url);
             process::run(&mut cmd, T)
         };
-        let first = out
-            .stdout
-            .lines()
-            .chain(out.stderr.lines())
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        println!(
-            "    client  exit {} | {first}",
-            out.code().map_or("?".into(), |c| c.to_string())
-        );
+        print_client(&out);
         if !out.success() {
             failures += 1;
         }
@@ -372,7 +349,6 @@ fn veth_part(shared: &SharedVeth) -> usize {
                 failures += 1;
             }
         }
-        let entries = w.squid.access_log_entries();
         let entry = (0..100).find_map(|_| {
             let e = w.squid.access_log_entries();
             if e.len() > i {
@@ -381,7 +357,6 @@ fn veth_part(shared: &SharedVeth) -> usize {
             std::thread::sleep(Duration::from_millis(100));
             None
         });
-        let _ = entries;
         match entry {
             Some(e) => println!(
                 "    squid   {} {} x-ate-actor-id={} x-ate-actor-template={} x-ate-actor-template-namespace={} x-ate-original-destination={}",
@@ -443,6 +418,21 @@ fn wait_squid(squid: &Squid, authority: &str) -> Option<AccessEntry> {
         std::thread::sleep(Duration::from_millis(100));
     }
     None
+}
+
+/// The client's exit code and its first non-empty line of output.
+fn print_client(out: &process::Output) {
+    let first = out
+        .stdout
+        .lines()
+        .chain(out.stderr.lines())
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    println!(
+        "    client  exit {} | {first}",
+        out.code().map_or("?".into(), |c| c.to_string())
+    );
 }
 
 fn s(v: &Option<String>) -> &str {
