@@ -214,6 +214,11 @@ fn main() -> anyhow::Result<()> {
                 socket_mark = format!("{:#x}", config.socket_mark),
                 relay_buffer_bytes = config.relay_buffer,
                 max_connections = config.max_connections,
+                control_socket = %config.control_socket.display(),
+                state_dir = %config.state_dir.display(),
+                veth_pool = %config.veth_pool,
+                veth_resolver = %config.veth_resolver.map_or("(none: veth actors' DNS is dropped)".into(), |r| r.to_string()),
+                veth_listen_port = config.veth_listen_port,
                 "starting"
             );
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
