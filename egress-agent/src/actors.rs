@@ -535,7 +535,7 @@ impl Manager {
                 capture = "cgroup",
                 cgroup = %cgroup.display(),
                 cgroup_id,
-                netns = %netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
+                netns = %crate::netns::label(netns.as_deref()),
                 listeners,
                 "actor captured"
             ),
@@ -546,7 +546,7 @@ impl Manager {
                 source = source.as_str(),
                 capture = "veth",
                 netns = %v.netns.display(),
-                worker_netns = %v.worker_netns.as_ref().map_or("(agent's)".into(), |p| p.display().to_string()),
+                worker_netns = %crate::netns::label(v.worker_netns.as_deref()),
                 veth = pair.as_ref().map_or("", |p| p.worker_if.as_str()),
                 address = %pair.as_ref().map_or(String::new(), |p| format!("{}/{}", p.actor, p.prefix_len)),
                 gateway = %pair.as_ref().map_or(String::new(), |p| p.worker.to_string()),
@@ -739,11 +739,13 @@ impl Manager {
 
     /// The listener of `front` in `netns`, opened if this is its first actor.
     fn use_listener(&mut self, front: Front, netns: Option<&Path>) -> Result<ListenerKey, Error> {
+        let port = match front {
+            Front::Ebpf => self.config.listen_port,
+            Front::Nat => self.config.veth_listen_port,
+        };
         let identity = crate::netns::identity(netns).map_err(|source| capture::Error::Open {
-            netns: netns.map_or("the agent's network namespace".into(), |p| {
-                p.display().to_string()
-            }),
-            port: 0,
+            netns: crate::netns::label(netns),
+            port,
             source,
         })?;
         let key = (front, identity);
@@ -755,8 +757,8 @@ impl Manager {
         let own = crate::netns::identity(None).ok() == Some(identity);
         let netns = if own { None } else { netns };
         let listener = match front {
-            Front::Ebpf => Listener::open(netns, self.config.listen_port)?,
-            Front::Nat => Listener::open_nat(netns, self.config.veth_listen_port)?,
+            Front::Ebpf => Listener::open(netns, port)?,
+            Front::Nat => Listener::open_nat(netns, port)?,
         };
         let cookie = listener.cookie;
         let addrs = listener.addrs();
@@ -768,7 +770,7 @@ impl Manager {
                 self.shutdown.clone(),
             )?
         };
-        info!(front = ?front, netns = %netns.map_or("(agent's)".into(), |p| p.display().to_string()),
+        info!(front = ?front, netns = %crate::netns::label(netns),
             listeners = ?addrs, "listening");
         self.listeners.insert(
             key,

@@ -60,10 +60,7 @@ pub struct Listener {
 impl Listener {
     /// Opens the listeners inside `netns` (bringing its loopback up if needed).
     pub fn open(netns: Option<&Path>, port: u16) -> Result<Self, Error> {
-        let label = netns.map_or_else(
-            || "the agent's network namespace".to_string(),
-            |p| p.display().to_string(),
-        );
+        let label = netns::label(netns);
         let err = |source| Error::Open {
             netns: label.clone(),
             port,
@@ -108,10 +105,7 @@ impl Listener {
     /// nftables `redirect` rewrites the destination to the address of the interface the packet
     /// came in on (the worker end of a veth), so a loopback listener would not see it.
     pub fn open_nat(netns: Option<&Path>, port: u16) -> Result<Self, Error> {
-        let label = netns.map_or_else(
-            || "the agent's network namespace".to_string(),
-            |p| p.display().to_string(),
-        );
+        let label = netns::label(netns);
         let (v4, cookie) = netns::run_in(netns, move || {
             let v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
             let cookie = netns::cookie(&v4)?;

@@ -38,6 +38,14 @@ where
         .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
+/// A namespace for messages and logs: its path, or "(the agent's own)" for `None`.
+pub fn label(netns: Option<&Path>) -> String {
+    netns.map_or_else(
+        || "(the agent's own)".to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
 /// The network namespace cookie of the namespace `sock` lives in.
 pub fn cookie(sock: &impl AsFd) -> io::Result<u64> {
     let mut value: u64 = 0;

@@ -644,7 +644,7 @@ pub fn apply(worker_netns: Option<&Path>, w: &Worker) -> Result<(), Error> {
     validate(w)?;
     let previous = counters(worker_netns)?;
     let mut json = serde_json::to_value(ruleset(w)).map_err(|source| Error::Json {
-        netns: ns_name(worker_netns),
+        netns: crate::netns::label(worker_netns),
         args: "-j -f - (encoding the ruleset)".into(),
         source,
     })?;
@@ -734,7 +734,7 @@ fn parse_json(
     out: &str,
 ) -> Result<serde_json::Value, Error> {
     serde_json::from_str(out).map_err(|source| Error::Json {
-        netns: ns_name(worker_netns),
+        netns: crate::netns::label(worker_netns),
         args: args.join(" "),
         source,
     })
@@ -771,21 +771,17 @@ fn nft(worker_netns: Option<&Path>, args: &[&str], input: Option<String>) -> Res
         child.wait_with_output()
     })
     .map_err(|source| Error::Spawn {
-        netns: ns_name(worker_netns),
+        netns: crate::netns::label(worker_netns),
         source,
     })?;
     if !out.status.success() {
         return Err(Error::Nft {
-            netns: ns_name(worker_netns),
+            netns: crate::netns::label(worker_netns),
             args: args.join(" "),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ns_name(netns: Option<&Path>) -> String {
-    netns.map_or_else(|| "of the agent".to_string(), |p| p.display().to_string())
 }
 
 #[cfg(test)]

@@ -253,7 +253,7 @@ pub enum Error {
 /// IFLA_LINK_NETNSID compared with the actor namespace's id as the worker namespace knows it)
 /// is the actor's `eth0`, so another actor's pair is never adopted.
 pub fn up(worker_netns: Option<&Path>, actor_netns: &Path, pair: &Pair) -> Result<Up, Error> {
-    let actor_name = ns_name(Some(actor_netns));
+    let actor_name = crate::netns::label(Some(actor_netns));
     let actor_path = actor_netns.to_path_buf();
     let actor_if = with_netlink(Some(actor_netns), |h, ns| async move {
         link_by_name(&h, &ns, ACTOR_IF).await
@@ -268,7 +268,7 @@ pub fn up(worker_netns: Option<&Path>, actor_netns: &Path, pair: &Pair) -> Resul
 
     let p = pair.clone();
     let peer_index = worker.peer_index;
-    let worker_name = ns_name(worker_netns);
+    let worker_name = crate::netns::label(worker_netns);
     let configured = with_netlink(Some(actor_netns), move |h, ns| async move {
         let link = link_by_name(&h, &ns, ACTOR_IF)
             .await?
@@ -365,7 +365,7 @@ pub fn list(worker_netns: Option<&Path>) -> Result<Vec<String>, Error> {
 /// file is opened from a thread inside the worker namespace.
 pub fn enable_forwarding(worker_netns: Option<&Path>) -> Result<bool, Error> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    let netns = ns_name(worker_netns);
+    let netns = crate::netns::label(worker_netns);
     crate::netns::run_in(worker_netns, || {
         if std::fs::read_to_string(PATH)?.trim() == "1" {
             return Ok(false);
@@ -616,11 +616,6 @@ fn netlink_error(op: impl Into<String>, ns: &str, source: rtnetlink::Error) -> E
     }
 }
 
-/// A namespace for messages: its path, or "of the agent" for the process's own.
-fn ns_name(netns: Option<&Path>) -> String {
-    netns.map_or_else(|| "of the agent".to_string(), |p| p.display().to_string())
-}
-
 /// Runs `f` with a netlink handle bound to the namespace at `netns`, on a thread inside it.
 fn with_netlink<T, F, Fut>(netns: Option<&Path>, f: F) -> Result<T, Error>
 where
@@ -628,7 +623,7 @@ where
     F: FnOnce(Handle, String) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let name = ns_name(netns);
+    let name = crate::netns::label(netns);
     let thread_name = name.clone();
     let path: Option<PathBuf> = netns.map(Path::to_path_buf);
     crate::netns::run_in(path.as_deref(), move || {
