@@ -199,7 +199,8 @@ pub struct Status {
     /// The agent's listeners serving it (none: its connections are refused).
     #[serde(default)]
     pub listeners: Vec<SocketAddr>,
-    /// Packets of the actor dropped by the nftables table (UDP other than DNS, ICMP, ...).
+    /// Packets of the actor dropped by the nftables table (UDP other than DNS, ICMP, ...);
+    /// in `list` answers only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_packets: Option<u64>,
 }
@@ -472,9 +473,25 @@ impl Manager {
         Ok(self.status(entry))
     }
 
-    /// Every actor, in id order.
+    /// Every actor, in id order, veth actors with their drop counters (one `nft` run per
+    /// worker namespace).
     pub fn list(&self) -> Vec<Status> {
-        self.actors.values().map(|e| self.status(e)).collect()
+        let mut counters: HashMap<(u64, u64), HashMap<String, nft::Counter>> = HashMap::new();
+        self.actors
+            .values()
+            .map(|e| {
+                let mut status = self.status(e);
+                if let (Capture::Veth(v), Some((pair, _))) = (&e.actor.capture, &e.pair) {
+                    let worker = counters.entry(v.worker_identity).or_insert_with(|| {
+                        nft::counters(v.worker_netns.as_deref()).unwrap_or_default()
+                    });
+                    status.dropped_packets = worker
+                        .get(&nft::counter_name(&pair.worker_if))
+                        .map(|c| c.packets);
+                }
+                status
+            })
+            .collect()
     }
 
     /// Stops every listener (capture itself stays in force).
@@ -664,34 +681,36 @@ impl Manager {
 
     /// The table of one worker namespace for the veth actors registered there.
     fn worker_table(&self, worker: (u64, u64)) -> nft::Worker {
-        let actors = self
-            .actors
-            .values()
-            .filter_map(|e| match (&e.actor.capture, &e.pair) {
-                (Capture::Veth(v), Some((pair, _))) if v.worker_identity == worker => {
-                    Some(nft_actor(&e.actor, v, pair))
-                }
-                _ => None,
-            })
-            .collect();
         nft::Worker {
             listen_port: self.config.veth_listen_port,
             resolver: self.config.veth_resolver,
-            actors,
+            actors: self
+                .veth_actors(worker)
+                .map(|(actor, v, pair)| nft_actor(actor, v, pair))
+                .collect(),
         }
     }
 
     /// Slots held by registered veth actors of one worker namespace.
     fn slots_taken(&self, worker: (u64, u64)) -> BTreeSet<u32> {
+        self.veth_actors(worker)
+            .map(|(_, _, pair)| pair.slot)
+            .collect()
+    }
+
+    /// The registered veth actors of one worker namespace, with their pairs.
+    fn veth_actors(
+        &self,
+        worker: (u64, u64),
+    ) -> impl Iterator<Item = (&Actor, &Veth, &veth::Pair)> {
         self.actors
             .values()
-            .filter_map(|e| match (&e.actor.capture, &e.pair) {
-                (Capture::Veth(other), Some((pair, _))) if other.worker_identity == worker => {
-                    Some(pair.slot)
+            .filter_map(move |e| match (&e.actor.capture, &e.pair) {
+                (Capture::Veth(v), Some((pair, _))) if v.worker_identity == worker => {
+                    Some((&*e.actor, v, pair))
                 }
                 _ => None,
             })
-            .collect()
     }
 
     /// The /30 for a new veth actor: the remembered slot if it is still free, else the lowest
@@ -804,23 +823,18 @@ impl Manager {
             .is_some_and(|s| s.addrs.iter().any(SocketAddr::is_ipv6))
     }
 
+    /// An actor's status, without its drop counter (that takes an `nft` run: see [`list`]).
+    ///
+    /// [`list`]: Manager::list
     fn status(&self, entry: &Entry) -> Status {
-        let (capture, dropped_packets) = match &entry.actor.capture {
-            Capture::Cgroup { .. } => ("cgroup", None),
-            Capture::Veth(v) => (
-                "veth",
-                entry.pair.as_ref().and_then(|(pair, _)| {
-                    nft::dropped(v.worker_netns.as_deref(), &pair.worker_if)
-                        .ok()
-                        .flatten()
-                        .map(|c| c.packets)
-                }),
-            ),
-        };
         Status {
             actor: entry.actor.spec(),
             source: entry.source,
-            capture: capture.into(),
+            capture: match entry.actor.capture {
+                Capture::Cgroup { .. } => "cgroup",
+                Capture::Veth(_) => "veth",
+            }
+            .into(),
             cgroup_id: entry.actor.cgroup_id(),
             pair: entry.pair.as_ref().map(|(p, _)| p.clone()),
             listeners: entry
@@ -828,7 +842,7 @@ impl Manager {
                 .and_then(|k| self.listeners.get(&k))
                 .map(|s| s.addrs.clone())
                 .unwrap_or_default(),
-            dropped_packets,
+            dropped_packets: None,
         }
     }
 

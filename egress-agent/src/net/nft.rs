@@ -666,13 +666,7 @@ pub fn exists(worker_netns: Option<&Path>) -> Result<bool, Error> {
 
 /// The drop counter of the actor behind `veth` (packets, bytes), `None` if absent.
 pub fn dropped(worker_netns: Option<&Path>, veth: &str) -> Result<Option<Counter>, Error> {
-    let name = counter_name(veth);
-    let args = ["-j", "list", "counter", "inet", TABLE, &name];
-    let Some(out) = nft_optional(worker_netns, &args)? else {
-        return Ok(None);
-    };
-    let json = parse_json(worker_netns, &args, &out)?;
-    Ok(counter_objects(&json).remove(&name))
+    Ok(counters(worker_netns)?.remove(&counter_name(veth)))
 }
 
 /// The table as `nft list table inet egress` prints it (for docs and operators), `None` if
@@ -681,8 +675,8 @@ pub fn list(worker_netns: Option<&Path>) -> Result<Option<String>, Error> {
     nft_optional(worker_netns, &["list", "table", "inet", TABLE])
 }
 
-/// The current values of the table's named counters.
-fn counters(worker_netns: Option<&Path>) -> Result<HashMap<String, Counter>, Error> {
+/// Every named counter of the table (by name, see [`counter_name`]); empty without a table.
+pub fn counters(worker_netns: Option<&Path>) -> Result<HashMap<String, Counter>, Error> {
     let args = ["-j", "list", "table", "inet", TABLE];
     match nft_optional(worker_netns, &args)? {
         Some(out) => Ok(counter_objects(&parse_json(worker_netns, &args, &out)?)),
