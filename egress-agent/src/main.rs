@@ -179,6 +179,19 @@ impl VethOptions {
     }
 }
 
+impl From<VethArgs> for AddArgs {
+    /// `veth up` is `actor add --veth`.
+    fn from(args: VethArgs) -> Self {
+        AddArgs {
+            identity: args.identity,
+            cgroup: None,
+            veth: true,
+            netns: Some(args.netns),
+            veth_args: args.veth_args,
+        }
+    }
+}
+
 impl AddArgs {
     fn spec(self) -> anyhow::Result<ActorSpec> {
         if !self.veth && self.veth_args.given() {
@@ -252,14 +265,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Veth { control, command } => {
             let request = match command {
-                VethCommand::Up(args) => Request::Add(ActorSpec {
-                    id: args.identity.id,
-                    template: args.identity.template,
-                    template_namespace: args.identity.template_namespace,
-                    cgroup: None,
-                    netns: Some(args.netns),
-                    veth: Some(args.veth_args.spec()),
-                }),
+                VethCommand::Up(args) => Request::Add(AddArgs::from(args).spec()?),
                 VethCommand::Down { id } => Request::Remove { id },
                 VethCommand::Reapply { id } => Request::Reapply { id },
             };
