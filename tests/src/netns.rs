@@ -45,9 +45,14 @@ impl Netns {
 
     /// Runs `ip ARGS` inside this namespace (`ip -n NAME ARGS`) and panics if it fails.
     pub fn ip(&self, args: &[&str]) {
+        self.ip_output(args);
+    }
+
+    /// Like [`Netns::ip`], returning what it printed (`ip -n NAME ARGS`, e.g. `addr show`).
+    pub fn ip_output(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
-        ip(&all);
+        ip(&all)
     }
 
     /// A command that runs `program` inside this namespace via `nsenter --net=PATH`.
@@ -161,7 +166,7 @@ pub fn veth(a: &Netns, b: &Netns, a_addrs: &[&str], b_addrs: &[&str]) -> Veth {
 }
 
 /// Runs `ip ARGS` and panics with its stderr if it fails.
-fn ip(args: &[&str]) {
+fn ip(args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -173,4 +178,5 @@ fn ip(args: &[&str]) {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -38,10 +38,6 @@ fn output(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn ip_out(ns: &Netns, args: &[&str]) -> String {
-    output(Command::new("ip").arg("-n").arg(ns.name()).args(args))
-}
-
 /// Whether `dev` exists in `ns`.
 fn has_link(ns: &Netns, dev: &str) -> bool {
     Command::new("ip")
@@ -53,20 +49,20 @@ fn has_link(ns: &Netns, dev: &str) -> bool {
 }
 
 fn ipv4_addrs(ns: &Netns) -> String {
-    ip_out(ns, &["-4", "-o", "addr", "show"])
+    ns.ip_output(&["-4", "-o", "addr", "show"])
 }
 
 fn assert_actor_configured(actor: &Netns, p: &Pair) {
-    let addrs = ip_out(actor, &["-4", "-o", "addr", "show", "dev", "eth0"]);
+    let addrs = actor.ip_output(&["-4", "-o", "addr", "show", "dev", "eth0"]);
     assert!(
         addrs.contains(&format!("inet {}/30", p.actor)),
         "actor eth0: {addrs}"
     );
-    let link = ip_out(actor, &["link", "show", "dev", "eth0"]);
+    let link = actor.ip_output(&["link", "show", "dev", "eth0"]);
     assert!(link.contains("UP"), "actor eth0 up: {link}");
-    let lo = ip_out(actor, &["link", "show", "dev", "lo"]);
+    let lo = actor.ip_output(&["link", "show", "dev", "lo"]);
     assert!(lo.contains("UP"), "actor lo up: {lo}");
-    let routes = ip_out(actor, &["-4", "route", "show", "default"]);
+    let routes = actor.ip_output(&["-4", "route", "show", "default"]);
     assert!(
         routes.contains(&format!("default via {} dev eth0", p.worker)),
         "actor default route: {routes}"
@@ -74,7 +70,7 @@ fn assert_actor_configured(actor: &Netns, p: &Pair) {
 }
 
 fn assert_worker_configured(worker: &Netns, p: &Pair) {
-    let addrs = ip_out(worker, &["-4", "-o", "addr", "show", "dev", &p.worker_if]);
+    let addrs = worker.ip_output(&["-4", "-o", "addr", "show", "dev", &p.worker_if]);
     assert!(
         addrs.contains(&format!("inet {}/30", p.worker)),
         "worker {}: {addrs}",
@@ -238,7 +234,7 @@ fn veth_up_is_addressed_routed_idempotent_and_connects() {
     assert!(!again.created, "the second up adopts");
     assert_worker_configured(&worker, &p);
     assert_actor_configured(&actor, &p);
-    let links = ip_out(&worker, &["-o", "link", "show"]);
+    let links = worker.ip_output(&["-o", "link", "show"]);
     assert_eq!(links.matches("egress").count(), 1, "{links}");
 }
 
@@ -297,7 +293,7 @@ fn up_refuses_a_foreign_eth0_and_leaves_nothing() {
     assert!(err.to_string().contains("already has an eth0"), "{err}");
     assert!(!has_link(&worker, "egress0"), "nothing half-created");
     assert!(veth::list(Some(&worker.path())).expect("list").is_empty());
-    let link = ip_out(&actor, &["link", "show", "dev", "eth0"]);
+    let link = actor.ip_output(&["link", "show", "dev", "eth0"]);
     assert!(
         link.contains("eth0@eth0p"),
         "the foreign eth0 is untouched: {link}"
@@ -315,7 +311,11 @@ fn reapply_restores_what_runsc_deletes() {
     actor.ip(&["addr", "flush", "dev", "eth0"]);
     actor.ip(&["link", "set", "eth0", "down"]);
     assert!(!ipv4_addrs(&actor).contains("10.200.0.2"));
-    assert!(ip_out(&actor, &["-4", "route", "show", "default"]).is_empty());
+    assert!(
+        actor
+            .ip_output(&["-4", "route", "show", "default"])
+            .is_empty()
+    );
 
     veth::reapply(&actor.path(), &p).expect("reapply");
     assert_actor_configured(&actor, &p);
@@ -344,8 +344,12 @@ fn down_leaves_nothing_and_twice_is_false() {
     assert!(!has_link(&actor, "eth0"));
     assert!(!ipv4_addrs(&worker).contains("10.200.0."));
     assert!(!ipv4_addrs(&actor).contains("10.200.0."));
-    assert!(!ip_out(&worker, &["-4", "route", "show"]).contains("10.200.0."));
-    assert!(ip_out(&actor, &["-4", "route", "show"]).is_empty());
+    assert!(
+        !worker
+            .ip_output(&["-4", "route", "show"])
+            .contains("10.200.0.")
+    );
+    assert!(actor.ip_output(&["-4", "route", "show"]).is_empty());
     assert!(veth::list(Some(&worker.path())).expect("list").is_empty());
     assert!(!veth::down(Some(&worker.path()), &p).expect("second down"));
     // And up works again afterwards.

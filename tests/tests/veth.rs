@@ -17,7 +17,6 @@ use egress_tests::{
     dns::dig,
     gvisor::Sandbox,
     netns::Netns,
-    process,
     squid::AccessEntry,
     udp::{UDP_TIMEOUT_EXIT, UdpEcho, udp_send},
     world::{NAME, T, VethWorld},
@@ -33,24 +32,15 @@ fn assert_identity(entry: &AccessEntry, actor: &str, original: SocketAddr, autho
     entry.assert_identity((actor, "sandbox", "team-b"), original, authority);
 }
 
-/// `ip -n NS -o ARGS` output.
-fn ip_out(netns: &Netns, args: &[&str]) -> String {
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["-n", netns.name(), "-o"]).args(args);
-    let out = process::run(&mut cmd, T);
-    out.expect_success("ip");
-    out.stdout
-}
-
 #[test]
 fn veth_actor_reaches_a_named_https_upstream_through_squid_and_the_worker_is_untouched() {
     let mut w = VethWorld::new(40, "vactor-40", |o| o);
     let url = format!("https://{NAME}:8443/");
 
     // The agent gave the actor eth0 = 10.200.0.2/30 and a default route via 10.200.0.1.
-    let addrs = ip_out(&w.actor, &["addr", "show", "dev", "eth0"]);
+    let addrs = w.actor.ip_output(&["-o", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains("10.200.0.2/30"), "{addrs}");
-    let routes = ip_out(&w.actor, &["route"]);
+    let routes = w.actor.ip_output(&["-o", "route"]);
     assert!(routes.contains("default via 10.200.0.1"), "{routes}");
 
     w.curl(&w.actor, 8443, &url)
@@ -152,13 +142,17 @@ fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
     );
 
     // runsc took eth0's address into its netstack: a second sandbox has none...
-    let addrs = ip_out(&w.actor, &["-4", "addr", "show", "dev", "eth0"]);
+    let addrs = w
+        .actor
+        .ip_output(&["-o", "-4", "addr", "show", "dev", "eth0"]);
     assert!(!addrs.contains("10.200.0.2"), "{addrs}");
     // ...until the actor side is re-applied, in one call.
     w.agent
         .control(&["veth", "reapply", "gvisor-42"])
         .expect_success("veth reapply");
-    let addrs = ip_out(&w.actor, &["-4", "addr", "show", "dev", "eth0"]);
+    let addrs = w
+        .actor
+        .ip_output(&["-o", "-4", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains("10.200.0.2/30"), "{addrs}");
     sandbox
         .run(&curl, T)
@@ -191,7 +185,11 @@ fn two_veth_actors_on_one_worker_get_distinct_slots_and_identities() {
         "{}",
         out.describe()
     );
-    assert!(ip_out(&second, &["addr", "show", "dev", "eth0"]).contains("10.200.0.6/30"));
+    assert!(
+        second
+            .ip_output(&["-o", "addr", "show", "dev", "eth0"])
+            .contains("10.200.0.6/30")
+    );
 
     let url = format!("https://{NAME}:443/");
     w.curl(&w.actor, 443, &url).expect_success("curl from a");
@@ -308,10 +306,10 @@ fn down_removes_everything_up_is_idempotent_and_a_restarted_agent_adopts_the_pai
     let add = spec.add_args();
     up.extend(add.iter().map(String::as_str));
     w.agent.control(&up).expect_success("veth up");
-    let before = ip_out(&w.worker, &["addr"]);
+    let before = w.worker.ip_output(&["-o", "addr"]);
     w.agent.control(&up).expect_success("veth up again");
     assert_eq!(
-        ip_out(&w.worker, &["addr"]),
+        w.worker.ip_output(&["-o", "addr"]),
         before,
         "up twice changes nothing"
     );
@@ -346,17 +344,21 @@ fn down_removes_everything_up_is_idempotent_and_a_restarted_agent_adopts_the_pai
     again
         .control(&["veth", "down", "vactor-45"])
         .expect_success("veth down");
-    assert!(!ip_out(&w.worker, &["link"]).contains("egress0"));
-    assert!(!ip_out(&w.worker, &["addr"]).contains("10.200.0."));
-    assert!(!ip_out(&w.worker, &["route"]).contains("10.200.0."));
-    assert!(!ip_out(&w.actor, &["link"]).contains("eth0"));
+    assert!(!w.worker.ip_output(&["-o", "link"]).contains("egress0"));
+    assert!(!w.worker.ip_output(&["-o", "addr"]).contains("10.200.0."));
+    assert!(!w.worker.ip_output(&["-o", "route"]).contains("10.200.0."));
+    assert!(!w.actor.ip_output(&["-o", "link"]).contains("eth0"));
     assert!(
         !w.worker_tables().contains("egress"),
         "{}",
         w.worker_tables()
     );
     // The worker's own link is untouched.
-    assert!(ip_out(&w.worker, &["addr"]).contains(&format!("{}/24", w.worker_v4())));
+    assert!(
+        w.worker
+            .ip_output(&["-o", "addr"])
+            .contains(&format!("{}/24", w.worker_v4()))
+    );
     let out = again.control(&["veth", "down", "vactor-45"]);
     assert!(!out.success(), "a second down says there is nothing");
     w.agent = again;
@@ -404,7 +406,7 @@ fn a_worker_veth_that_no_actor_owns_forwards_nothing() {
 #[test]
 fn a_veth_actor_dropped_from_the_config_loses_its_pair_on_restart() {
     let mut w = VethWorld::new(47, "vactor-47", |o| o);
-    assert!(ip_out(&w.worker, &["link"]).contains("egress0"));
+    assert!(w.worker.ip_output(&["-o", "link"]).contains("egress0"));
     let mut opts = w.agent_options.clone();
     opts.veth_actors.clear();
     w.agent.terminate(T);
@@ -414,8 +416,8 @@ fn a_veth_actor_dropped_from_the_config_loses_its_pair_on_restart() {
         "a veth actor is no longer in the config file: its pair is deleted",
         T,
     );
-    assert!(!ip_out(&w.worker, &["link"]).contains("egress0"));
-    assert!(!ip_out(&w.actor, &["link"]).contains("eth0"));
+    assert!(!w.worker.ip_output(&["-o", "link"]).contains("egress0"));
+    assert!(!w.actor.ip_output(&["-o", "link"]).contains("eth0"));
     assert!(
         !w.worker_tables().contains("egress"),
         "{}",
