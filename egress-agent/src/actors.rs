@@ -391,15 +391,11 @@ impl Manager {
 
     /// Removes an actor: releases its cgroup, or deletes its veth pair and its rules.
     pub fn remove(&mut self, id: &str) -> Result<Status, Error> {
-        let status = self
-            .actors
-            .get(id)
-            .map(|e| self.status(e))
-            .ok_or_else(|| Error::NotFound(id.into()))?;
         let entry = self
             .actors
             .remove(id)
             .ok_or_else(|| Error::NotFound(id.into()))?;
+        let status = self.status(&entry);
         let released = match (&entry.actor.capture, &entry.pair) {
             (Capture::Cgroup { cgroup_id, .. }, _) => {
                 ebpf::detach(self.capture.dir(), Some(*cgroup_id))
