@@ -468,16 +468,7 @@ async fn worker_side(
         }
     };
     let index = link.header.index;
-    let configured = async {
-        h.address()
-            .add(index, IpAddr::V4(pair.worker), pair.prefix_len)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| netlink_error(format!("adding {}/30 to {name}", pair.worker), ns, e))?;
-        set_up(h, ns, index, name).await
-    }
-    .await;
+    let configured = address_up(h, ns, index, name, pair.worker, pair.prefix_len).await;
     if let Err(e) = configured {
         if created {
             let _ = h.link().del(index).execute().await;
@@ -491,16 +482,29 @@ async fn worker_side(
     })
 }
 
-/// Address, up state and default route of the actor's `eth0`, plus `lo` up; each step
-/// replaces rather than adds, so repeating it is harmless.
-async fn configure_actor(h: &Handle, ns: &str, index: u32, pair: &Pair) -> Result<(), Error> {
+/// Gives link `index` (`name`) the address `addr/prefix_len` (replacing, so repeating it is
+/// harmless) and sets it up.
+async fn address_up(
+    h: &Handle,
+    ns: &str,
+    index: u32,
+    name: &str,
+    addr: Ipv4Addr,
+    prefix_len: u8,
+) -> Result<(), Error> {
     h.address()
-        .add(index, IpAddr::V4(pair.actor), pair.prefix_len)
+        .add(index, IpAddr::V4(addr), prefix_len)
         .replace()
         .execute()
         .await
-        .map_err(|e| netlink_error(format!("adding {}/30 to {ACTOR_IF}", pair.actor), ns, e))?;
-    set_up(h, ns, index, ACTOR_IF).await?;
+        .map_err(|e| netlink_error(format!("adding {addr}/{prefix_len} to {name}"), ns, e))?;
+    set_up(h, ns, index, name).await
+}
+
+/// Address, up state and default route of the actor's `eth0`, plus `lo` up; each step
+/// replaces rather than adds, so repeating it is harmless.
+async fn configure_actor(h: &Handle, ns: &str, index: u32, pair: &Pair) -> Result<(), Error> {
+    address_up(h, ns, index, ACTOR_IF, pair.actor, pair.prefix_len).await?;
     if let Some(lo) = link_by_name(h, ns, "lo").await? {
         set_up(h, ns, lo.header.index, "lo").await?;
     }
