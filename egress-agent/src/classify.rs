@@ -38,6 +38,9 @@ pub enum Source {
     Sni,
     /// The HTTP/1.x `Host` header (or the absolute-form request-target).
     Host,
+    /// No name in the first bytes, but the actor's own DNS lookup a moment earlier answered
+    /// the original destination address for this name (the DNS forwarder's record).
+    Dns,
     /// Nothing usable was found: the original destination address.
     Ip,
 }
@@ -48,6 +51,7 @@ impl Source {
         match self {
             Source::Sni => "sni",
             Source::Host => "host",
+            Source::Dns => "dns",
             Source::Ip => "ip",
         }
     }

@@ -14,5 +14,6 @@ pub mod ebpf;
 pub mod net;
 pub mod netns;
 pub mod proxy;
+pub mod resolve;
 pub mod socket;
 pub mod tunnel;
