@@ -10,6 +10,7 @@ pub mod capture;
 pub mod classify;
 pub mod config;
 pub mod control;
+pub mod direct;
 pub mod ebpf;
 pub mod net;
 pub mod netns;
