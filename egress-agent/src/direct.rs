@@ -2,14 +2,39 @@
 //! policy allowed. A name is resolved by the agent's own resolver, and every address it
 //! answers is checked again (a name must not lead to the metadata service or the node).
 use std::{
-    io,
+    fmt, io,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use tokio::net::TcpStream;
 
-use crate::{resolve, route::Dial, socket::SocketFactory};
+use crate::{resolve, socket::SocketFactory};
+
+/// What a direct connection dials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dial {
+    /// The name the actor's TLS SNI or HTTP Host named, resolved by the agent's resolver, at
+    /// the original port: never the address the actor chose (SNI spoofing).
+    Name {
+        /// The name.
+        name: String,
+        /// The original destination port.
+        port: u16,
+    },
+    /// The original destination: IP-only flows, and names the actor's own DNS answer tied
+    /// to that very address.
+    Addr(SocketAddr),
+}
+
+impl fmt::Display for Dial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dial::Name { name, port } => write!(f, "{name}:{port}"),
+            Dial::Addr(addr) => addr.fmt(f),
+        }
+    }
+}
 
 /// Why a direct dial failed.
 #[derive(Debug, thiserror::Error)]
