@@ -152,8 +152,9 @@ impl World {
 /// | worker ↔ actor (`egressN`, made by the agent) | | the agent's pool, `10.200.0.0/24` |
 ///
 /// The worker and the upstream have default routes via the node, which forwards (IPv4, in its
-/// own namespace only), so the worker's own traffic and anything the capture misses reach the
-/// upstream directly, from the worker's address.
+/// own namespace only) and routes the agent's pool to the worker, so the worker's own traffic
+/// reaches the upstream directly from the worker's address, and so would an actor's
+/// connection the capture missed, from the actor's.
 pub struct VethWorld {
     /// The agent under test.
     pub agent: Agent,
@@ -205,8 +206,19 @@ impl VethWorld {
         );
         worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
         upstream_netns.ip(&["route", "add", "default", "via", &format!("10.249.{net}.1")]);
-        // The node routes between the worker and the upstream, like a real node.
+        // The node routes between the worker and the upstream, like a real node, and knows the
+        // agent's pool (10.200.0.0/24, its default) is behind the worker: were an actor's
+        // packet to leave the worker unmasqueraded (the capture missed it), the upstream's
+        // answer would find its way back, the connection would complete, and a test asserting
+        // that nothing reached the upstream directly would see it.
         node.sysctl("net/ipv4/ip_forward", "1");
+        node.ip(&[
+            "route",
+            "add",
+            "10.200.0.0/24",
+            "via",
+            &format!("10.252.{net}.2"),
+        ]);
         let up_v4 = Ipv4Addr::new(10, 249, net, 2);
         let ca = TestCa::new();
         let at = |port| SocketAddr::new(IpAddr::V4(up_v4), port);
@@ -256,6 +268,12 @@ impl VethWorld {
     /// The worker's own address on its link to the node (the "pod IP").
     pub fn worker_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 252, self.net, 2)
+    }
+
+    /// The node's address on its link to the upstream: where squid's connections to the
+    /// upstream come from.
+    pub fn node_uplink_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 249, self.net, 1)
     }
 
     /// The upstream's address, where the upstream servers and the resolver are.

@@ -18,6 +18,7 @@ use egress_tests::{
     dns::dig,
     gvisor::Sandbox,
     netns::Netns,
+    process,
     squid::AccessEntry,
     udp::{UDP_TIMEOUT_EXIT, UdpEcho, udp_send},
     world::{NAME, T, VethWorld},
@@ -428,4 +429,37 @@ fn a_veth_actor_dropped_from_the_config_loses_its_pair_on_restart() {
         w.worker_tables()
     );
     w.agent = again;
+}
+
+#[test]
+fn without_the_table_a_veth_actor_would_go_direct_and_be_seen() {
+    // The world itself, not the agent: "nothing went direct" checks above can only fail if
+    // a connection the capture misses does reach the upstream. Take the capture away (agent
+    // killed, table deleted) and the actor's curl must arrive there from its own address.
+    let mut w = VethWorld::new(48, "vactor-48", |o| o);
+    let url = format!("https://{NAME}:8443/");
+    w.curl(&w.actor, 8443, &url).expect_success("captured curl");
+    w.agent.kill9();
+    let out = process::run(
+        w.worker
+            .command("nft")
+            .args(["delete", "table", "inet", "egress"]),
+        T,
+    );
+    out.expect_success("nft delete table inet egress in the worker");
+    w.curl(&w.actor, 8443, &url)
+        .expect_success("curl without capture");
+    let seen = w.upstream.seen_on(w.upstream_addr(8443));
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(
+        seen[0].peer.ip(),
+        IpAddr::V4(w.node_uplink_v4()),
+        "the captured one came from squid on the node"
+    );
+    assert_eq!(
+        seen[1].peer.ip(),
+        IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)),
+        "the uncaptured one came from the actor itself"
+    );
+    assert_eq!(w.squid.access_log_entries().len(), 1);
 }
