@@ -265,7 +265,7 @@ fn main() -> ExitCode {
 /// process and (when runsc is installed) a gVisor sandbox as the actor.
 fn veth_part(shared: &SharedVeth) -> usize {
     println!(
-        "\negress demo, veth mode: a worker namespace, an empty actor namespace; the agent makes the pair and the nftables rules..."
+        "\negress demo, veth mode: a worker namespace, an upstream namespace, an empty actor namespace; the agent makes the pair and the nftables rules..."
     );
     let built = VethWorld::new(NET + 1, "demo-sandbox", |o| o);
     println!(
