@@ -13,14 +13,16 @@
 //! use egress_tests::{squid::*, topology::Topology, upstream::*};
 //!
 //! egress_tests::require_root();
-//! let topo = Topology::new(7); // 10.251.7.0/24, fd7e:251:7::/64; unique per test
+//! // Actor on 10.251.7.0/24 + fd7e:251:7::/64, upstream on 10.250.7.0/24 + fd7e:250:7::/64,
+//! // both linked to the node; unique per test.
+//! let topo = Topology::new(7);
 //! let cgroup = Cgroup::new();
 //! let ca = TestCa::new();
-//! let web = topo.node_addr(443);
-//! let upstream = Upstream::start(&topo.node, &ca, UpstreamSpec::new().names(&["web.egress.test"]).https(web));
+//! let web = topo.upstream_addr(443);
+//! let upstream = Upstream::start(&topo.upstream, &ca, UpstreamSpec::new().names(&["web.egress.test"]).https(web));
 //! let squid = Squid::start(
 //!     &topo.node,
-//!     SquidConfig::default().host("web.egress.test", IpAddr::V4(topo.node_v4())),
+//!     SquidConfig::default().host("web.egress.test", IpAddr::V4(topo.upstream_v4())),
 //! );
 //! let opts = AgentOptions::new(squid.addr())
 //!     .actor(ActorSpec::new("a1", "tmpl", "team", &cgroup).netns(&topo.actor));
@@ -28,7 +30,7 @@
 //! agent.wait_ready(Duration::from_secs(20));
 //! let out = run(
 //!     &mut curl_command(Some(&topo.actor), Some(&cgroup), &ca.cert_path(),
-//!         &[("web.egress.test", 443, IpAddr::V4(topo.node_v4()))], "https://web.egress.test/"),
+//!         &[("web.egress.test", 443, IpAddr::V4(topo.upstream_v4()))], "https://web.egress.test/"),
 //!     Duration::from_secs(20),
 //! );
 //! out.expect_success("curl from the actor");

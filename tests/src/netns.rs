@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 
-/// A named network namespace (`ip netns add egt-<pid>-<n>`) with `lo` up; deleted on drop.
+/// A named network namespace (`ip netns add egt-<pid>-<n>`, or `egt-<role>-<pid>-<n>`) with
+/// `lo` up; deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
@@ -17,9 +18,17 @@ pub struct Netns {
 impl Netns {
     /// Creates a uniquely named namespace and brings its loopback up.
     pub fn new() -> Netns {
-        let netns = Netns {
-            name: crate::unique_name("egt"),
-        };
+        Netns::create(crate::unique_name("egt"))
+    }
+
+    /// Like [`Netns::new`], with the namespace's role in its name (`egt-node-<pid>-<n>`), so
+    /// that `ip netns list` and logs show which namespace of a test is which.
+    pub fn named(role: &str) -> Netns {
+        Netns::create(crate::unique_name(&format!("egt-{role}")))
+    }
+
+    fn create(name: String) -> Netns {
+        let netns = Netns { name };
         ip(&["netns", "add", &netns.name]);
         // From here on Drop deletes it, even if bringing lo up fails.
         netns.ip(&["link", "set", "lo", "up"]);
@@ -53,6 +62,35 @@ impl Netns {
         let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    /// Writes `value` to `/proc/sys/<key>` as seen from inside this namespace (e.g.
+    /// `net/ipv4/ip_forward`), and panics if that fails. Only per-namespace settings
+    /// (`net/...`) belong here: others would change the whole machine.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        assert!(
+            key.starts_with("net/"),
+            "{key} is not a per-namespace sysctl"
+        );
+        let path = PathBuf::from("/proc/sys").join(key);
+        let value = format!("{value}\n");
+        let name = self.name.clone();
+        self.run(move || {
+            std::fs::write(&path, value)
+                .unwrap_or_else(|e| panic!("write {} in netns {name}: {e}", path.display()))
+        });
+    }
+
+    /// The value of `/proc/sys/<key>` as seen from inside this namespace, trimmed.
+    pub fn sysctl_value(&self, key: &str) -> String {
+        let path = PathBuf::from("/proc/sys").join(key);
+        let name = self.name.clone();
+        self.run(move || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {} in netns {name}: {e}", path.display()))
+                .trim()
+                .to_string()
+        })
     }
 
     /// A command that runs `program` inside this namespace via `nsenter --net=PATH`.
@@ -135,10 +173,18 @@ pub struct Veth {
 /// IPv6 addresses get `nodad` so they are usable at once rather than tentative.
 /// The pair is created inside the test's namespaces, never in the root namespace.
 pub fn veth(a: &Netns, b: &Netns, a_addrs: &[&str], b_addrs: &[&str]) -> Veth {
+    named_veth("v", a, b, a_addrs, b_addrs)
+}
+
+/// Like [`veth`], with the ends named `<tag><pid>x<n>a` and `...b`, so a link's role shows in
+/// `ip link` (e.g. `up` for the node's link to the upstream namespace). `tag` is at most two
+/// bytes: interface names have at most 15.
+pub fn named_veth(tag: &str, a: &Netns, b: &Netns, a_addrs: &[&str], b_addrs: &[&str]) -> Veth {
+    assert!(tag.len() <= 2, "veth tag {tag:?} longer than two bytes");
     let n = crate::next_id();
     // Interface names are at most 15 bytes; pid (<= 7 digits) + counter keeps them unique.
-    let a_name = format!("v{}x{}a", std::process::id(), n);
-    let b_name = format!("v{}x{}b", std::process::id(), n);
+    let a_name = format!("{tag}{}x{}a", std::process::id(), n);
+    let b_name = format!("{tag}{}x{}b", std::process::id(), n);
     assert!(a_name.len() <= 15, "interface name {a_name} too long");
     a.ip(&[
         "link",

@@ -1,6 +1,6 @@
-//! The standard world of the integration tests and the demo: node and actor namespaces, an
-//! actor cgroup, upstream servers and squid in the node namespace, and the agent capturing
-//! the actor.
+//! The standard world of the integration tests and the demo: node, actor and upstream
+//! namespaces, an actor cgroup, squid in the node namespace, upstream servers in the upstream
+//! namespace, and the agent capturing the actor.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -12,7 +12,7 @@ use crate::{
     cgroup::Cgroup,
     client::curl_command,
     dns::Dns,
-    netns::{Netns, veth},
+    netns::{Netns, named_veth},
     pki::TestCa,
     process,
     squid::{Squid, SquidConfig},
@@ -20,9 +20,9 @@ use crate::{
     upstream::{Upstream, UpstreamSpec},
 };
 
-/// The upstream's name, resolving to the node's IPv4 address.
+/// The upstream's name, resolving to the upstream's IPv4 address.
 pub const NAME: &str = "web.egress.test";
-/// The upstream's IPv6 name, resolving to the node's IPv6 address.
+/// The upstream's IPv6 name, resolving to the upstream's IPv6 address.
 pub const NAME6: &str = "web6.egress.test";
 /// How long any one step may take.
 pub const T: Duration = Duration::from_secs(20);
@@ -36,13 +36,14 @@ pub struct World {
     pub agent_options: AgentOptions,
     /// The PEP.
     pub squid: Squid,
-    /// HTTPS on :443 and :8443 (IPv4) and :8443 (IPv6), HTTP on :8080, a banner on :2222.
+    /// HTTPS on :443 and :8443 (IPv4) and :8443 (IPv6), HTTP on :8080, a banner on :2222, on
+    /// the upstream's addresses.
     pub upstream: Upstream,
     /// The CA the upstream's certificate comes from.
     pub ca: TestCa,
     /// The actor's cgroup.
     pub cgroup: Cgroup,
-    /// Node and actor namespaces.
+    /// Node, actor and upstream namespaces.
     pub topo: Topology,
 }
 
@@ -61,21 +62,21 @@ impl World {
         let cgroup = Cgroup::new();
         let ca = TestCa::new();
         let upstream = Upstream::start(
-            &topo.node,
+            &topo.upstream,
             &ca,
             UpstreamSpec::new()
                 .names(&[NAME, NAME6])
-                .https(topo.node_addr(443))
-                .https(topo.node_addr(8443))
-                .https(topo.node_addr6(8443))
-                .http(topo.node_addr(8080))
-                .banner(topo.node_addr(2222)),
+                .https(topo.upstream_addr(443))
+                .https(topo.upstream_addr(8443))
+                .https(topo.upstream_addr6(8443))
+                .http(topo.upstream_addr(8080))
+                .banner(topo.upstream_addr(2222)),
         );
         let squid = Squid::start(
             &topo.node,
             squid
-                .host(NAME, IpAddr::V4(topo.node_v4()))
-                .host(NAME6, IpAddr::V6(topo.node_v6())),
+                .host(NAME, IpAddr::V4(topo.upstream_v4()))
+                .host(NAME6, IpAddr::V6(topo.upstream_v6())),
         );
         let opts = tune(
             AgentOptions::new(squid.addr())
@@ -94,9 +95,9 @@ impl World {
         }
     }
 
-    /// The node's IPv4 address, where the upstreams listen.
+    /// The upstream's IPv4 address, where the upstream servers listen.
     pub fn v4(&self) -> IpAddr {
-        IpAddr::V4(self.topo.node_v4())
+        IpAddr::V4(self.topo.upstream_v4())
     }
 
     /// A curl for `url` inside the actor (cgroup and namespace; no cgroup when `captured` is
@@ -137,20 +138,33 @@ impl World {
     }
 }
 
-/// The world of the veth-mode tests and demo: a "node" namespace (agent, squid, upstreams,
-/// a DNS server), a "worker" namespace (the pod that hosts sandboxes) whose own `eth0`-like
-/// link goes to the node on `10.252.NET.0/24`, and an empty actor namespace the agent gives
-/// a veth pair to.
+/// The world of the veth-mode tests and demo: a "node" namespace (agent, squid), a "worker"
+/// namespace (the pod that hosts sandboxes) whose own `eth0`-like link goes to the node, an
+/// "upstream" namespace (the internet: upstream servers and the worker's DNS server) linked to
+/// the node, and an empty actor namespace the agent gives a veth pair to.
+///
+/// Address plan, one `NET` per test:
+///
+/// | link | node side | other side |
+/// |---|---|---|
+/// | node ↔ worker (`wk…`) | `10.252.NET.1/24` | worker `10.252.NET.2` (the "pod IP") |
+/// | node ↔ upstream (`up…`) | `10.249.NET.1/24` | upstream `10.249.NET.2` |
+/// | worker ↔ actor (`egressN`, made by the agent) | | the agent's pool, `10.200.0.0/24` |
+///
+/// The worker and the upstream have default routes via the node, which forwards (IPv4, in its
+/// own namespace only) and routes the agent's pool to the worker, so the worker's own traffic
+/// reaches the upstream directly from the worker's address, and so would an actor's
+/// connection the capture missed, from the actor's.
 pub struct VethWorld {
     /// The agent under test.
     pub agent: Agent,
     /// The options it was started with (to start it again).
     pub agent_options: AgentOptions,
-    /// The worker's resolver: dnsmasq on the node's address, answering [`NAME`].
+    /// The worker's resolver: dnsmasq on the upstream's address, answering [`NAME`] with it.
     pub dns: Dns,
     /// The PEP.
     pub squid: Squid,
-    /// HTTPS on :443 and :8443, HTTP on :8080, on the node's address.
+    /// HTTPS on :443 and :8443, HTTP on :8080, on the upstream's address.
     pub upstream: Upstream,
     /// The CA the upstream's certificate comes from.
     pub ca: TestCa,
@@ -158,30 +172,58 @@ pub struct VethWorld {
     pub actor: Netns,
     /// The worker's namespace.
     pub worker: Netns,
+    /// The upstream's namespace ("the internet"), where the upstream servers and dnsmasq run.
+    pub upstream_netns: Netns,
     /// The node's namespace.
     pub node: Netns,
     net: u8,
 }
 
 impl VethWorld {
-    /// A world on `10.252.NET.0/24` whose agent captures veth actor `actor_id` (template
-    /// `sandbox`, namespace `team-b`) from its config file; `tune` adjusts the agent's
-    /// options (e.g. clears the actors to add them at run time).
+    /// A world on `10.252.NET.0/24` and `10.249.NET.0/24` whose agent captures veth actor
+    /// `actor_id` (template `sandbox`, namespace `team-b`) from its config file; `tune`
+    /// adjusts the agent's options (e.g. clears the actors to add them at run time).
     pub fn new(net: u8, actor_id: &str, tune: impl FnOnce(AgentOptions) -> AgentOptions) -> Self {
         crate::require_root();
         crate::require_commands(&["squid", "curl", "openssl", "ip", "nft", "dnsmasq", "dig"]);
-        let node = Netns::new();
-        let worker = Netns::new();
-        let actor = Netns::new();
-        let node_ip = format!("10.252.{net}.1/24");
-        let worker_ip = format!("10.252.{net}.2/24");
-        veth(&node, &worker, &[&node_ip], &[&worker_ip]);
-        worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
-        let node_v4 = Ipv4Addr::new(10, 252, net, 1);
-        let ca = TestCa::new();
-        let at = |port| SocketAddr::new(IpAddr::V4(node_v4), port);
-        let upstream = Upstream::start(
+        let node = Netns::named("node");
+        let worker = Netns::named("worker");
+        let upstream_netns = Netns::named("upstream");
+        let actor = Netns::named("actor");
+        named_veth(
+            "wk",
             &node,
+            &worker,
+            &[&format!("10.252.{net}.1/24")],
+            &[&format!("10.252.{net}.2/24")],
+        );
+        named_veth(
+            "up",
+            &node,
+            &upstream_netns,
+            &[&format!("10.249.{net}.1/24")],
+            &[&format!("10.249.{net}.2/24")],
+        );
+        worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
+        upstream_netns.ip(&["route", "add", "default", "via", &format!("10.249.{net}.1")]);
+        // The node routes between the worker and the upstream, like a real node, and knows the
+        // agent's pool (10.200.0.0/24, its default) is behind the worker: were an actor's
+        // packet to leave the worker unmasqueraded (the capture missed it), the upstream's
+        // answer would find its way back, the connection would complete, and a test asserting
+        // that nothing reached the upstream directly would see it.
+        node.sysctl("net/ipv4/ip_forward", "1");
+        node.ip(&[
+            "route",
+            "add",
+            "10.200.0.0/24",
+            "via",
+            &format!("10.252.{net}.2"),
+        ]);
+        let up_v4 = Ipv4Addr::new(10, 249, net, 2);
+        let ca = TestCa::new();
+        let at = |port| SocketAddr::new(IpAddr::V4(up_v4), port);
+        let upstream = Upstream::start(
+            &upstream_netns,
             &ca,
             UpstreamSpec::new()
                 .names(&[NAME])
@@ -189,15 +231,16 @@ impl VethWorld {
                 .https(at(8443))
                 .http(at(8080)),
         );
-        let squid = Squid::start(
-            &node,
-            SquidConfig::default().host(NAME, IpAddr::V4(node_v4)),
+        let squid = Squid::start(&node, SquidConfig::default().host(NAME, IpAddr::V4(up_v4)));
+        let dns = Dns::start(
+            &upstream_netns,
+            IpAddr::V4(up_v4),
+            &[(NAME, IpAddr::V4(up_v4))],
         );
-        let dns = Dns::start(&node, IpAddr::V4(node_v4), &[(NAME, IpAddr::V4(node_v4))]);
         let mut opts = AgentOptions::new(squid.addr()).veth_actor(VethActorSpec::new(
             actor_id, "sandbox", "team-b", &actor, &worker,
         ));
-        opts.veth_resolver = Some(node_v4);
+        opts.veth_resolver = Some(up_v4);
         let opts = tune(opts);
         let mut agent = Agent::start(&node, None, opts.clone());
         agent.wait_ready(T);
@@ -210,12 +253,14 @@ impl VethWorld {
             ca,
             actor,
             worker,
+            upstream_netns,
             node,
             net,
         }
     }
 
-    /// The node's address, where the upstreams, squid's upstream side and the resolver are.
+    /// The node's address on its link to the worker (where inbound clients on the node come
+    /// from, and the worker's gateway).
     pub fn node_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 252, self.net, 1)
     }
@@ -225,19 +270,35 @@ impl VethWorld {
         Ipv4Addr::new(10, 252, self.net, 2)
     }
 
+    /// The node's address on its link to the upstream: where squid's connections to the
+    /// upstream come from.
+    pub fn node_uplink_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 249, self.net, 1)
+    }
+
+    /// The upstream's address, where the upstream servers and the resolver are.
+    pub fn upstream_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 249, self.net, 2)
+    }
+
     /// `node_v4:port`.
     pub fn node_addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.node_v4()), port)
     }
 
+    /// `upstream_v4:port`.
+    pub fn upstream_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.upstream_v4()), port)
+    }
+
     /// A curl for `url` inside `netns` (no cgroup: veth capture needs none), resolving
-    /// [`NAME`]`:port` to the node.
+    /// [`NAME`]`:port` to the upstream.
     pub fn curl_command(&self, netns: &Netns, port: u16, url: &str) -> std::process::Command {
         curl_command(
             Some(netns),
             None,
             &self.ca.cert_path(),
-            &[(NAME, port, IpAddr::V4(self.node_v4()))],
+            &[(NAME, port, IpAddr::V4(self.upstream_v4()))],
             url,
         )
     }

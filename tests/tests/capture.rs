@@ -1,7 +1,9 @@
-//! Tier 3: the agent on the real kernel. Each test builds its own world (node and actor
-//! network namespaces joined by a veth on its own 10.251.NET.0/24, a fresh actor cgroup,
-//! upstream servers and a real squid in the node namespace), starts the real agent binary
-//! and drives real curl / openssl / bash clients inside the actor's cgroup and namespace.
+//! Tier 3: the agent on the real kernel. Each test builds its own world (node, actor and
+//! upstream network namespaces: the actor on 10.251.NET.0/24 and the upstream on
+//! 10.250.NET.0/24, both linked to the node, which routes between them; a fresh actor cgroup;
+//! upstream servers in the upstream namespace and a real squid in the node namespace), starts
+//! the real agent binary and drives real curl / openssl / bash clients inside the actor's
+//! cgroup and namespace.
 //!
 //! Traffic only ever goes to loopback or to addresses of the namespaces a test made.
 use std::{
@@ -55,7 +57,7 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
             out.stdout
         );
 
-        let original = w.topo.node_addr(port);
+        let original = w.topo.upstream_addr(port);
         let authority = format!("{NAME}:{port}");
         let entry = w.squid.wait_for_request("CONNECT", &authority, T);
         assert_identity(&entry, "actor-11", original, &authority);
@@ -76,7 +78,7 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
         assert_eq!(seen[0].sni.as_deref(), Some(NAME));
         assert_eq!(
             seen[0].peer.ip(),
-            w.v4(),
+            IpAddr::V4(w.topo.node_uplink_v4()),
             "it came from squid in the node namespace, not from the actor"
         );
     }
@@ -92,7 +94,7 @@ fn http_host_on_a_non_80_port() {
         "{}",
         out.stdout
     );
-    let original = w.topo.node_addr(8080);
+    let original = w.topo.upstream_addr(8080);
     let authority = format!("{NAME}:8080");
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
     assert_identity(&entry, "actor-12", original, &authority);
@@ -104,7 +106,7 @@ fn http_host_on_a_non_80_port() {
 #[test]
 fn server_first_protocol_works_via_ip_port() {
     let mut w = world(13);
-    let original = w.topo.node_addr(2222);
+    let original = w.topo.upstream_addr(2222);
     let out = process::run(
         &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), original),
         T,
@@ -126,7 +128,7 @@ fn server_first_protocol_works_via_ip_port() {
 #[test]
 fn openssl_s_client_sni_is_classified() {
     let mut w = world(14);
-    let original = w.topo.node_addr(8443);
+    let original = w.topo.upstream_addr(8443);
     let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
     cmd.args([
         "s_client",
@@ -158,10 +160,10 @@ fn openssl_s_client_sni_is_classified() {
 #[test]
 fn ipv6_destination_is_captured() {
     let w = world(15);
-    let original = w.topo.node_addr6(8443);
+    let original = w.topo.upstream_addr6(8443);
     let out = w.curl(
         NAME6,
-        IpAddr::V6(w.topo.node_v6()),
+        IpAddr::V6(w.topo.upstream_v6()),
         8443,
         &format!("https://{NAME6}:8443/"),
     );
@@ -201,7 +203,7 @@ fn pep_deny_resets_the_actor_connection() {
         "curl exit code: {}",
         out.describe()
     );
-    let original = w.topo.node_addr(8443);
+    let original = w.topo.upstream_addr(8443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_refused"));
     assert_eq!(conn.pep_status, Some(403));
@@ -226,15 +228,15 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
     actor2.ip(&["route", "add", "default", "via", "10.251.117.1"]);
     let (cg1, cg2) = (Cgroup::new(), Cgroup::new());
     let ca = TestCa::new();
-    let web = topo.node_addr(8443);
+    let web = topo.upstream_addr(8443);
     let upstream = Upstream::start(
-        &topo.node,
+        &topo.upstream,
         &ca,
         UpstreamSpec::new().names(&[NAME]).https(web),
     );
     let squid = Squid::start(
         &topo.node,
-        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.upstream_v4())),
     );
     let mut opts = AgentOptions::new(squid.addr())
         .actor(ActorSpec::new("alice", "coder", "team-a", &cg1).netns(&topo.actor))
@@ -249,7 +251,7 @@ fn two_actors_in_two_namespaces_keep_their_identities() {
             Some(netns),
             Some(cgroup),
             &ca.cert_path(),
-            &[(NAME, 8443, IpAddr::V4(topo.node_v4()))],
+            &[(NAME, 8443, IpAddr::V4(topo.upstream_v4()))],
             &format!("https://{NAME}:8443/"),
         )
     };
@@ -296,7 +298,7 @@ fn a_process_outside_the_cgroup_is_not_captured() {
         T,
     );
     out.expect_success("uncaptured curl");
-    let seen = w.upstream.seen_on(w.topo.node_addr(8443));
+    let seen = w.upstream.seen_on(w.topo.upstream_addr(8443));
     assert_eq!(seen.len(), 1);
     assert_eq!(
         seen[0].peer.ip(),
@@ -314,10 +316,10 @@ fn a_process_outside_the_cgroup_is_not_captured() {
     );
     let conns = w.agent.wait_for_connections(1, T);
     assert_eq!(conns.len(), 1, "only one connection reached the agent");
-    let seen = w.upstream.seen_on(w.topo.node_addr(8443));
+    let seen = w.upstream.seen_on(w.topo.upstream_addr(8443));
     assert_eq!(
         seen[1].peer.ip(),
-        w.v4(),
+        IpAddr::V4(w.topo.node_uplink_v4()),
         "the captured one came from squid"
     );
 }
@@ -332,15 +334,15 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
     // listener that is not in its namespace and fail.
     let agent_cgroup = cgroup.child("agent");
     let ca = TestCa::new();
-    let web = topo.node_addr(8443);
+    let web = topo.upstream_addr(8443);
     let upstream = Upstream::start(
-        &topo.node,
+        &topo.upstream,
         &ca,
         UpstreamSpec::new().names(&[NAME]).https(web),
     );
     let squid = Squid::start(
         &topo.node,
-        SquidConfig::default().host(NAME, IpAddr::V4(topo.node_v4())),
+        SquidConfig::default().host(NAME, IpAddr::V4(topo.upstream_v4())),
     );
     let opts = AgentOptions::new(squid.addr())
         .actor(ActorSpec::new("actor-19", "coder", "team-a", &cgroup).netns(&topo.actor));
@@ -356,7 +358,7 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
             Some(&topo.actor),
             Some(&cgroup),
             &ca.cert_path(),
-            &[(NAME, 8443, IpAddr::V4(topo.node_v4()))],
+            &[(NAME, 8443, IpAddr::V4(topo.upstream_v4()))],
             &format!("https://{NAME}:8443/"),
         ),
         T,
@@ -383,7 +385,7 @@ fn the_agent_inside_a_captured_cgroup_does_not_capture_itself() {
 fn getpeername_shows_the_original_destination() {
     let w = world(20);
     let probe = env!("CARGO_BIN_EXE_egress-probe");
-    for original in [w.topo.node_addr(8080), w.topo.node_addr6(8443)] {
+    for original in [w.topo.upstream_addr(8080), w.topo.upstream_addr6(8443)] {
         let mut cmd = command_in(probe, Some(&w.topo.actor), Some(&w.cgroup));
         cmd.args(["peername", &original.to_string()]);
         let out = process::run(&mut cmd, T);
@@ -404,7 +406,7 @@ fn ten_thousand_connections_leave_no_map_entries() {
     let count = 10_000;
     cmd.args([
         "http-many",
-        &w.topo.node_addr(8080).to_string(),
+        &w.topo.upstream_addr(8080).to_string(),
         NAME,
         &count.to_string(),
         "8",
@@ -434,7 +436,7 @@ fn ten_thousand_connections_leave_no_map_entries() {
     assert_eq!(stats.actors, 1);
     assert_eq!(counter(&stats, "redirected"), count as u64);
     assert_eq!(counter(&stats, "published"), count as u64);
-    assert_eq!(w.upstream.seen_on(w.topo.node_addr(8080)).len(), count);
+    assert_eq!(w.upstream.seen_on(w.topo.upstream_addr(8080)).len(), count);
 }
 
 #[test]
@@ -455,7 +457,7 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
         out.describe()
     );
     assert_eq!(
-        w.upstream.seen_on(w.topo.node_addr(8443)).len(),
+        w.upstream.seen_on(w.topo.upstream_addr(8443)).len(),
         1,
         "no direct connection to the upstream"
     );
@@ -484,7 +486,7 @@ fn kill_9_fails_closed_and_a_restarted_agent_serves_again() {
     assert!(!dir.exists(), "detach removed the pin directory");
     let out = w.curl(NAME, w.v4(), 8443, &url);
     out.expect_success("curl after detach goes direct");
-    let seen = w.upstream.seen_on(w.topo.node_addr(8443));
+    let seen = w.upstream.seen_on(w.topo.upstream_addr(8443));
     assert_eq!(
         seen.last().unwrap().peer.ip(),
         IpAddr::V4(w.topo.actor_v4())
@@ -517,7 +519,7 @@ fn ipv6_connect_without_an_ipv6_listener_is_refused_not_sent() {
     // must refuse it (EPERM) rather than let it through.
     let probe = env!("CARGO_BIN_EXE_egress-probe");
     let mut cmd = command_in(probe, Some(&topo.actor), Some(&cgroup));
-    cmd.args(["peername", &topo.node_addr6(8443).to_string()]);
+    cmd.args(["peername", &topo.upstream_addr6(8443).to_string()]);
     let out = process::run(&mut cmd, T);
     assert!(
         !out.success(),
@@ -552,7 +554,7 @@ fn a_client_that_writes_and_closes_at_once_is_still_delivered() {
     // already closed: their records must still be there when the agent accepts them.
     cmd.args([
         "send-close",
-        &w.topo.node_addr(8080).to_string(),
+        &w.topo.upstream_addr(8080).to_string(),
         NAME,
         &count.to_string(),
         "32",
@@ -562,7 +564,7 @@ fn a_client_that_writes_and_closes_at_once_is_still_delivered() {
     for _ in 0..200 {
         delivered = w
             .upstream
-            .seen_on(w.topo.node_addr(8080))
+            .seen_on(w.topo.upstream_addr(8080))
             .iter()
             .filter(|s| s.path.as_deref() == Some("/send-close"))
             .count();
@@ -617,7 +619,7 @@ fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopba
     });
     let (topo, cgroup, squid, upstream, agent) =
         (&w.topo, &w.cgroup, &w.squid, &w.upstream, &w.agent);
-    let web = topo.node_addr(8080);
+    let web = topo.upstream_addr(8080);
     let probe = env!("CARGO_BIN_EXE_egress-probe");
 
     // The agent's mark on an actor socket (root in the test, so it may set SO_MARK) in the
@@ -634,7 +636,8 @@ fn an_actor_in_the_node_namespace_cannot_pass_for_the_agent_or_reach_node_loopba
     );
     assert_eq!(
         upstream.seen_on(web)[0].peer.ip(),
-        IpAddr::V4(topo.node_v4())
+        IpAddr::V4(topo.node_uplink_v4()),
+        "it came from squid, not from the actor"
     );
 
     // The node's loopback (squid itself listens there) is not reachable from the actor.

@@ -1,6 +1,6 @@
 //! Tier 3: actors added and removed at run time over the control socket
 //! (`egress-agent actor add|list|remove`), and adopted again by a restarted agent from its
-//! state file. Same world as `capture.rs` (node and actor namespaces on 10.251.NET.0/24),
+//! state file. Same world as `capture.rs` (node, actor and upstream namespaces),
 //! but the agent starts with no actor at all.
 //!
 //! Traffic only ever goes to loopback or to addresses of the namespaces a test made.
@@ -52,7 +52,7 @@ fn cgroup_actor_added_at_run_time_is_captured_adopted_after_a_restart_and_remove
     // Before any actor: nothing is captured, the curl goes straight to the upstream.
     w.curl(NAME, w.v4(), 8443, &url)
         .expect_success("uncaptured curl");
-    assert_eq!(w.upstream.seen_on(w.topo.node_addr(8443)).len(), 1);
+    assert_eq!(w.upstream.seen_on(w.topo.upstream_addr(8443)).len(), 1);
     assert!(
         w.squid.access_log_entries().is_empty(),
         "squid saw nothing yet"
@@ -114,7 +114,7 @@ fn cgroup_actor_added_at_run_time_is_captured_adopted_after_a_restart_and_remove
     );
     w.curl(NAME, w.v4(), 8443, &url)
         .expect_success("curl after the removal");
-    assert_eq!(w.upstream.seen_on(w.topo.node_addr(8443)).len(), 4);
+    assert_eq!(w.upstream.seen_on(w.topo.upstream_addr(8443)).len(), 4);
     assert_eq!(
         w.squid.access_log_entries().len(),
         2,

@@ -32,7 +32,7 @@ fn identity_headers() -> Vec<(&'static str, &'static str)> {
         ("x-ate-actor-id", "a1"),
         ("x-ate-actor-template", "tmpl-1"),
         ("x-ate-actor-template-namespace", "team-a"),
-        ("x-ate-original-destination", "10.251.1.1:8443"),
+        ("x-ate-original-destination", "10.250.1.2:8443"),
         ("x-ate-connect-authority", "web.egress.test:8443"),
     ]
 }
@@ -65,13 +65,13 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
     require_commands(&["squid", "curl", "ip", "nsenter"]);
     let topo = Topology::new(1);
     let ca = TestCa::new();
-    let https = topo.node_addr(8443);
-    let https6 = topo.node_addr6(8443);
-    let http = topo.node_addr(8080);
-    let banner = topo.node_addr(2525);
-    let https443 = topo.node_addr(443);
+    let https = topo.upstream_addr(8443);
+    let https6 = topo.upstream_addr6(8443);
+    let http = topo.upstream_addr(8080);
+    let banner = topo.upstream_addr(2525);
+    let https443 = topo.upstream_addr(443);
     let upstream = Upstream::start(
-        &topo.node,
+        &topo.upstream,
         &ca,
         UpstreamSpec::new()
             .names(&[WEB, WEB6])
@@ -84,9 +84,9 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
     let squid = Squid::start(
         &topo.node,
         SquidConfig::default()
-            .host(WEB, IpAddr::V4(topo.node_v4()))
-            .host(WEB6, IpAddr::V6(topo.node_v6()))
-            .host(DENIED, IpAddr::V4(topo.node_v4()))
+            .host(WEB, IpAddr::V4(topo.upstream_v4()))
+            .host(WEB6, IpAddr::V6(topo.upstream_v6()))
+            .host(DENIED, IpAddr::V4(topo.upstream_v4()))
             .deny_domain(DENIED)
             .deny_port(2526),
     );
@@ -114,12 +114,12 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
     assert_eq!(e.status, Some(200));
     assert_eq!(
         e.server.as_deref(),
-        Some(topo.node_v4().to_string().as_str())
+        Some(topo.upstream_v4().to_string().as_str())
     );
     assert_eq!(e.actor_id.as_deref(), Some("a1"));
     assert_eq!(e.actor_template.as_deref(), Some("tmpl-1"));
     assert_eq!(e.actor_template_namespace.as_deref(), Some("team-a"));
-    assert_eq!(e.original_destination.as_deref(), Some("10.251.1.1:8443"));
+    assert_eq!(e.original_destination.as_deref(), Some("10.250.1.2:8443"));
     assert_eq!(e.connect_authority.as_deref(), Some("web.egress.test:8443"));
 
     // IPv6 upstream, resolved from squid's hosts file.
@@ -188,7 +188,7 @@ fn squid_forwards_connect_and_http_and_logs_identity() {
 
     // A denied port, by IP authority.
     let mut s = connect_in(&topo.node, squid.addr(), T).expect("connect to squid");
-    let authority = format!("{}:2526", topo.node_v4());
+    let authority = format!("{}:2526", topo.upstream_v4());
     assert_eq!(
         http_connect(&mut s, &authority, &[]).expect("CONNECT to denied port"),
         403
@@ -213,11 +213,11 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
     let topo = Topology::new(2);
     let cgroup = Cgroup::new();
     let ca = TestCa::new();
-    let https = topo.node_addr(8443);
-    let https6 = topo.node_addr6(8443);
-    let banner6 = topo.node_addr6(2525);
+    let https = topo.upstream_addr(8443);
+    let https6 = topo.upstream_addr6(8443);
+    let banner6 = topo.upstream_addr6(2525);
     let upstream = Upstream::start(
-        &topo.node,
+        &topo.upstream,
         &ca,
         UpstreamSpec::new()
             .names(&[WEB])
@@ -264,7 +264,18 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
         out.stdout
     );
 
-    // Direct (uncaptured) traffic from the actor reaches the upstream over the veth.
+    // The node forwards, and only the node: direct (uncaptured) traffic from the actor
+    // reaches the upstream through it, from the actor's own address.
+    for key in ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] {
+        assert_eq!(topo.node.sysctl_value(key), "1", "{key} in the node");
+        assert_eq!(topo.actor.sysctl_value(key), "0", "{key} in the actor");
+        assert_eq!(
+            topo.upstream.sysctl_value(key),
+            "0",
+            "{key} in the upstream"
+        );
+    }
+    assert_ne!(topo.upstream.inode(), topo.node.inode());
     assert_eq!(upstream.accepted(https), 0);
     let curl = |ip: IpAddr, path: &str| {
         let url = format!("https://{WEB}:8443{path}");
@@ -277,7 +288,7 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
         );
         run(&mut cmd, T)
     };
-    let out = curl(IpAddr::V4(topo.node_v4()), "/direct");
+    let out = curl(IpAddr::V4(topo.upstream_v4()), "/direct");
     out.expect_success("curl from actor to upstream");
     assert!(out.stdout.contains(&format!("sni={WEB}")), "{}", out.stdout);
     assert_eq!(upstream.accepted(https), 1);
@@ -286,7 +297,7 @@ fn process_runs_in_actor_netns_and_cgroup_and_reaches_upstream_directly() {
         IpAddr::V4(topo.actor_v4())
     );
 
-    let out = curl(IpAddr::V6(topo.node_v6()), "/direct6");
+    let out = curl(IpAddr::V6(topo.upstream_v6()), "/direct6");
     out.expect_success("curl from actor to upstream over IPv6");
     assert_eq!(upstream.accepted(https6), 1);
     assert_eq!(
@@ -325,7 +336,7 @@ case "$cmd" in
       exit 3
     fi
     printf '{"level":"INFO","fields":{"message":"ready","netns":"%s"}}\n' "$(readlink /proc/self/ns/net)" >&2
-    printf '{"level":"INFO","fields":{"message":"connection closed","actor":"%s","pid":%s,"original_dst":"10.251.4.1:443","authority":"web.egress.test:443","source":"sni","pep_status":200,"bytes_up":517,"bytes_down":1024,"duration_ms":5,"outcome":"ok"}}\n' "$actor" "$$" >&2
+    printf '{"level":"INFO","fields":{"message":"connection closed","actor":"%s","pid":%s,"original_dst":"10.250.4.2:443","authority":"web.egress.test:443","source":"sni","pep_status":200,"bytes_up":517,"bytes_down":1024,"duration_ms":5,"outcome":"ok"}}\n' "$actor" "$$" >&2
     exec sleep 60
     ;;
   detach)
@@ -411,7 +422,11 @@ fn guards_clean_up_on_drop() {
         cmd.arg("60");
         let orphan = cmd.spawn().expect("spawn sleep");
         let squid = Squid::start(&topo.node, SquidConfig::default());
-        let names = vec![topo.node.name().to_string(), topo.actor.name().to_string()];
+        let names = vec![
+            topo.node.name().to_string(),
+            topo.actor.name().to_string(),
+            topo.upstream.name().to_string(),
+        ];
         for n in &names {
             assert!(PathBuf::from("/var/run/netns").join(n).exists());
         }

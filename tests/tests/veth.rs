@@ -1,8 +1,9 @@
 //! Tier 3: veth mode, for actors whose traffic arrives as packets (gVisor, microVMs). Each
-//! test builds its own node, worker and actor namespaces (`VethWorld`, 10.252.NET.0/24 for
-//! the worker's own link, the agent's 10.200.0.0/24 pool inside the worker), starts the real
-//! agent binary, and drives real curl, dig, gVisor (runsc) and UDP probes in the actor's
-//! namespace.
+//! test builds its own node, worker, upstream and actor namespaces (`VethWorld`:
+//! 10.252.NET.0/24 for the worker's own link to the node, 10.249.NET.0/24 for the node's link
+//! to the upstream servers and resolver, the agent's 10.200.0.0/24 pool inside the worker),
+//! starts the real agent binary, and drives real curl, dig, gVisor (runsc) and UDP probes in
+//! the actor's namespace.
 //!
 //! Traffic only ever goes to loopback or to addresses of the namespaces a test made.
 use std::{
@@ -17,6 +18,7 @@ use egress_tests::{
     dns::dig,
     gvisor::Sandbox,
     netns::Netns,
+    process,
     squid::AccessEntry,
     udp::{UDP_TIMEOUT_EXIT, UdpEcho, udp_send},
     world::{NAME, T, VethWorld},
@@ -51,10 +53,10 @@ fn veth_actor_reaches_a_named_https_upstream_through_squid_and_the_worker_is_unt
     assert_identity(
         &entry,
         "vactor-40",
-        w.node_addr(8443),
+        w.upstream_addr(8443),
         &format!("{NAME}:8443"),
     );
-    let seen = w.upstream.seen_on(w.node_addr(8443));
+    let seen = w.upstream.seen_on(w.upstream_addr(8443));
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].sni.as_deref(), Some(NAME));
     let conn = w
@@ -77,7 +79,7 @@ fn veth_actor_reaches_a_named_https_upstream_through_squid_and_the_worker_is_unt
     // The worker's own traffic is not captured: it reaches the upstream directly.
     w.curl(&w.worker, 8080, &format!("http://{NAME}:8080/"))
         .expect_success("curl from the worker itself");
-    let direct = w.upstream.seen_on(w.node_addr(8080));
+    let direct = w.upstream.seen_on(w.upstream_addr(8080));
     assert_eq!(direct.len(), 1);
     assert_eq!(direct[0].peer.ip(), IpAddr::V4(w.worker_v4()));
     assert_eq!(
@@ -92,12 +94,12 @@ fn veth_actor_dns_resolves_and_other_udp_is_dropped_and_counted() {
     let w = VethWorld::new(41, "vactor-41", |o| o);
     // DNS to the actor's gateway reaches the worker's resolver, masqueraded as the worker.
     let answer = dig(&w.actor, IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)), NAME);
-    assert_eq!(answer, vec![IpAddr::V4(w.node_v4())]);
+    assert_eq!(answer, vec![IpAddr::V4(w.upstream_v4())]);
     let query = w.dns.wait_for_query(NAME, T);
     assert_eq!(query.source, IpAddr::V4(w.worker_v4()));
 
     // Other UDP never leaves the worker, and the drop is counted.
-    let echo = UdpEcho::start(probe(), &w.node, w.node_addr(9999));
+    let echo = UdpEcho::start(probe(), &w.upstream_netns, w.upstream_addr(9999));
     let out = udp_send(
         probe(),
         &w.actor,
@@ -106,7 +108,7 @@ fn veth_actor_dns_resolves_and_other_udp_is_dropped_and_counted() {
         Duration::from_millis(500),
     );
     assert_eq!(out.code(), Some(UDP_TIMEOUT_EXIT), "{}", out.describe());
-    assert!(echo.peers().is_empty(), "nothing arrived at the node");
+    assert!(echo.peers().is_empty(), "nothing arrived at the upstream");
     let list = w.agent.control(&["actor", "list", "--json"]);
     list.expect_success("actor list");
     let v: serde_json::Value = serde_json::from_str(&list.stdout).expect("json");
@@ -119,7 +121,7 @@ fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
     egress_tests::require_commands(&["runsc"]);
     let w = VethWorld::new(42, "gvisor-42", |o| o);
     // The sandbox's root is the host's `/`: the CA file is seen at its own path.
-    let sandbox = Sandbox::new(&w.actor).hosts(&[(NAME, IpAddr::V4(w.node_v4()))]);
+    let sandbox = Sandbox::new(&w.actor).hosts(&[(NAME, IpAddr::V4(w.upstream_v4()))]);
     let ca = w.ca.cert_path().display().to_string();
     let curl = [
         "curl",
@@ -137,7 +139,7 @@ fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
     assert_identity(
         &entry,
         "gvisor-42",
-        w.node_addr(8443),
+        w.upstream_addr(8443),
         &format!("{NAME}:8443"),
     );
 
@@ -160,7 +162,7 @@ fn gvisor_actor_is_captured_and_reapply_restores_its_side() {
     let entries = w.squid.wait_for_entries(2, T);
     assert_eq!(entries[1].actor_id.as_deref(), Some("gvisor-42"));
     assert_eq!(
-        w.upstream.seen_on(w.node_addr(8443)).len(),
+        w.upstream.seen_on(w.upstream_addr(8443)).len(),
         2,
         "both went through squid"
     );
@@ -323,7 +325,7 @@ fn down_removes_everything_up_is_idempotent_and_a_restarted_agent_adopts_the_pai
     let out = w.curl(&w.actor, 8443, &url);
     assert_eq!(out.code(), Some(7), "refused: {}", out.describe());
     assert_eq!(
-        w.upstream.seen_on(w.node_addr(8443)).len(),
+        w.upstream.seen_on(w.upstream_addr(8443)).len(),
         1,
         "nothing went direct"
     );
@@ -387,7 +389,7 @@ fn a_worker_veth_that_no_actor_owns_forwards_nothing() {
     stray.ip(&["addr", "add", "10.200.0.38/30", "dev", "eth0"]);
     stray.ip(&["link", "set", "eth0", "up"]);
     stray.ip(&["route", "add", "default", "via", "10.200.0.37"]);
-    let echo = UdpEcho::start(probe(), &w.node, w.node_addr(9999));
+    let echo = UdpEcho::start(probe(), &w.upstream_netns, w.upstream_addr(9999));
     let out = udp_send(
         probe(),
         &stray,
@@ -396,7 +398,10 @@ fn a_worker_veth_that_no_actor_owns_forwards_nothing() {
         Duration::from_millis(500),
     );
     assert_eq!(out.code(), Some(UDP_TIMEOUT_EXIT), "{}", out.describe());
-    assert!(echo.peers().is_empty(), "nothing was forwarded to the node");
+    assert!(
+        echo.peers().is_empty(),
+        "nothing was forwarded to the upstream"
+    );
     // The registered actor's UDP is dropped as well; its TCP is still captured.
     w.curl(&w.actor, 8080, &format!("http://{NAME}:8080/"))
         .expect_success("curl from the registered actor");
@@ -424,4 +429,37 @@ fn a_veth_actor_dropped_from_the_config_loses_its_pair_on_restart() {
         w.worker_tables()
     );
     w.agent = again;
+}
+
+#[test]
+fn without_the_table_a_veth_actor_would_go_direct_and_be_seen() {
+    // The world itself, not the agent: "nothing went direct" checks above can only fail if
+    // a connection the capture misses does reach the upstream. Take the capture away (agent
+    // killed, table deleted) and the actor's curl must arrive there from its own address.
+    let mut w = VethWorld::new(48, "vactor-48", |o| o);
+    let url = format!("https://{NAME}:8443/");
+    w.curl(&w.actor, 8443, &url).expect_success("captured curl");
+    w.agent.kill9();
+    let out = process::run(
+        w.worker
+            .command("nft")
+            .args(["delete", "table", "inet", "egress"]),
+        T,
+    );
+    out.expect_success("nft delete table inet egress in the worker");
+    w.curl(&w.actor, 8443, &url)
+        .expect_success("curl without capture");
+    let seen = w.upstream.seen_on(w.upstream_addr(8443));
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(
+        seen[0].peer.ip(),
+        IpAddr::V4(w.node_uplink_v4()),
+        "the captured one came from squid on the node"
+    );
+    assert_eq!(
+        seen[1].peer.ip(),
+        IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)),
+        "the uncaptured one came from the actor itself"
+    );
+    assert_eq!(w.squid.access_log_entries().len(), 1);
 }

@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: captures a real actor's traffic end to end and shows what each layer saw.
 //!
-//! It makes a throw-away world (a "node" and an "actor" network namespace joined by a veth on
-//! 10.251.200.0/24, a fresh actor cgroup), starts local upstream servers (HTTPS with names on
-//! 443 and 8443, plain HTTP on 8080, a server-first service on 2222), a real squid as the PEP
-//! that logs the CONNECT authority and all five x-ate-* headers, and the agent; then runs real
+//! It makes a throw-away world (a "node", an "actor" and an "upstream" network namespace, the
+//! actor on 10.251.200.0/24 and the upstream on 10.250.200.0/24, both linked to the node; a
+//! fresh actor cgroup), starts local upstream servers in the upstream namespace (HTTPS with
+//! names on 443 and 8443, plain HTTP on 8080, a server-first service on 2222), a real squid as
+//! the PEP that logs the CONNECT authority and all five x-ate-* headers, and the agent; then runs real
 //! curl, openssl s_client and a bash client inside the actor, and prints side by side the
 //! client's result, the agent's log line and squid's access-log line. Everything is removed on
 //! exit, Ctrl-C included. Traffic only goes to addresses inside these namespaces.
@@ -48,24 +49,30 @@ fn main() -> ExitCode {
         let w = &built;
         println!();
         println!(
-            "  node netns   {} (agent, squid on {}, upstreams on {})",
+            "  node netns     {} (agent, squid on {}; routes actor <-> upstream)",
             w.topo.node.path().display(),
             w.squid.addr(),
-            w.topo.node_v4()
         );
         println!(
-            "  actor netns  {} (veth {} -> node {})",
+            "  actor netns    {} (veth {} -> node {})",
             w.topo.actor.path().display(),
             w.topo.actor_v4(),
             w.topo.node_v4()
         );
         println!(
-            "  actor cgroup {} (id {})",
+            "  upstream netns {} (servers on {} and [{}]; veth -> node {})",
+            w.topo.upstream.path().display(),
+            w.topo.upstream_v4(),
+            w.topo.upstream_v6(),
+            w.topo.node_uplink_v4()
+        );
+        println!(
+            "  actor cgroup   {} (id {})",
             w.cgroup.path().display(),
             w.cgroup.id()
         );
-        println!("  agent pins   {}", w.agent.bpffs_dir().display());
-        println!("  identity     actor-id=demo-actor template=coder template-namespace=team-a");
+        println!("  agent pins     {}", w.agent.bpffs_dir().display());
+        println!("  identity       actor-id=demo-actor template=coder template-namespace=team-a");
     }
     *world.lock().unwrap_or_else(|e| e.into_inner()) = Some(built);
     // Stored first, checked second: a signal that came while building is seen here, one that
@@ -76,40 +83,44 @@ fn main() -> ExitCode {
         return ExitCode::from(130);
     }
 
-    let node = {
+    let upstream = {
         let g = world.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().map(|w| IpAddr::V4(w.topo.node_v4()))
+        g.as_ref().map(|w| IpAddr::V4(w.topo.upstream_v4()))
     };
-    let Some(node) = node else { wait_for_cleanup() };
+    let Some(upstream) = upstream else {
+        wait_for_cleanup()
+    };
     let mut failures = 0;
     let scenarios: Vec<(String, MakeCommand, u16)> = vec![
         (
             format!("curl https://{NAME}:8443/"),
             Box::new(move |w| {
-                w.curl_command(true, NAME, node, 8443, &format!("https://{NAME}:8443/"))
+                w.curl_command(true, NAME, upstream, 8443, &format!("https://{NAME}:8443/"))
             }),
             8443,
         ),
         (
             format!("curl https://{NAME}/"),
-            Box::new(move |w| w.curl_command(true, NAME, node, 443, &format!("https://{NAME}/"))),
+            Box::new(move |w| {
+                w.curl_command(true, NAME, upstream, 443, &format!("https://{NAME}/"))
+            }),
             443,
         ),
         (
             format!("curl http://{NAME}:8080/"),
             Box::new(move |w| {
-                w.curl_command(true, NAME, node, 8080, &format!("http://{NAME}:8080/"))
+                w.curl_command(true, NAME, upstream, 8080, &format!("http://{NAME}:8080/"))
             }),
             8080,
         ),
         (
-            format!("openssl s_client -connect {node}:8443 -servername {NAME}"),
+            format!("openssl s_client -connect {upstream}:8443 -servername {NAME}"),
             Box::new(move |w| {
                 let mut cmd = command_in("openssl", Some(&w.topo.actor), Some(&w.cgroup));
                 cmd.args([
                     "s_client",
                     "-connect",
-                    &format!("{node}:8443"),
+                    &format!("{upstream}:8443"),
                     "-servername",
                     NAME,
                     "-brief",
@@ -122,9 +133,13 @@ fn main() -> ExitCode {
             8443,
         ),
         (
-            format!("bash /dev/tcp/{node}/2222 (server speaks first)"),
+            format!("bash /dev/tcp/{upstream}/2222 (server speaks first)"),
             Box::new(move |w| {
-                banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), (node, 2222).into())
+                banner_exchange_command(
+                    Some(&w.topo.actor),
+                    Some(&w.cgroup),
+                    (upstream, 2222).into(),
+                )
             }),
             2222,
         ),
@@ -155,7 +170,7 @@ fn main() -> ExitCode {
             drop(g);
             wait_for_cleanup()
         };
-        let dst = format!("{node}:{port}");
+        let dst = format!("{upstream}:{port}");
         let conn = wait_conn(&w.agent, &dst, i);
         match &conn {
             Some(c) => println!(
@@ -205,7 +220,13 @@ fn main() -> ExitCode {
         };
         println!("\n[contrast] the same curl from the actor's namespace but outside its cgroup:");
         let out = process::run(
-            &mut w.curl_command(false, NAME, node, 8443, &format!("https://{NAME}:8443/")),
+            &mut w.curl_command(
+                false,
+                NAME,
+                upstream,
+                8443,
+                &format!("https://{NAME}:8443/"),
+            ),
             T,
         );
         let first = out.stdout.lines().next().unwrap_or("").trim().to_string();
@@ -221,7 +242,7 @@ fn main() -> ExitCode {
         println!(
             "    not captured: the upstream saw it come from {peer} (the actor's veth address), \
              while the captured ones came from squid ({}); squid logged nothing new",
-            w.topo.node_v4()
+            w.topo.node_uplink_v4()
         );
     }
 
@@ -244,20 +265,25 @@ fn main() -> ExitCode {
 /// process and (when runsc is installed) a gVisor sandbox as the actor.
 fn veth_part(shared: &SharedVeth) -> usize {
     println!(
-        "\negress demo, veth mode: a worker namespace, an empty actor namespace; the agent makes the pair and the nftables rules..."
+        "\negress demo, veth mode: a worker namespace, an upstream namespace, an empty actor namespace; the agent makes the pair and the nftables rules..."
     );
     let built = VethWorld::new(NET + 1, "demo-sandbox", |o| o);
     println!(
-        "  worker netns {} (its own link {} -> node {})",
+        "  worker netns   {} (its own link {} -> node {})",
         built.worker.path().display(),
         built.worker_v4(),
         built.node_v4()
     );
     println!(
-        "  actor netns  {} (eth0 10.200.0.2/30 via 10.200.0.1, made by the agent)",
+        "  upstream netns {} (servers and the worker's resolver on {}, via the node)",
+        built.upstream_netns.path().display(),
+        built.upstream_v4()
+    );
+    println!(
+        "  actor netns    {} (eth0 10.200.0.2/30 via 10.200.0.1, made by the agent)",
         built.actor.path().display()
     );
-    println!("  identity     actor-id=demo-sandbox template=sandbox template-namespace=team-b");
+    println!("  identity       actor-id=demo-sandbox template=sandbox template-namespace=team-b");
     *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(built);
     if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
         drop(shared.lock().unwrap_or_else(|e| e.into_inner()).take());
@@ -310,7 +336,7 @@ fn veth_part(shared: &SharedVeth) -> usize {
         let out = if *in_gvisor {
             let ca = w.ca.cert_path().display().to_string();
             egress_tests::gvisor::Sandbox::new(&w.actor)
-                .hosts(&[(NAME, IpAddr::V4(w.node_v4()))])
+                .hosts(&[(NAME, IpAddr::V4(w.upstream_v4()))])
                 .run(
                     &[
                         "curl",
@@ -333,7 +359,7 @@ fn veth_part(shared: &SharedVeth) -> usize {
         if !out.success() {
             failures += 1;
         }
-        match wait_conn(&w.agent, &w.node_addr(8443).to_string(), i) {
+        match wait_conn(&w.agent, &w.upstream_addr(8443).to_string(), i) {
             Some(c) => println!(
                 "    agent   actor={} client={} original_dst={} authority={} source={} pep_status={} outcome={}",
                 s(&c.actor),
