@@ -1,0 +1,394 @@
+//! The embedded policy (no PEP): the agent decides each captured connection of a cgroup actor
+//! from the policy file and dials upstream itself, and its DNS forwarder answers the actor's
+//! lookups. Every destination is inside the test's own namespaces: the "metadata" address
+//! 169.254.169.254 is an address of the test's upstream namespace, so a bug that let it
+//! through would be seen there, not sent anywhere.
+//!
+//! Subnets 70-79.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use egress_tests::{
+    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, LogLine},
+    cgroup::Cgroup,
+    client::{banner_exchange_command, bash_tcp_command, curl_command},
+    dns::{Dns, dig_output},
+    pki::TestCa,
+    process,
+    topology::Topology,
+    upstream::{BANNER, Upstream, UpstreamSpec},
+    world::NAME,
+};
+
+const T: Duration = Duration::from_secs(20);
+/// The name the policy never allows (an NXDOMAIN from the agent, and a denied connect).
+const DENIED: &str = "denied.egress.test";
+/// A second server, on its own address: what an SNI-spoofing actor dials.
+const OTHER: &str = "other.egress.test";
+/// A server-first service the actor finds through DNS only.
+const BANNER_NAME: &str = "banner.egress.test";
+/// A name that resolves to the metadata address.
+const METADATA_ALIAS: &str = "meta.egress.test";
+const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// Node + actor + upstream namespaces; upstream servers on `.2` (web, banner), `.3` (other)
+/// and 169.254.169.254; dnsmasq on `.2` as the agent's `--dns-upstream`; the agent with no
+/// PEP and `policy` as its policy file.
+struct PolicyWorld {
+    agent: Agent,
+    policy_file: PathBuf,
+    dns: Dns,
+    upstream: Upstream,
+    ca: TestCa,
+    cgroup: Cgroup,
+    topo: Topology,
+    _dir: tempfile::TempDir,
+}
+
+impl PolicyWorld {
+    fn new(net: u8, policy: &str) -> Self {
+        egress_tests::require_root();
+        egress_tests::require_commands(&["curl", "openssl", "bash", "ip", "dnsmasq", "dig"]);
+        let topo = Topology::new(net);
+        let cgroup = Cgroup::new();
+        let ca = TestCa::new();
+        let web = topo.upstream_v4();
+        let other = Ipv4Addr::new(10, 250, net, 3);
+        let dev = topo.uplink.b_name.clone();
+        topo.upstream
+            .ip(&["addr", "add", &format!("{other}/24"), "dev", &dev]);
+        topo.upstream
+            .ip(&["addr", "add", &format!("{METADATA}/32"), "dev", &dev]);
+        // Were the agent to dial the metadata address, it would land in the upstream
+        // namespace (and be counted there), never leave the test's namespaces.
+        topo.node.ip(&[
+            "route",
+            "add",
+            &format!("{METADATA}/32"),
+            "via",
+            &web.to_string(),
+        ]);
+        let at = |ip: Ipv4Addr, port| SocketAddr::new(IpAddr::V4(ip), port);
+        let upstream = Upstream::start(
+            &topo.upstream,
+            &ca,
+            UpstreamSpec::new()
+                .names(&[NAME, OTHER, DENIED])
+                .https(at(web, 443))
+                .https(at(web, 8443))
+                .https(at(other, 8443))
+                .http(at(web, 8080))
+                .http(at(METADATA, 80))
+                .banner(at(web, 2222)),
+        );
+        let dns = Dns::start(
+            &topo.upstream,
+            IpAddr::V4(web),
+            &[
+                (NAME, IpAddr::V4(web)),
+                (BANNER_NAME, IpAddr::V4(web)),
+                (DENIED, IpAddr::V4(web)),
+                (OTHER, IpAddr::V4(other)),
+                (METADATA_ALIAS, IpAddr::V4(METADATA)),
+            ],
+        );
+        let dir = tempfile::tempdir().expect("policy dir");
+        let policy_file = dir.path().join("policy.toml");
+        std::fs::write(&policy_file, policy).expect("write policy");
+        let mut opts = AgentOptions::without_pep()
+            .actor(ActorSpec::new("actor-p", "coder", "team-a", &cgroup).netns(&topo.actor));
+        opts.policy = Some(policy_file.clone());
+        opts.dns_upstream = Some(SocketAddr::new(IpAddr::V4(web), 53));
+        let mut agent = Agent::start(&topo.node, None, opts);
+        agent.wait_ready(T);
+        PolicyWorld {
+            agent,
+            policy_file,
+            dns,
+            upstream,
+            ca,
+            cgroup,
+            topo,
+            _dir: dir,
+        }
+    }
+
+    fn web(&self, port: u16) -> SocketAddr {
+        self.topo.upstream_addr(port)
+    }
+
+    fn other(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 250, self.topo.net(), 3)), port)
+    }
+
+    /// A captured curl of `https://name:port/` sent to `ip`.
+    fn curl(&self, name: &str, ip: IpAddr, port: u16, path: &str) -> process::Output {
+        let url = format!("https://{name}:{port}{path}");
+        process::run(
+            &mut curl_command(
+                Some(&self.topo.actor),
+                Some(&self.cgroup),
+                &self.ca.cert_path(),
+                &[(name, port, ip)],
+                &url,
+            ),
+            T,
+        )
+    }
+
+    /// The agent's line for the connection to `dst` (the `n`th such, from 0).
+    fn line(&mut self, dst: SocketAddr, n: usize) -> ConnectionLog {
+        let want = dst.to_string();
+        self.agent
+            .wait_until(T, &format!("connection line {n} for {want}"), |lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| LogLine::parse(l))
+                    .filter_map(|l| ConnectionLog::from_line(&l))
+                    .filter(|c| c.original_dst.as_deref() == Some(want.as_str()))
+                    .nth(n)
+            })
+    }
+
+    /// Replaces the policy file (write and rename, as an editor or a ConfigMap update does)
+    /// and waits for the agent to log the reload.
+    fn replace_policy(&mut self, text: &str) {
+        let before = self.reloads();
+        let tmp = self.policy_file.with_extension("new");
+        std::fs::write(&tmp, text).expect("write new policy");
+        std::fs::rename(&tmp, &self.policy_file).expect("rename policy");
+        self.agent.wait_until(T, "the policy reload", |lines| {
+            let n = lines.iter().filter(|l| l.contains("policy reload")).count();
+            (n > before).then_some(())
+        });
+    }
+
+    fn reloads(&self) -> usize {
+        self.agent
+            .lines()
+            .iter()
+            .filter(|l| l.contains("policy reload"))
+            .count()
+    }
+}
+
+fn field(c: &ConnectionLog, name: &str) -> String {
+    c.line.field_str(name).unwrap_or_default()
+}
+
+const ALLOW_WEB_8443: &str = r#"
+[[template]]
+name = "coder"
+allow = [ { host = "web.egress.test", ports = [8443] } ]
+"#;
+
+#[test]
+fn empty_policy_denies_everything() {
+    let mut w = PolicyWorld::new(70, "");
+    let out = w.curl(NAME, IpAddr::V4(w.topo.upstream_v4()), 8443, "/");
+    assert!(!out.success(), "an empty policy let a request through");
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert!(
+        field(&line, "rule").contains("no allow rule"),
+        "{:?}",
+        line.line
+    );
+    assert_eq!(w.upstream.total_accepted(), 0, "something reached the upstream");
+}
+
+#[test]
+fn wildcard_and_port_rules() {
+    let mut w = PolicyWorld::new(71, r#"
+[[template]]
+name = "coder"
+allow = [ { host = "*.egress.test", ports = ["8000-8999"] } ]
+"#);
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    let ok = w.curl(NAME, ip, 8443, "/hello");
+    ok.expect_success("an allowed request");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("/hello"));
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert!(field(&line, "rule").contains("*.egress.test"), "{:?}", line.line);
+    assert_eq!(field(&line, "dialled"), w.web(8443).to_string());
+
+    let denied = w.curl(NAME, ip, 443, "/");
+    assert!(!denied.success(), "port 443 is outside the rule's range");
+    let line = w.line(w.web(443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert_eq!(w.upstream.accepted(w.web(443)), 0);
+}
+
+#[test]
+fn metadata_address_is_denied_even_when_everything_is_allowed() {
+    let mut w = PolicyWorld::new(72, r#"
+[[template]]
+name = "coder"
+allow = [ { host = "*" }, { cidr = "0.0.0.0/0" }, { cidr = "::/0" } ]
+"#);
+    let meta = SocketAddr::new(IpAddr::V4(METADATA), 80);
+    let out = process::run(
+        &mut bash_tcp_command(
+            Some(&w.topo.actor),
+            Some(&w.cgroup),
+            meta,
+            "printf 'GET / HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\n\\r\\n' >&3; cat <&3",
+        ),
+        T,
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("HTTP/1.1 200"),
+        "the metadata address answered: {}",
+        out.describe()
+    );
+    let line = w.line(meta, 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert!(field(&line, "rule").contains("always denied"), "{:?}", line.line);
+    // A name that resolves there is denied too (the agent resolves it, then refuses).
+    let alias = w.curl(METADATA_ALIAS, IpAddr::V4(w.topo.upstream_v4()), 8443, "/");
+    assert!(!alias.success());
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    // The node's own address is always denied as well.
+    let node = SocketAddr::new(IpAddr::V4(w.topo.node_uplink_v4()), 8443);
+    let out = w.curl(NAME, node.ip(), 8443, "/");
+    assert!(!out.success());
+    let line = w.line(node, 0);
+    assert!(field(&line, "rule").contains("always denied"), "{:?}", line.line);
+    assert_eq!(
+        w.upstream.accepted(meta),
+        0,
+        "the metadata listener was reached"
+    );
+}
+
+#[test]
+fn sni_spoofing_dials_the_names_real_address() {
+    // Only web.egress.test is allowed; the actor sends that SNI to other.egress.test's
+    // address. The agent must dial web.egress.test's address (from its own resolver).
+    let mut w = PolicyWorld::new(73, ALLOW_WEB_8443);
+    let spoof = w.other(8443);
+    let out = w.curl(NAME, spoof.ip(), 8443, "/spoof");
+    out.expect_success("the spoofed request, answered by the real server");
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    let real = w.upstream.label(w.web(8443));
+    assert!(body.contains(&real), "answered by {body:?}, not {real}");
+    assert_eq!(w.upstream.accepted(spoof), 0, "the spoofed address was dialled");
+    let line = w.line(spoof, 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert_eq!(field(&line, "dialled"), w.web(8443).to_string());
+    assert_eq!(line.source.as_deref(), Some("sni"));
+}
+
+#[test]
+fn hot_reload_changes_new_connections_and_keeps_old_ones() {
+    let mut w = PolicyWorld::new(74, r#"
+[[template]]
+name = "coder"
+allow = [ { host = "web.egress.test", ports = [8443] }, { cidr = "10.250.0.0/16", ports = [2222] } ]
+"#);
+    let banner = w.web(2222);
+    // A long-lived server-first connection: reads the banner, waits for the reload, then
+    // exchanges a line through the same connection.
+    let flag = w._dir.path().join("go");
+    let script = format!(
+        "IFS= read -r -t 10 l <&3 || exit 8; printf '%s\\n' \"${{l%$'\\r'}}\"\n\
+         for i in $(seq 200); do [ -e {flag} ] && break; sleep 0.1; done\n\
+         printf 'after-reload\\r\\n' >&3\n\
+         IFS= read -r -t 10 l <&3 || exit 9; printf '%s\\n' \"${{l%$'\\r'}}\"\n",
+        flag = flag.display()
+    );
+    let mut cmd = bash_tcp_command(Some(&w.topo.actor), Some(&w.cgroup), banner, &script);
+    let old = std::thread::spawn(move || process::run(&mut cmd, Duration::from_secs(40)));
+    w.upstream.wait_for_seen(1, T);
+    w.replace_policy(r#"
+[[template]]
+name = "coder"
+allow = [ { host = "other.egress.test", ports = [8443] } ]
+"#);
+    std::fs::write(&flag, "").unwrap();
+    let old = old.join().unwrap();
+    old.expect_success("the connection opened before the reload");
+    let text = String::from_utf8_lossy(&old.stdout).to_string();
+    assert!(text.contains(BANNER) && text.contains("after-reload"), "{text}");
+    // New connections follow the new policy.
+    let web = w.curl(NAME, IpAddr::V4(w.topo.upstream_v4()), 8443, "/");
+    assert!(!web.success(), "web.egress.test is no longer allowed");
+    let other = w.curl(OTHER, w.other(8443).ip(), 8443, "/");
+    other.expect_success("other.egress.test is allowed now");
+    // A broken file keeps the policy in force and says why.
+    let before = w.reloads();
+    std::fs::write(&w.policy_file, "[[template]]\nname = \"coder\"\nallow = [ { cidr = \"not-a-cidr\" } ]\n").unwrap();
+    w.agent.wait_until(T, "the failed reload", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("policy reload"))
+            .nth(before)
+            .filter(|l| l.contains("keeping the previous policy"))
+            .cloned()
+    });
+    w.curl(OTHER, w.other(8443).ip(), 8443, "/")
+        .expect_success("the previous policy still in force");
+}
+
+#[test]
+fn server_first_flow_gets_the_name_the_actor_resolved() {
+    let mut w = PolicyWorld::new(75, r#"
+[[template]]
+name = "coder"
+allow = [ { host = "banner.egress.test", ports = [2222] } ]
+"#);
+    // The actor resolves the name (through the agent's forwarder), then connects to the
+    // address and sends nothing first: only DNS can name this flow.
+    let out = dig_output(&w.topo.actor, IpAddr::V4(Ipv4Addr::new(10, 250, 75, 2)), BANNER_NAME, &[]);
+    let _ = out;
+    let resolved = egress_tests::dns::dig_in_cgroup(
+        &w.topo.actor,
+        &w.cgroup,
+        IpAddr::V4(w.topo.upstream_v4()),
+        BANNER_NAME,
+    );
+    assert_eq!(resolved, vec![IpAddr::V4(w.topo.upstream_v4())]);
+    let banner = w.web(2222);
+    let out = process::run(
+        &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), banner),
+        T,
+    );
+    out.expect_success("the server-first exchange");
+    let line = w.line(banner, 0);
+    assert_eq!(line.source.as_deref(), Some("dns"), "{:?}", line.line);
+    assert_eq!(
+        line.authority.as_deref(),
+        Some("banner.egress.test:2222"),
+        "{:?}",
+        line.line
+    );
+    assert_eq!(line.outcome.as_deref(), Some("direct"));
+}
+
+#[test]
+fn denied_name_gets_nxdomain_from_the_agent() {
+    let w = PolicyWorld::new(76, ALLOW_WEB_8443);
+    let server = IpAddr::V4(w.topo.upstream_v4());
+    let out = egress_tests::dns::dig_status_in_cgroup(&w.topo.actor, &w.cgroup, server, DENIED);
+    assert_eq!(out, "NXDOMAIN");
+    // The allowed name is answered, and only it reached dnsmasq.
+    let ok = egress_tests::dns::dig_in_cgroup(&w.topo.actor, &w.cgroup, server, NAME);
+    assert_eq!(ok, vec![server]);
+    let queries = w.dns.queries();
+    assert!(queries.iter().any(|q| q.name == NAME), "{queries:?}");
+    assert!(
+        queries.iter().all(|q| q.name != DENIED),
+        "the denied name went upstream: {queries:?}"
+    );
+    // The agent's queries come from the node, not the actor.
+    assert!(
+        queries.iter().all(|q| q.source == IpAddr::V4(w.topo.node_uplink_v4())),
+        "{queries:?}"
+    );
+}
