@@ -10,6 +10,7 @@ pub mod capture;
 pub mod classify;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod ebpf;
 pub mod net;
 pub mod netns;
