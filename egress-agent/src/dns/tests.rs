@@ -975,3 +975,31 @@ proptest! {
         })?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Mutated queries that pass the checks are re-encoded and relayed: no panic there either.
+    #[test]
+    fn mutated_queries_relayed_get_no_panic(
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+    ) {
+        let mut bytes = query_bytes("www.example.test.", RecordType::AAAA, 77);
+        for (at, byte) in edits {
+            // The id and flags stay: the query must still be one.
+            let at = 4 + at % (bytes.len() - 4);
+            bytes[at] = byte;
+        }
+        let rt = runtime();
+        rt.block_on(async move {
+            // Answers at once, without a question: accepted as an error, so no case waits.
+            let up = FakeUpstream::start(|query, _| {
+                vec![Message::error_msg(query.metadata.id, OpCode::Query, ResponseCode::Refused).to_vec().expect("encode")]
+            }).await;
+            let limits = Limits { upstream_timeout: Duration::from_millis(200), ..Limits::default() };
+            let fwd = forwarder(&up, limits);
+            let reply = fwd.answer("a", &bytes, &allow).await;
+            check_answer(&bytes, reply)
+        })?;
+    }
+}
