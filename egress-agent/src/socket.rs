@@ -4,7 +4,7 @@
 use std::{io, net::SocketAddr};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 /// Creates the agent's outbound sockets.
 #[derive(Clone, Debug, Default)]
@@ -28,6 +28,23 @@ impl SocketFactory {
         socket.set_tcp_nodelay(true)?;
         let socket = TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
+    }
+
+    /// A marked UDP socket on an ephemeral port, connected to `peer`: the kernel then delivers
+    /// only `peer`'s datagrams to it.
+    pub fn udp(&self, peer: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
+        socket.set_nonblocking(true)?;
+        let any: SocketAddr = match peer {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        socket.bind(&any.into())?;
+        socket.connect(&peer.into())?;
+        UdpSocket::from_std(socket.into())
     }
 }
 
