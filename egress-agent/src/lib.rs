@@ -13,6 +13,7 @@ pub mod control;
 pub mod ebpf;
 pub mod net;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod socket;
 pub mod tunnel;
