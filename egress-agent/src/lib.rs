@@ -3,7 +3,7 @@
 //! The path of a connection: [`ebpf`] programs redirect an actor's connect to a [`capture`]
 //! listener in the actor's network namespace and record where it was going; the listener
 //! takes the record; [`proxy`] classifies the first bytes ([`classify`]), opens a CONNECT
-//! tunnel through the PEP ([`tunnel`]) and relays.
+//! tunnel through the PEP ([`tunnel`], over the link [`pep`] configures) and relays.
 pub mod actors;
 pub mod app;
 pub mod capture;
@@ -13,6 +13,7 @@ pub mod control;
 pub mod ebpf;
 pub mod net;
 pub mod netns;
+pub mod pep;
 pub mod proxy;
 pub mod socket;
 pub mod tunnel;
