@@ -1,19 +1,20 @@
 //! Configuration: command-line flags (each with an `EGRESS_*` environment variable) for the
 //! one-actor case, a TOML file for many, validated once at start-up into a [`Config`].
 use std::{
-    fmt, fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    fs,
+    net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::pep::PepAddr;
 use crate::{
     classify, ebpf,
     net::{nft::Inbound, veth::Pool},
+    pep::{self, Pep, PepArgs, PepFile},
 };
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -27,12 +28,9 @@ pub enum Error {
         "no PEP configured: pass --pep HOST:PORT (env EGRESS_PEP) or set `pep` in the config file"
     )]
     NoPep,
-    /// The PEP address does not parse.
-    #[error(
-        "PEP address {0:?} is malformed: expected HOST:PORT, e.g. 127.0.0.1:3128, [fd00::1]:3128 \
-         or squid.egress.svc:3128 (no scheme, no path)"
-    )]
-    BadPep(String),
+    /// The PEP link settings are unusable.
+    #[error(transparent)]
+    Pep(#[from] pep::Error),
     /// Half the actor flags given.
     #[error("--actor-{0} needs --actor-id and --actor-cgroup too")]
     PartialActor(&'static str),
@@ -80,67 +78,6 @@ pub enum Error {
     /// The agent's own cgroup could not be found.
     #[error("finding the agent's own cgroup v2 directory: {0}")]
     OwnCgroup(String),
-}
-
-/// Where the PEP listens: `host:port`, the host a name or an IP literal.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PepAddr {
-    /// Name or IP literal (without brackets).
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-}
-
-impl PepAddr {
-    /// The socket address when the host is an IP literal.
-    pub fn socket_addr(&self) -> Option<SocketAddr> {
-        self.host
-            .parse::<IpAddr>()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, self.port))
-    }
-}
-
-impl FromStr for PepAddr {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::BadPep(s.to_string());
-        if s.contains("://") || s.contains('/') {
-            return Err(bad());
-        }
-        if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(PepAddr {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            });
-        }
-        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let valid_name = !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if port == 0 || !valid_name {
-            return Err(bad());
-        }
-        Ok(PepAddr {
-            host: host.to_ascii_lowercase(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for PepAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.socket_addr() {
-            Some(addr) => addr.fmt(f),
-            None => write!(f, "{}:{}", self.host, self.port),
-        }
-    }
 }
 
 /// One captured actor: its identity and how its traffic is captured.
@@ -407,8 +344,8 @@ impl ActorSpec {
 /// The validated configuration of `egress-agent run`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The PEP every connection is tunnelled to.
-    pub pep: PepAddr,
+    /// The PEP every connection is tunnelled to, and how.
+    pub pep: Pep,
     /// Actors captured from the start (the config file and flags); more come and go over the
     /// control socket.
     pub actors: Vec<Actor>,
@@ -429,8 +366,6 @@ pub struct Config {
     pub listen_port: u16,
     /// Bounds of the first-bytes classification.
     pub peek: classify::Limits,
-    /// Bound on connecting to the PEP and getting its CONNECT answer.
-    pub pep_timeout: Duration,
     /// `SO_MARK` of the agent's own sockets (exempt from capture).
     pub socket_mark: u32,
     /// Size of each of the two relay buffers of a tunnel.
@@ -442,10 +377,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            pep: PepAddr {
-                host: "127.0.0.1".into(),
-                port: 3128,
-            },
+            pep: Pep::default(),
             actors: Vec::new(),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -455,7 +387,6 @@ impl Default for Config {
             bpffs_dir: PathBuf::from(ebpf::DEFAULT_DIR),
             listen_port: 15001,
             peek: classify::Limits::default(),
-            pep_timeout: Duration::from_secs(5),
             socket_mark: DEFAULT_SOCKET_MARK,
             relay_buffer: 16 * 1024,
             max_connections: 65_536,
@@ -474,9 +405,9 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x6567_0000;
 /// Flags of `egress-agent run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// PEP (HTTP CONNECT proxy) address, HOST:PORT. Overrides `pep` in the config file.
-    #[arg(long, env = "EGRESS_PEP")]
-    pub pep: Option<String>,
+    /// The PEP link: --pep and the --pep-* flags.
+    #[command(flatten)]
+    pub pep: PepArgs,
     /// TOML file with `pep` and [[actor]] tables (id, template, template_namespace, cgroup,
     /// netns). Flags for a single actor add one more.
     #[arg(long, env = "EGRESS_CONFIG")]
@@ -510,10 +441,6 @@ pub struct RunArgs {
     /// Most bytes read from the client to find the SNI or Host.
     #[arg(long, env = "EGRESS_PEEK_MAX_BYTES", default_value_t = classify::Limits::default().max_bytes)]
     pub peek_max_bytes: usize,
-    /// Bound on connecting to the PEP and receiving its CONNECT answer; past it the actor's
-    /// connection is reset.
-    #[arg(long, env = "EGRESS_PEP_TIMEOUT_MS", default_value_t = 5000)]
-    pub pep_timeout_ms: u64,
     /// SO_MARK of the agent's own sockets, which capture leaves alone (decimal or 0x hex).
     #[arg(long, env = "EGRESS_SOCKET_MARK", default_value = "0x65670000", value_parser = parse_u32)]
     pub socket_mark: u32,
@@ -557,8 +484,10 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    /// PEP address, HOST:PORT.
-    pub pep: Option<String>,
+    /// The PEP: `pep = "HOST:PORT"` or a `[pep]` table (address, TLS, authorization, bounds,
+    /// header names).
+    #[serde(default, deserialize_with = "pep::string_or_table")]
+    pub pep: Option<PepFile>,
     /// Actors captured from the start.
     #[serde(default, rename = "actor")]
     pub actors: Vec<ActorSpec>,
@@ -585,7 +514,7 @@ impl RunArgs {
             Some(path) => File::read(path)?,
             None => File::default(),
         };
-        let pep = self.pep.or(file.pep).ok_or(Error::NoPep)?.parse()?;
+        let pep = Pep::load(&self.pep, file.pep.as_ref())?.ok_or(Error::NoPep)?;
         let mut specs = file.actors;
         match (self.actor_id, self.actor_cgroup) {
             (Some(id), Some(cgroup)) => specs.push(ActorSpec {
@@ -660,7 +589,6 @@ impl RunArgs {
                 max_bytes: self.peek_max_bytes,
                 timeout: Duration::from_millis(self.peek_timeout_ms),
             },
-            pep_timeout: Duration::from_millis(self.pep_timeout_ms),
             socket_mark: self.socket_mark,
             relay_buffer: self.relay_buffer_bytes,
             max_connections: self.max_connections,
@@ -764,29 +692,6 @@ fn check_netns(path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pep_addresses_parse() {
-        let p: PepAddr = "127.0.0.1:3128".parse().unwrap();
-        assert_eq!(p.socket_addr(), Some("127.0.0.1:3128".parse().unwrap()));
-        let p: PepAddr = "[fd00::1]:3128".parse().unwrap();
-        assert_eq!(p.to_string(), "[fd00::1]:3128");
-        let p: PepAddr = "Squid.egress.svc:3128".parse().unwrap();
-        assert_eq!((p.host.as_str(), p.port), ("squid.egress.svc", 3128));
-        assert_eq!(p.to_string(), "squid.egress.svc:3128");
-        for bad in [
-            "",
-            "127.0.0.1",
-            "http://squid:3128",
-            "squid:0",
-            "squid:99999",
-            "squid/x:1",
-            ":3128",
-            "a..b:1",
-        ] {
-            assert!(bad.parse::<PepAddr>().is_err(), "{bad:?} should not parse");
-        }
-    }
 
     #[test]
     fn file_schema_is_strict() {
@@ -978,6 +883,45 @@ mod tests {
             t.run.into_config(),
             Err(Error::TooManyConnections(_))
         ));
+    }
+
+    #[test]
+    fn pep_comes_as_a_string_or_a_table_and_flags_win() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("egress.toml");
+        let config = |toml: &str, flags: &[&str]| {
+            fs::write(&file, toml).unwrap();
+            let mut argv = vec!["t", "--config", file.to_str().unwrap()];
+            argv.extend_from_slice(flags);
+            T::try_parse_from(argv).unwrap().run.into_config()
+        };
+        let c = config("pep = \"squid.egress.svc:3129\"\n", &[]).unwrap();
+        assert_eq!(c.pep.addr.to_string(), "squid.egress.svc:3129");
+        assert_eq!(c.pep.response_timeout, Duration::from_secs(5));
+        let table = "[pep]\naddress = \"squid.egress.svc:3129\"\nresponse_timeout_ms = 700\n\
+                     max_waiting = 3\n[pep.headers]\nactor_id = \"x-pep-actor\"\n";
+        let c = config(table, &[]).unwrap();
+        assert_eq!(c.pep.response_timeout, Duration::from_millis(700));
+        assert_eq!(c.pep.max_waiting, 3);
+        assert_eq!(c.pep.headers.actor_id, "x-pep-actor");
+        let c = config(
+            table,
+            &["--pep", "127.0.0.1:3128", "--pep-timeout-ms", "90"],
+        )
+        .unwrap();
+        assert_eq!(c.pep.addr.to_string(), "127.0.0.1:3128");
+        assert_eq!(c.pep.response_timeout, Duration::from_millis(90));
+        assert_eq!(c.pep.max_waiting, 3, "the rest of the table still applies");
+        let err = config("[pep]\naddress = \"a:1\"\ntimeout = 1\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("timeout"), "{err}");
+        let err = config("[pep.tls]\nca_file = \"/x\"\n", &[]).unwrap_err();
+        assert!(matches!(err, Error::Pep(pep::Error::NoAddress(_))), "{err}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Attach capture to the configured actors and tunnel their connections to the PEP.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Remove capture: every pinned program, link and map (or one cgroup's links).
     Detach {
         /// bpffs directory of the pins.
@@ -223,7 +223,14 @@ fn main() -> anyhow::Result<()> {
                 listen_port = config.listen_port,
                 peek_timeout_ms = config.peek.timeout.as_millis() as u64,
                 peek_max_bytes = config.peek.max_bytes,
-                pep_timeout_ms = config.pep_timeout.as_millis() as u64,
+                pep_tls = config.pep.tls.is_some(),
+                pep_tls_server_name = config.pep.tls.as_ref().map_or(String::new(), |t| t.server_name.to_str().into_owned()),
+                pep_tls_client_cert = config.pep.tls.as_ref().is_some_and(|t| t.client_cert_file.is_some()),
+                pep_proxy_authorization = config.pep.authorization.is_some(),
+                pep_connect_timeout_ms = config.pep.connect_timeout.as_millis() as u64,
+                pep_timeout_ms = config.pep.response_timeout.as_millis() as u64,
+                pep_max_connecting = config.pep.max_connecting,
+                pep_max_waiting = config.pep.max_waiting,
                 socket_mark = format!("{:#x}", config.socket_mark),
                 relay_buffer_bytes = config.relay_buffer,
                 max_connections = config.max_connections,

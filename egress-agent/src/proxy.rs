@@ -45,13 +45,15 @@ pub enum Outcome {
     PepTimeout,
     /// The PEP could not be reached (or its name resolved).
     PepUnreachable,
+    /// TLS with the PEP failed (its certificate, its name, or it refused the agent's).
+    PepTls,
     /// The HTTP exchange with the PEP failed.
     PepError,
     /// No capture record for the accepted connection.
     NoRecord,
     /// A record whose cgroup is no configured actor.
     UnknownActor,
-    /// Too many connections at once.
+    /// Too many connections at once (served, or waiting for a PEP connect slot).
     Overloaded,
     /// A record older than any connection the agent could still be accepting.
     StaleRecord,
@@ -69,6 +71,7 @@ impl Outcome {
             Outcome::PepRefused => "pep_refused",
             Outcome::PepTimeout => "pep_timeout",
             Outcome::PepUnreachable => "pep_unreachable",
+            Outcome::PepTls => "pep_tls",
             Outcome::PepError => "pep_error",
             Outcome::NoRecord => "no_record",
             Outcome::UnknownActor => "unknown_actor",
@@ -110,11 +113,11 @@ pub enum Captured {
     },
 }
 
-/// What every connection needs: configuration, actors, the socket factory, the bound.
+/// What every connection needs: configuration, actors, the PEP connector, the bound.
 pub struct Context {
     config: Arc<Config>,
     actors: Arc<Registry>,
-    sockets: SocketFactory,
+    connector: tunnel::Connector,
     limit: Arc<Semaphore>,
     next_id: AtomicU64,
 }
@@ -123,7 +126,10 @@ impl Context {
     /// A context serving the actors of `actors` (which change at run time).
     pub fn new(config: Arc<Config>, actors: Arc<Registry>) -> Self {
         Context {
-            sockets: SocketFactory::new(config.socket_mark),
+            connector: tunnel::Connector::new(
+                config.pep.clone(),
+                SocketFactory::new(config.socket_mark),
+            ),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             actors,
             config,
@@ -269,25 +275,29 @@ impl Context {
             Ok(authority) => authority,
             Err(e) => return Closed::failed(Outcome::ClientError, None, None, &e),
         };
-        let request = match tunnel::connect_request(&flow.actor, flow.original_dst, &authority) {
+        let request = match tunnel::connect_request(
+            self.connector.pep(),
+            &flow.actor,
+            flow.original_dst,
+            &authority,
+        ) {
             Ok(r) => r,
             Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
         };
-        let tunnel = match tunnel::open(
-            &self.config.pep,
-            &self.sockets,
-            self.config.pep_timeout,
-            request,
-        )
-        .await
-        {
+        let tunnel = match self.connector.open(request).await {
             Ok(t) => t,
             Err(e) => {
                 let outcome = match &e {
                     tunnel::Error::Refused(_) => Outcome::PepRefused,
-                    tunnel::Error::Timeout(_) => Outcome::PepTimeout,
+                    tunnel::Error::Timeout(_) | tunnel::Error::ConnectTimeout(_) => {
+                        Outcome::PepTimeout
+                    }
                     tunnel::Error::Unreachable { .. } | tunnel::Error::Resolve { .. } => {
                         Outcome::PepUnreachable
+                    }
+                    tunnel::Error::Tls { .. } => Outcome::PepTls,
+                    tunnel::Error::Overloaded { .. } | tunnel::Error::SlotTimeout(_) => {
+                        Outcome::Overloaded
                     }
                     tunnel::Error::Http(_)
                     | tunnel::Error::Header(_)
@@ -298,7 +308,7 @@ impl Context {
             }
         };
         let mut pep = tunnel.stream;
-        socket::arm_reset(&pep);
+        socket::arm_reset(pep.tcp());
         let (bytes_up, bytes_down, result) = tunnel::relay(
             &mut stream,
             &mut pep,
@@ -309,7 +319,7 @@ impl Context {
         .await;
         if result.is_ok() {
             socket::disarm_reset(&stream);
-            socket::disarm_reset(&pep);
+            socket::disarm_reset(pep.tcp());
         }
         // On a relay error the sockets stay armed: one side failed mid-stream, and the other
         // must see a reset, not a clean end it could mistake for complete data.

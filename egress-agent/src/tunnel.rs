@@ -1,32 +1,36 @@
-//! The PEP link: an HTTP/1.1 CONNECT (hyper) carrying the actor's identity, then a plain
-//! byte relay over the same TCP connection.
-use std::{io, net::SocketAddr, time::Duration};
+//! The PEP link: an HTTP/1.1 CONNECT (hyper) carrying the actor's identity, over plain TCP
+//! or TLS, then a plain byte relay over the same connection. Connects are bounded: at most
+//! `max_connecting` in progress, at most `max_waiting` waiting for one of those slots.
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::atomic::{AtomicUsize, Ordering},
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header::HOST};
+use http::{Method, Request, StatusCode, header::HOST, header::PROXY_AUTHORIZATION};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncWriteExt as _, copy_bidirectional_with_sizes},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, copy_bidirectional_with_sizes},
     net::TcpStream,
+    sync::{Semaphore, SemaphorePermit},
 };
 
 use crate::{
     classify::Authority,
-    config::{Actor, PepAddr},
+    config::Actor,
+    pep::{self, Pep},
     socket::SocketFactory,
 };
 
-/// Header: the actor's id.
-pub const HEADER_ACTOR_ID: &str = "x-ate-actor-id";
-/// Header: the actor's template.
-pub const HEADER_ACTOR_TEMPLATE: &str = "x-ate-actor-template";
-/// Header: the namespace of the actor's template.
-pub const HEADER_ACTOR_TEMPLATE_NAMESPACE: &str = "x-ate-actor-template-namespace";
-/// Header: the destination the actor connected to, `ip:port` (IPv6 in brackets).
-pub const HEADER_ORIGINAL_DESTINATION: &str = "x-ate-original-destination";
-/// Header: the authority asked for in the CONNECT line (name from SNI/Host, or the IP).
-pub const HEADER_CONNECT_AUTHORITY: &str = "x-ate-connect-authority";
+pub use crate::pep::{
+    HEADER_ACTOR_ID, HEADER_ACTOR_TEMPLATE, HEADER_ACTOR_TEMPLATE_NAMESPACE,
+    HEADER_AUTHORITY_SOURCE, HEADER_CONNECT_AUTHORITY, HEADER_ORIGINAL_DESTINATION,
+};
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -47,10 +51,37 @@ pub enum Error {
         /// The cause.
         source: io::Error,
     },
+    /// TLS with the PEP failed: the handshake (a certificate the configured CA did not sign,
+    /// another name), or the PEP's TLS layer refused the agent afterwards (e.g. no client
+    /// certificate).
+    #[error("TLS with PEP {pep}: {reason}")]
+    Tls {
+        /// The PEP.
+        pep: String,
+        /// rustls's (or the socket's) error.
+        reason: String,
+    },
+    /// Every connect slot was busy and `max_waiting` connections were already waiting.
+    #[error(
+        "{connecting} PEP connects in progress and {waiting} waiting already          (--pep-max-connecting, --pep-max-waiting)"
+    )]
+    Overloaded {
+        /// The connect bound.
+        connecting: usize,
+        /// The waiting bound.
+        waiting: usize,
+    },
+    /// No connect slot came free within the connect timeout.
+    #[error("no PEP connect slot came free within {0:?} (--pep-max-connecting)")]
+    SlotTimeout(Duration),
+    /// TCP connect + TLS handshake took longer than the connect timeout.
+    #[error("PEP connect (TCP and TLS) did not finish within {0:?}")]
+    ConnectTimeout(Duration),
     /// No CONNECT answer within the bound.
     #[error("PEP gave no CONNECT answer within {0:?}")]
     Timeout(Duration),
-    /// The PEP answered, but not 2xx (a policy deny, or the PEP's own upstream failure).
+    /// The PEP answered, but not 2xx (a policy deny, its own upstream failure, or 407 when
+    /// the `Proxy-Authorization` is missing or wrong).
     #[error("PEP answered {0}")]
     Refused(StatusCode),
     /// The HTTP exchange failed.
@@ -58,7 +89,7 @@ pub enum Error {
     Http(#[from] hyper::Error),
     /// A header value could not be encoded (validated at start-up, so not expected).
     #[error("header {0} has a value HTTP cannot carry")]
-    Header(&'static str),
+    Header(http::HeaderName),
     /// The request could not be built from the authority.
     #[error("CONNECT request to {authority}: {source}")]
     Request {
@@ -79,11 +110,88 @@ impl Error {
     }
 }
 
-/// An open tunnel: the TCP connection to the PEP after its 2xx answer, and any bytes the PEP
+/// The connection to the PEP: plain TCP or TLS over TCP.
+pub enum PepStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (boxed: the rustls state is large).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl PepStream {
+    /// The TCP connection underneath (for socket options such as the reset on close).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            PepStream::Plain(s) => s,
+            PepStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for PepStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PepStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PepStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PepStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PepStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PepStream::Plain(s) => s.is_write_vectored(),
+            PepStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PepStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// For TLS: close_notify, then the TCP half-close.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PepStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An open tunnel: the connection to the PEP after its 2xx answer, and any bytes the PEP
 /// already sent past that answer (a server-first upstream's banner can arrive with it).
 pub struct Tunnel {
     /// The connection to the PEP, now a byte pipe to the upstream.
-    pub stream: TcpStream,
+    pub stream: PepStream,
     /// Upstream bytes read together with the CONNECT answer.
     pub leftover: Bytes,
     /// The PEP's answer.
@@ -91,78 +199,221 @@ pub struct Tunnel {
 }
 
 /// Builds the CONNECT request for `actor`'s connection to `original_dst`, asking for
-/// `authority`.
+/// `authority`, with `pep`'s header names and its `Proxy-Authorization`, if any.
 pub fn connect_request(
+    pep: &Pep,
     actor: &Actor,
     original_dst: SocketAddr,
     authority: &Authority,
 ) -> Result<Request<Empty<Bytes>>, Error> {
     let target = authority.to_string();
-    let value =
-        |name: &'static str, v: &str| HeaderValue::from_str(v).map_err(|_| Error::Header(name));
-    Request::builder()
+    let value = |name: &http::HeaderName, v: &str| {
+        http::HeaderValue::from_str(v).map_err(|_| Error::Header(name.clone()))
+    };
+    let h = &pep.headers;
+    let mut builder = Request::builder()
         .method(Method::CONNECT)
         .uri(target.as_str())
-        .header(HOST, value("host", &target)?)
-        .header(HEADER_ACTOR_ID, value(HEADER_ACTOR_ID, &actor.id)?)
+        .header(HOST, value(&HOST, &target)?)
+        .header(&h.actor_id, value(&h.actor_id, &actor.id)?)
         .header(
-            HEADER_ACTOR_TEMPLATE,
-            value(HEADER_ACTOR_TEMPLATE, &actor.template)?,
+            &h.actor_template,
+            value(&h.actor_template, &actor.template)?,
         )
         .header(
-            HEADER_ACTOR_TEMPLATE_NAMESPACE,
-            value(HEADER_ACTOR_TEMPLATE_NAMESPACE, &actor.template_namespace)?,
+            &h.actor_template_namespace,
+            value(&h.actor_template_namespace, &actor.template_namespace)?,
         )
         .header(
-            HEADER_ORIGINAL_DESTINATION,
-            value(HEADER_ORIGINAL_DESTINATION, &original_dst.to_string())?,
+            &h.original_destination,
+            value(&h.original_destination, &original_dst.to_string())?,
         )
+        .header(&h.connect_authority, value(&h.connect_authority, &target)?)
         .header(
-            HEADER_CONNECT_AUTHORITY,
-            value(HEADER_CONNECT_AUTHORITY, &target)?,
-        )
-        .body(Empty::new())
-        .map_err(|source| Error::Request {
-            authority: target.clone(),
-            source,
-        })
+            &h.authority_source,
+            value(&h.authority_source, authority.source.as_str())?,
+        );
+    if let Some(authorization) = &pep.authorization {
+        builder = builder.header(PROXY_AUTHORIZATION, authorization.value().clone());
+    }
+    builder.body(Empty::new()).map_err(|source| Error::Request {
+        authority: target.clone(),
+        source,
+    })
 }
 
-/// Connects to the PEP and asks it for a tunnel; all of it bounded by `timeout`.
-pub async fn open(
-    pep: &PepAddr,
-    sockets: &SocketFactory,
-    timeout: Duration,
-    request: Request<Empty<Bytes>>,
-) -> Result<Tunnel, Error> {
-    tokio::time::timeout(timeout, open_unbounded(pep, sockets, request))
-        .await
-        .map_err(|_| Error::Timeout(timeout))?
+/// Opens tunnels through one PEP, with at most `max_connecting` connects in progress and at
+/// most `max_waiting` connections waiting for one of those slots.
+pub struct Connector {
+    pep: Pep,
+    sockets: SocketFactory,
+    tls: Option<tokio_rustls::TlsConnector>,
+    connecting: Semaphore,
+    waiting: AtomicUsize,
 }
 
-async fn open_unbounded(
-    pep: &PepAddr,
-    sockets: &SocketFactory,
-    request: Request<Empty<Bytes>>,
-) -> Result<Tunnel, Error> {
-    let addr = match pep.socket_addr() {
-        Some(addr) => addr,
-        None => tokio::net::lookup_host((pep.host.as_str(), pep.port))
+impl Connector {
+    /// A connector for `pep` whose sockets come from `sockets`.
+    pub fn new(pep: Pep, sockets: SocketFactory) -> Self {
+        Connector {
+            tls: pep.tls.as_ref().map(pep::Tls::connector),
+            connecting: Semaphore::new(pep.max_connecting.min(Semaphore::MAX_PERMITS)),
+            waiting: AtomicUsize::new(0),
+            sockets,
+            pep,
+        }
+    }
+
+    /// The PEP this connector opens tunnels through.
+    pub fn pep(&self) -> &Pep {
+        &self.pep
+    }
+
+    /// Connections waiting for a connect slot right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Connects (bounded by the connect timeout) and asks the PEP for a tunnel (bounded by
+    /// the response timeout).
+    pub async fn open(&self, request: Request<Empty<Bytes>>) -> Result<Tunnel, Error> {
+        let stream = self.connect().await?;
+        let timeout = self.pep.response_timeout;
+        match tokio::time::timeout(timeout, exchange(stream, request)).await {
+            Err(_) => Err(Error::Timeout(timeout)),
+            Ok(Err(Error::Http(e))) if self.tls.is_some() => Err(self.tls_error(e)),
+            Ok(result) => result,
+        }
+    }
+
+    /// A connection to the PEP, TLS done if configured: waits for a connect slot (at most
+    /// the connect timeout, and only if fewer than `max_waiting` already wait), then connects
+    /// within the connect timeout.
+    pub async fn connect(&self) -> Result<PepStream, Error> {
+        let _slot = self.slot().await?;
+        let timeout = self.pep.connect_timeout;
+        tokio::time::timeout(timeout, self.connect_unbounded())
             .await
-            .and_then(|mut addrs| {
-                addrs
-                    .next()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
-            })
-            .map_err(|source| Error::Resolve {
-                pep: pep.to_string(),
-                source,
-            })?,
-    };
-    let stream = sockets
-        .connect(addr)
-        .await
-        .map_err(|source| Error::Unreachable { pep: addr, source })?;
+            .map_err(|_| Error::ConnectTimeout(timeout))?
+    }
+
+    async fn slot(&self) -> Result<SemaphorePermit<'_>, Error> {
+        if let Ok(permit) = self.connecting.try_acquire() {
+            return Ok(permit);
+        }
+        let overloaded = || Error::Overloaded {
+            connecting: self.pep.max_connecting,
+            waiting: self.pep.max_waiting,
+        };
+        // Count ourselves in before checking, so that concurrent callers cannot all see room.
+        let _waiter = Waiter::enter(&self.waiting);
+        if _waiter.before >= self.pep.max_waiting {
+            return Err(overloaded());
+        }
+        let timeout = self.pep.connect_timeout;
+        match tokio::time::timeout(timeout, self.connecting.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; if it were, nothing could connect.
+            Ok(Err(_)) => Err(overloaded()),
+            Err(_) => Err(Error::SlotTimeout(timeout)),
+        }
+    }
+
+    async fn connect_unbounded(&self) -> Result<PepStream, Error> {
+        let pep = &self.pep.addr;
+        let addr = match pep.socket_addr() {
+            Some(addr) => addr,
+            None => tokio::net::lookup_host((pep.host.as_str(), pep.port))
+                .await
+                .and_then(|mut addrs| {
+                    addrs
+                        .next()
+                        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
+                })
+                .map_err(|source| Error::Resolve {
+                    pep: pep.to_string(),
+                    source,
+                })?,
+        };
+        let stream = self
+            .sockets
+            .connect(addr)
+            .await
+            .map_err(|source| Error::Unreachable { pep: addr, source })?;
+        let (Some(connector), Some(tls)) = (&self.tls, &self.pep.tls) else {
+            return Ok(PepStream::Plain(stream));
+        };
+        // A failed handshake drops the socket: arm it so the PEP sees a reset, not a close.
+        crate::socket::arm_reset(&stream);
+        match connector.connect(tls.server_name.clone(), stream).await {
+            Ok(stream) => {
+                crate::socket::disarm_reset(stream.get_ref().0);
+                Ok(PepStream::Tls(Box::new(stream)))
+            }
+            Err(e) => Err(Error::Tls {
+                pep: self.pep.addr.to_string(),
+                reason: tls_reason(&e).unwrap_or_else(|| e.to_string()),
+            }),
+        }
+    }
+
+    /// An HTTP failure over TLS whose cause is TLS (e.g. the PEP's alert that it wants a
+    /// client certificate, which TLS 1.3 delivers after the handshake) becomes [`Error::Tls`].
+    fn tls_error(&self, e: hyper::Error) -> Error {
+        let reason = {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> =
+                std::error::Error::source(&e);
+            let mut found = None;
+            while let Some(c) = cause {
+                if let Some(io) = c.downcast_ref::<io::Error>()
+                    && let Some(r) = tls_reason(io)
+                {
+                    found = Some(r);
+                    break;
+                }
+                cause = c.source();
+            }
+            found
+        };
+        match reason {
+            Some(reason) => Error::Tls {
+                pep: self.pep.addr.to_string(),
+                reason,
+            },
+            None => Error::Http(e),
+        }
+    }
+}
+
+/// rustls's error inside an I/O error, as text.
+fn tls_reason(e: &io::Error) -> Option<String> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(ToString::to_string)
+}
+
+/// One connection counted among those waiting for a connect slot, until dropped.
+struct Waiter<'a> {
+    count: &'a AtomicUsize,
+    before: usize,
+}
+
+impl<'a> Waiter<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        Waiter { count, before }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The CONNECT exchange on an open connection: send the request, read the answer head, and
+/// on 2xx hand back the connection with whatever was read past the head.
+async fn exchange(stream: PepStream, request: Request<Empty<Bytes>>) -> Result<Tunnel, Error> {
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await?;
@@ -200,13 +451,16 @@ async fn open_unbounded(
 /// the PEP and the `leftover` PEP bytes to the client, then everything else through two
 /// buffers of `buffer` bytes. A half-close on one side is passed on to the other.
 /// Returns (bytes client -> PEP, bytes PEP -> client).
-pub async fn relay(
+pub async fn relay<P>(
     client: &mut TcpStream,
-    pep: &mut TcpStream,
+    pep: &mut P,
     peeked: &[u8],
     leftover: &[u8],
     buffer: usize,
-) -> (u64, u64, io::Result<()>) {
+) -> (u64, u64, io::Result<()>)
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut up = 0u64;
     let mut down = 0u64;
     if !peeked.is_empty() {
@@ -229,12 +483,19 @@ pub async fn relay(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::{path::PathBuf, sync::Arc};
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
 
     use super::*;
     use crate::{
         classify::{Host, Source},
         config::Capture,
+        pep::{Headers, HeadersFile, PepAddr},
     };
 
     fn actor() -> Actor {
@@ -250,14 +511,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn request_carries_all_five_headers() {
-        let authority = Authority {
-            host: Host::Name("web.egress.test".into()),
-            port: 8443,
+    fn sni(name: &str, port: u16) -> Authority {
+        Authority {
+            host: Host::Name(name.into()),
+            port,
             source: Source::Sni,
-        };
-        let req = connect_request(&actor(), "[fd00::2]:8443".parse().unwrap(), &authority).unwrap();
+        }
+    }
+
+    #[test]
+    fn request_carries_all_identity_headers() {
+        let req = connect_request(
+            &Pep::default(),
+            &actor(),
+            "[fd00::2]:8443".parse().unwrap(),
+            &sni("web.egress.test", 8443),
+        )
+        .unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "web.egress.test:8443");
         let h = req.headers();
@@ -267,6 +537,44 @@ mod tests {
         assert_eq!(h[HEADER_ACTOR_TEMPLATE_NAMESPACE], "team-a");
         assert_eq!(h[HEADER_ORIGINAL_DESTINATION], "[fd00::2]:8443");
         assert_eq!(h[HEADER_CONNECT_AUTHORITY], "web.egress.test:8443");
+        assert_eq!(h[HEADER_AUTHORITY_SOURCE], "sni");
+        assert!(h.get(PROXY_AUTHORIZATION).is_none());
+        assert_eq!(h.len(), 7);
+    }
+
+    #[test]
+    fn request_uses_the_configured_names_and_authorization() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("auth");
+        std::fs::write(&auth, "Basic dXNlcjpwYXNz\n").unwrap();
+        std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let headers: HeadersFile = toml::from_str(
+            "actor_id = \"x-pep-actor\"\noriginal_destination = \"x-pep-dst\"\n\
+             authority_source = \"x-pep-source\"",
+        )
+        .unwrap();
+        let pep = Pep {
+            headers: Headers::from_file(&headers).unwrap(),
+            authorization: Some(crate::pep::Authorization::read(&auth).unwrap()),
+            ..Pep::default()
+        };
+        let authority = Authority {
+            host: Host::Name("web.egress.test".into()),
+            port: 80,
+            source: Source::Host,
+        };
+        let req =
+            connect_request(&pep, &actor(), "10.0.0.1:80".parse().unwrap(), &authority).unwrap();
+        let h = req.headers();
+        assert_eq!(h["x-pep-actor"], "actor-1");
+        assert_eq!(h["x-pep-dst"], "10.0.0.1:80");
+        assert_eq!(h["x-pep-source"], "host");
+        assert_eq!(h[HEADER_ACTOR_TEMPLATE], "coder");
+        assert!(h.get(HEADER_ACTOR_ID).is_none());
+        assert!(h.get(HEADER_ORIGINAL_DESTINATION).is_none());
+        assert_eq!(h[PROXY_AUTHORIZATION], "Basic dXNlcjpwYXNz");
+        assert!(h[PROXY_AUTHORIZATION].is_sensitive());
     }
 
     #[test]
@@ -276,9 +584,16 @@ mod tests {
             port: 22,
             source: Source::Ip,
         };
-        let req = connect_request(&actor(), "[fd00::2]:22".parse().unwrap(), &authority).unwrap();
+        let req = connect_request(
+            &Pep::default(),
+            &actor(),
+            "[fd00::2]:22".parse().unwrap(),
+            &authority,
+        )
+        .unwrap();
         assert_eq!(req.uri().to_string(), "[fd00::2]:22");
         assert_eq!(req.headers()[HEADER_CONNECT_AUTHORITY], "[fd00::2]:22");
+        assert_eq!(req.headers()[HEADER_AUTHORITY_SOURCE], "ip");
     }
 
     #[test]
@@ -291,8 +606,349 @@ mod tests {
             source: Source::Ip,
         };
         assert!(matches!(
-            connect_request(&a, "10.0.0.1:1".parse().unwrap(), &authority),
-            Err(Error::Header(HEADER_ACTOR_ID))
+            connect_request(&Pep::default(), &a, "10.0.0.1:1".parse().unwrap(), &authority),
+            Err(Error::Header(name)) if name == HEADER_ACTOR_ID
         ));
+    }
+
+    /// A CA, a server certificate for `127.0.0.1` and `pep.test`, and a client certificate,
+    /// with the CA's PEM in a file.
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca_file: PathBuf,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    fn leaf(
+        names: &[&str],
+        (ca, ca_key): &(rcgen::Certificate, KeyPair),
+    ) -> (rcgen::Certificate, KeyPair) {
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        (params.signed_by(&key, ca, ca_key).unwrap(), key)
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// `require_client`: the server demands a certificate from this CA.
+    fn pki(require_client: bool) -> Pki {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca("egress test PEP CA");
+        let (cert, key) = leaf(&["127.0.0.1", "pep.test"], &ca);
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.0.pem()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.0.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let server = builder
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        // The client's certificate, from the same CA.
+        let (client, client_key) = leaf(&["agent.test"], &ca);
+        std::fs::write(dir.path().join("agent.pem"), client.pem()).unwrap();
+        let key_file = dir.path().join("agent-key.pem");
+        std::fs::write(&key_file, client_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        Pki {
+            dir,
+            ca_file,
+            server: Arc::new(server),
+        }
+    }
+
+    /// A TLS CONNECT proxy on 127.0.0.1 answering every CONNECT with `answer` and then `tail`
+    /// through the tunnel; returns its address and the heads it saw.
+    async fn tls_proxy(
+        server: Arc<rustls::ServerConfig>,
+        answer: &'static str,
+    ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    // Echo the tunnel until the agent half-closes, then close (close_notify).
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    fn tls_pep(addr: SocketAddr, pki: &Pki, ca_file: &std::path::Path, client: bool) -> Pep {
+        let pep_addr = PepAddr {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        };
+        let (cert, key) = (
+            pki.dir.path().join("agent.pem"),
+            pki.dir.path().join("agent-key.pem"),
+        );
+        let tls = crate::pep::Tls::load(
+            &pep_addr,
+            ca_file,
+            None,
+            client.then_some(cert.as_path()),
+            client.then_some(key.as_path()),
+        )
+        .unwrap();
+        Pep {
+            tls: Some(tls),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            ..Pep::new(pep_addr)
+        }
+    }
+
+    fn request(pep: &Pep) -> Request<Empty<Bytes>> {
+        connect_request(
+            pep,
+            &actor(),
+            "10.0.0.1:443".parse().unwrap(),
+            &sni("web.egress.test", 443),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tls_tunnel_to_a_pep_signed_by_the_configured_ca() {
+        let pki = pki(false);
+        let (addr, heads) = tls_proxy(
+            pki.server.clone(),
+            "HTTP/1.1 200 Connection established\r\n\r\nbanner",
+        )
+        .await;
+        let pep = tls_pep(addr, &pki, &pki.ca_file, false);
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let mut tunnel = connector.open(request(&pep)).await.expect("TLS tunnel");
+        assert_eq!(tunnel.status, StatusCode::OK);
+        assert_eq!(&tunnel.leftover[..], b"banner");
+        assert!(matches!(tunnel.stream, PepStream::Tls(_)));
+        assert!(tunnel.stream.tcp().peer_addr().is_ok());
+        // Through the tunnel and back (the proxy echoes), with a clean half-close.
+        tunnel.stream.write_all(b"ping").await.unwrap();
+        tunnel.stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tunnel.stream.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"ping");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(
+            head.starts_with("CONNECT web.egress.test:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("x-ate-actor-id: actor-1\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn wrong_ca_or_name_fails_closed() {
+        let pki = pki(false);
+        let (addr, heads) = tls_proxy(
+            pki.server.clone(),
+            "HTTP/1.1 200 Connection established\r\n\r\n",
+        )
+        .await;
+        // Another CA entirely.
+        let other = pki_ca_file(&pki);
+        let pep = tls_pep(addr, &pki, &other, false);
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let err = connector
+            .open(request(&pep))
+            .await
+            .err()
+            .expect("must fail");
+        assert!(
+            matches!(&err, Error::Tls { reason, .. } if reason.contains("UnknownIssuer")),
+            "{err}"
+        );
+        // The right CA but a name the certificate does not carry.
+        let mut pep = tls_pep(addr, &pki, &pki.ca_file, false);
+        pep.tls = Some(
+            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("other.test"), None, None).unwrap(),
+        );
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let err = connector
+            .open(request(&pep))
+            .await
+            .err()
+            .expect("must fail");
+        assert!(
+            matches!(&err, Error::Tls { reason, .. } if reason.contains("not valid for name \"other.test\"")),
+            "{err}"
+        );
+        // And the name it does carry works.
+        pep.tls = Some(
+            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None).unwrap(),
+        );
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        assert!(connector.open(request(&pep)).await.is_ok());
+        assert_eq!(
+            heads.lock().unwrap().len(),
+            1,
+            "only the good one got a CONNECT through"
+        );
+    }
+
+    /// The CA file of a CA unrelated to `pki`'s.
+    fn pki_ca_file(pki: &Pki) -> PathBuf {
+        let path = pki.dir.path().join("other-ca.pem");
+        std::fs::write(&path, ca("another CA").0.pem()).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn client_certificate_when_the_pep_requires_one() {
+        let pki = pki(true);
+        let (addr, heads) = tls_proxy(
+            pki.server.clone(),
+            "HTTP/1.1 200 Connection established\r\n\r\n",
+        )
+        .await;
+        let pep = tls_pep(addr, &pki, &pki.ca_file, true);
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        connector.open(request(&pep)).await.expect("mTLS tunnel");
+        let pep = tls_pep(addr, &pki, &pki.ca_file, false);
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let err = connector
+            .open(request(&pep))
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, Error::Tls { .. }), "{err}");
+        assert_eq!(heads.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_pep_answer_over_tls_is_checked() {
+        let pki = pki(false);
+        let (addr, _) = tls_proxy(
+            pki.server.clone(),
+            "HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        let pep = tls_pep(addr, &pki, &pki.ca_file, false);
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let err = connector
+            .open(request(&pep))
+            .await
+            .err()
+            .expect("must fail");
+        assert_eq!(
+            err.status(),
+            Some(StatusCode::PROXY_AUTHENTICATION_REQUIRED)
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_connect_slot_is_bounded() {
+        let pki = pki(false);
+        // Accepts TCP and never speaks TLS: every handshake holds its slot until the timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let mut pep = tls_pep(addr, &pki, &pki.ca_file, false);
+        pep.max_connecting = 1;
+        pep.max_waiting = 1;
+        pep.connect_timeout = Duration::from_millis(400);
+        let connector = Arc::new(Connector::new(pep, SocketFactory::new(0)));
+        let spawn = |c: Arc<Connector>| tokio::spawn(async move { c.connect().await });
+        let first = spawn(connector.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = spawn(connector.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(connector.waiting(), 1);
+        let start = std::time::Instant::now();
+        let third = connector.connect().await;
+        assert!(
+            matches!(
+                third,
+                Err(Error::Overloaded {
+                    connecting: 1,
+                    waiting: 1
+                })
+            ),
+            "{:?}",
+            third.err()
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "refused at once"
+        );
+        assert!(matches!(
+            first.await.unwrap(),
+            Err(Error::ConnectTimeout(_))
+        ));
+        // The second waited for the first's slot, then timed out waiting or connecting.
+        assert!(matches!(
+            second.await.unwrap(),
+            Err(Error::SlotTimeout(_) | Error::ConnectTimeout(_))
+        ));
+        assert_eq!(connector.waiting(), 0, "waiters are counted out again");
+        assert_eq!(connector.connecting.available_permits(), 1);
     }
 }

@@ -14,6 +14,7 @@ use egress_agent::{
     actors::Registry,
     classify::Limits,
     config::{Actor, Capture, Config, PepAddr},
+    pep::Pep,
     proxy::{Context, Flow, Outcome},
 };
 use tokio::{
@@ -186,16 +187,19 @@ fn actor() -> Arc<Actor> {
 
 fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
     let config = Config {
-        pep: PepAddr {
-            host: pep.ip().to_string(),
-            port: pep.port(),
+        pep: Pep {
+            response_timeout: pep_timeout,
+            connect_timeout: pep_timeout,
+            ..Pep::new(PepAddr {
+                host: pep.ip().to_string(),
+                port: pep.port(),
+            })
         },
         actors: vec![(*actor()).clone()],
         peek: Limits {
             max_bytes: Limits::default().max_bytes,
             timeout: Duration::from_millis(100),
         },
-        pep_timeout,
         // Unprivileged: no SO_MARK.
         socket_mark: 0,
         ..Default::default()
@@ -269,6 +273,8 @@ async fn sni_authority_all_headers_and_byte_exact_replay() {
         seen.header("x-ate-connect-authority"),
         Some(authority.as_str())
     );
+    assert_eq!(seen.header("x-ate-authority-source"), Some("sni"));
+    assert_eq!(seen.header("proxy-authorization"), None);
     assert_eq!(
         seen.tunnel_bytes, CURL_CLIENT_HELLO,
         "peeked bytes must be replayed unchanged"
@@ -461,4 +467,146 @@ async fn silent_pep_resets_the_actor_after_the_timeout() {
         elapsed < Duration::from_secs(20),
         "reset came from elsewhere: {elapsed:?}"
     );
+}
+
+/// A self-signed CA named `name`, written as PEM to `dir/name.pem`.
+fn test_ca(dir: &std::path::Path, name: &str) -> (rcgen::Certificate, rcgen::KeyPair, PathBuf) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, cert.pem()).unwrap();
+    (cert, key, path)
+}
+
+/// A context whose PEP at `pep` is reached over TLS trusting `ca_file`, with the given bounds.
+fn tls_context(
+    pep: SocketAddr,
+    ca_file: &std::path::Path,
+    max_connecting: usize,
+    max_waiting: usize,
+) -> Arc<Context> {
+    let addr = PepAddr {
+        host: pep.ip().to_string(),
+        port: pep.port(),
+    };
+    let tls = egress_agent::pep::Tls::load(&addr, ca_file, None, None, None).unwrap();
+    let config = Config {
+        pep: Pep {
+            tls: Some(tls),
+            connect_timeout: Duration::from_secs(2),
+            max_connecting,
+            max_waiting,
+            ..Pep::new(addr)
+        },
+        actors: vec![(*actor()).clone()],
+        socket_mark: 0,
+        ..Default::default()
+    };
+    let registry = Registry::with_cgroup_actors([actor()]);
+    Arc::new(Context::new(Arc::new(config), Arc::new(registry)))
+}
+
+#[tokio::test]
+async fn pep_certificate_from_another_ca_resets_the_actor() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let (pep_ca, pep_ca_key, _) = test_ca(dir.path(), "pep-ca");
+    let (_, _, trusted) = test_ca(dir.path(), "another-ca");
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &pep_ca, &pep_ca_key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from(leaf.der().to_vec())],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pep = listener.local_addr().unwrap();
+    let handshakes = Arc::new(Mutex::new(Vec::new()));
+    let seen = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let ok = acceptor.accept(tcp).await.is_ok();
+            seen.lock().unwrap().push(ok);
+        }
+    });
+
+    let ctx = tls_context(pep, &trusted, 256, 1024);
+    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let err = read_to_end_or_error(&mut client)
+        .await
+        .expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(task.await.unwrap(), Outcome::PepTls);
+    // The server learns of the failure from the agent's alert, a moment after the agent.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handshakes.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *handshakes.lock().unwrap(),
+        vec![false],
+        "the handshake failed"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_waiting_bound_are_reset_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, ca_file) = test_ca(dir.path(), "pep-ca");
+    // Accepts TCP and never speaks TLS: the first connection holds the only connect slot.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pep = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let ctx = tls_context(pep, &ca_file, 1, 0);
+    let (mut first, first_task) = captured(&ctx, "10.9.8.7:443").await;
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut second, second_task) = captured(&ctx, "10.9.8.7:443").await;
+    let start = Instant::now();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: b.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let err = read_to_end_or_error(&mut second)
+        .await
+        .expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(second_task.await.unwrap(), Outcome::Overloaded);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "reset at once, not after the first one's connect timeout"
+    );
+    // The first one ends at its connect timeout.
+    let err = read_to_end_or_error(&mut first)
+        .await
+        .expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(first_task.await.unwrap(), Outcome::PepTimeout);
 }

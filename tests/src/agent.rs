@@ -156,6 +156,8 @@ pub struct AgentOptions {
     pub peek_timeout_ms: Option<u64>,
     /// `--pep-timeout-ms`.
     pub pep_timeout_ms: Option<u64>,
+    /// The other `--pep-*` flags (TLS, authorization, bounds).
+    pub pep_link: PepLinkOptions,
     /// Extra arguments appended after the generated ones.
     pub extra_args: Vec<String>,
     /// Extra environment variables (e.g. `RUST_LOG`).
@@ -181,6 +183,7 @@ impl AgentOptions {
             listen_port: None,
             peek_timeout_ms: None,
             pep_timeout_ms: None,
+            pep_link: PepLinkOptions::default(),
             extra_args: Vec::new(),
             env: Vec::new(),
         }
@@ -247,6 +250,7 @@ impl AgentOptions {
         if let Some(ms) = self.pep_timeout_ms {
             a.extend(["--pep-timeout-ms".into(), ms.to_string()]);
         }
+        a.extend(self.pep_link.args());
         a.extend(["--log-format".into(), "json".into()]);
         a.extend(self.extra_args.iter().cloned());
         a
@@ -289,6 +293,61 @@ impl AgentOptions {
             s.push_str(&format!("allow_udp = {}\n\n", a.allow_udp));
         }
         s
+    }
+}
+
+/// The PEP link flags beyond `--pep` and `--pep-timeout-ms`; `None` leaves a flag out.
+#[derive(Debug, Clone, Default)]
+pub struct PepLinkOptions {
+    /// `--pep-tls-ca-file`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `--pep-tls-server-name`.
+    pub tls_server_name: Option<String>,
+    /// `--pep-tls-client-cert-file`.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// `--pep-tls-client-key-file`.
+    pub tls_client_key_file: Option<PathBuf>,
+    /// `--pep-proxy-authorization-file`.
+    pub proxy_authorization_file: Option<PathBuf>,
+    /// `--pep-connect-timeout-ms`.
+    pub connect_timeout_ms: Option<u64>,
+    /// `--pep-max-connecting`.
+    pub max_connecting: Option<usize>,
+    /// `--pep-max-waiting`.
+    pub max_waiting: Option<usize>,
+}
+
+impl PepLinkOptions {
+    /// The flags for the options given.
+    pub fn args(&self) -> Vec<String> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let flags = [
+            ("--pep-tls-ca-file", path(&self.tls_ca_file)),
+            ("--pep-tls-server-name", self.tls_server_name.clone()),
+            (
+                "--pep-tls-client-cert-file",
+                path(&self.tls_client_cert_file),
+            ),
+            ("--pep-tls-client-key-file", path(&self.tls_client_key_file)),
+            (
+                "--pep-proxy-authorization-file",
+                path(&self.proxy_authorization_file),
+            ),
+            (
+                "--pep-connect-timeout-ms",
+                self.connect_timeout_ms.map(|v| v.to_string()),
+            ),
+            (
+                "--pep-max-connecting",
+                self.max_connecting.map(|v| v.to_string()),
+            ),
+            ("--pep-max-waiting", self.max_waiting.map(|v| v.to_string())),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(flag, value)| value.map(|v| [flag.to_string(), v]))
+            .flatten()
+            .collect()
     }
 }
 
@@ -796,6 +855,31 @@ mod tests {
                 control = opts.control_socket().display(),
                 state = opts.state_dir().display(),
             )
+        );
+    }
+
+    #[test]
+    fn pep_link_flags_are_passed_when_given() {
+        let mut opts = AgentOptions::new("127.0.0.1:3128");
+        assert!(
+            !opts
+                .args(Path::new("/x"))
+                .iter()
+                .any(|a| a.starts_with("--pep-"))
+        );
+        opts.pep_link = PepLinkOptions {
+            tls_ca_file: Some("/pki/ca.pem".into()),
+            proxy_authorization_file: Some("/pki/auth".into()),
+            max_waiting: Some(0),
+            ..PepLinkOptions::default()
+        };
+        let args = opts.args(Path::new("/x")).join(" ");
+        assert!(
+            args.contains(
+                "--pep-tls-ca-file /pki/ca.pem --pep-proxy-authorization-file /pki/auth \
+                 --pep-max-waiting 0"
+            ),
+            "{args}"
         );
     }
 

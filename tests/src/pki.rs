@@ -26,10 +26,14 @@ pub struct Issued {
 impl TestCa {
     /// Generates the CA key and certificate.
     pub fn new() -> TestCa {
+        TestCa::with_name("egress test CA")
+    }
+
+    /// A CA whose subject is `CN=name`: two CAs of one name look like the same issuer to a
+    /// verifier (it then reports a bad signature rather than an unknown issuer).
+    pub fn with_name(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "egress test CA");
+        params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().expect("generate CA key");

@@ -32,6 +32,24 @@ pub struct SquidConfig {
     pub deny_ports: Vec<u16>,
     /// Raw squid.conf lines placed just before the final `http_access allow all`.
     pub extra: Vec<String>,
+    /// TLS on the listening port (`https_port`: TLS to the proxy, CONNECT inside) instead of
+    /// plain `http_port`.
+    pub tls: Option<SquidTls>,
+    /// Users of squid's basic auth (`basic_ncsa_auth` with a password file made by `openssl
+    /// passwd -apr1`), as (user, password); non-empty: every request must authenticate.
+    pub basic_auth: Vec<(String, String)>,
+}
+
+/// Squid's TLS listening port: its certificate, and the CA it requires client certificates
+/// from, if any.
+#[derive(Debug, Clone)]
+pub struct SquidTls {
+    /// Certificate (PEM), readable by user `proxy`.
+    pub cert: PathBuf,
+    /// Its key (PEM), readable by user `proxy`.
+    pub key: PathBuf,
+    /// `clientca=` (and `tls-cafile=`): squid requires a client certificate from this CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for SquidConfig {
@@ -42,6 +60,8 @@ impl Default for SquidConfig {
             deny_domains: Vec::new(),
             deny_ports: Vec::new(),
             extra: Vec::new(),
+            tls: None,
+            basic_auth: Vec::new(),
         }
     }
 }
@@ -62,6 +82,32 @@ impl SquidConfig {
     /// Makes squid answer 403 to requests for `domain`.
     pub fn deny_domain(mut self, domain: &str) -> Self {
         self.deny_domains.push(domain.to_string());
+        self
+    }
+
+    /// Makes squid's listening port TLS with this certificate and key.
+    pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.tls = Some(SquidTls {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: None,
+        });
+        self
+    }
+
+    /// Makes squid require a client certificate signed by `ca` (needs [`SquidConfig::tls`]).
+    pub fn client_ca(mut self, ca: &Path) -> Self {
+        match &mut self.tls {
+            Some(tls) => tls.client_ca = Some(ca.to_path_buf()),
+            None => panic!("SquidConfig::client_ca needs SquidConfig::tls first"),
+        }
+        self
+    }
+
+    /// Adds a basic-auth user: squid then answers 407 to requests without valid credentials.
+    pub fn basic_auth_user(mut self, user: &str, password: &str) -> Self {
+        self.basic_auth
+            .push((user.to_string(), password.to_string()));
         self
     }
 }
@@ -89,6 +135,12 @@ pub struct AccessEntry {
     pub original_destination: Option<String>,
     /// Value of `x-ate-connect-authority`.
     pub connect_authority: Option<String>,
+    /// The user squid authenticated (`%un`), with basic auth.
+    pub user: Option<String>,
+    /// Value of `x-ate-authority-source`.
+    pub authority_source: Option<String>,
+    /// Subject of the client's TLS certificate (`%ssl::>cert_subject`).
+    pub client_cert_subject: Option<String>,
 }
 
 impl AccessEntry {
@@ -128,12 +180,13 @@ impl AccessEntry {
 }
 
 /// Fields in our logformat; the tab-separated line must have exactly this many.
-const FIELDS: usize = 11;
+const FIELDS: usize = 14;
 
 // Squid writes the literal tab characters of the format string as they are.
 const LOGFORMAT: &str = "%ts.%03tu\t%>a\t%rm\t%ru\t%>Hs\t%<a\t\
     %{x-ate-actor-id}>h\t%{x-ate-actor-template}>h\t%{x-ate-actor-template-namespace}>h\t\
-    %{x-ate-original-destination}>h\t%{x-ate-connect-authority}>h";
+    %{x-ate-original-destination}>h\t%{x-ate-connect-authority}>h\t\
+    %un\t%{x-ate-authority-source}>h\t%ssl::>cert_subject";
 
 impl AccessEntry {
     /// Parses one line of the access log written with our logformat.
@@ -155,6 +208,9 @@ impl AccessEntry {
             actor_template_namespace: header(f[8]),
             original_destination: header(f[9]),
             connect_authority: header(f[10]),
+            user: header(f[11]),
+            authority_source: header(f[12]),
+            client_cert_subject: header(f[13]),
         })
     }
 }
@@ -211,6 +267,9 @@ impl Squid {
             .map(|(n, ip)| format!("{ip} {n}\n"))
             .collect();
         std::fs::write(d.join("hosts"), hosts).expect("write squid hosts file");
+        if !config.basic_auth.is_empty() {
+            write_passwords(&d.join("passwd"), &config.basic_auth);
+        }
         let conf = render_config(d, &config);
         std::fs::write(d.join("squid.conf"), &conf).expect("write squid.conf");
         // Squid drops to user `proxy` and must write its logs and pid file here.
@@ -263,10 +322,8 @@ impl Squid {
                     self.diagnostics()
                 );
             }
-            if self
-                .cache_log()
-                .contains("Accepting HTTP Socket connections")
-            {
+            // "Accepting HTTP Socket connections" or, for https_port, "... HTTPS Socket ...".
+            if self.cache_log().contains("Accepting HTTP") {
                 return;
             }
             if Instant::now() >= deadline {
@@ -396,7 +453,22 @@ fn render_config(dir: &Path, config: &SquidConfig) -> String {
         c.push_str(s);
         c.push('\n');
     };
-    line(&format!("http_port {}", config.listen));
+    match &config.tls {
+        None => line(&format!("http_port {}", config.listen)),
+        Some(tls) => {
+            let mut port = format!(
+                "https_port {} tls-cert={} tls-key={}",
+                config.listen,
+                tls.cert.display(),
+                tls.key.display()
+            );
+            if let Some(ca) = &tls.client_ca {
+                // clientca= makes squid require and verify a client certificate.
+                port += &format!(" clientca={} tls-cafile={}", ca.display(), ca.display());
+            }
+            line(&port);
+        }
+    }
     line("visible_hostname egress-test-squid");
     line(&format!("pid_filename {d}/squid.pid"));
     line(&format!("coredump_dir {d}"));
@@ -418,6 +490,15 @@ fn render_config(dir: &Path, config: &SquidConfig) -> String {
     line("cache_mem 8 MB");
     line("via off");
     line("forwarded_for transparent");
+    if !config.basic_auth.is_empty() {
+        line(&format!(
+            "auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd"
+        ));
+        line("auth_param basic realm egress-test");
+        line("auth_param basic children 2");
+        line("acl egress_authed proxy_auth REQUIRED");
+        line("http_access deny !egress_authed");
+    }
     if !config.deny_domains.is_empty() {
         line(&format!(
             "acl egress_denied dstdomain {}",
@@ -438,6 +519,21 @@ fn render_config(dir: &Path, config: &SquidConfig) -> String {
     c
 }
 
+/// Writes an htpasswd-style file (`user:$apr1$...`) with `openssl passwd -apr1`.
+fn write_passwords(path: &Path, users: &[(String, String)]) {
+    let mut text = String::new();
+    for (user, password) in users {
+        let out = crate::process::run_with_input(
+            std::process::Command::new("openssl").args(["passwd", "-apr1", "-stdin"]),
+            format!("{password}\n").as_bytes(),
+            Duration::from_secs(20),
+        );
+        out.expect_success("openssl passwd -apr1");
+        text.push_str(&format!("{user}:{}\n", out.stdout.trim()));
+    }
+    std::fs::write(path, text).expect("write squid passwd file");
+}
+
 fn chown_to_proxy(dir: &Path) {
     let user = nix::unistd::User::from_name("proxy")
         .ok()
@@ -456,7 +552,7 @@ mod tests {
     #[test]
     fn parses_connect_entry() {
         let e = AccessEntry::parse(
-            "1700000000.123\t127.0.0.1\tCONNECT\tweb.egress.test:8443\t200\t10.251.3.1\ta1\tt1\tns1\t10.251.3.1:8443\tweb.egress.test:8443\n",
+            "1700000000.123\t127.0.0.1\tCONNECT\tweb.egress.test:8443\t200\t10.251.3.1\ta1\tt1\tns1\t10.251.3.1:8443\tweb.egress.test:8443\tagent\tsni\t/CN=agent.test\n",
         )
         .unwrap();
         assert_eq!(e.method, "CONNECT");
@@ -465,6 +561,9 @@ mod tests {
         assert_eq!(e.actor_id.as_deref(), Some("a1"));
         assert_eq!(e.original_destination.as_deref(), Some("10.251.3.1:8443"));
         assert_eq!(e.connect_authority.as_deref(), Some("web.egress.test:8443"));
+        assert_eq!(e.user.as_deref(), Some("agent"));
+        assert_eq!(e.authority_source.as_deref(), Some("sni"));
+        assert_eq!(e.client_cert_subject.as_deref(), Some("/CN=agent.test"));
     }
 
     #[test]
@@ -476,7 +575,8 @@ mod tests {
             ("tab%09here", "tab\there"),
             ("%C3%BCn%C3%AF", "ünï"),
         ] {
-            let line = format!("1.000\t127.0.0.1\tCONNECT\tx:1\t200\t-\t{logged}\t-\t-\t-\t-");
+            let line =
+                format!("1.000\t127.0.0.1\tCONNECT\tx:1\t200\t-\t{logged}\t-\t-\t-\t-\t-\t-\t-");
             assert_eq!(
                 AccessEntry::parse(&line).unwrap().actor_id.as_deref(),
                 Some(want)
@@ -487,7 +587,8 @@ mod tests {
     #[test]
     fn dash_means_missing() {
         let e =
-            AccessEntry::parse("1.000\t127.0.0.1\tCONNECT\tx:1\t403\t-\t-\t-\t-\t-\t-").unwrap();
+            AccessEntry::parse("1.000\t127.0.0.1\tCONNECT\tx:1\t403\t-\t-\t-\t-\t-\t-\t-\t-\t-")
+                .unwrap();
         assert_eq!(e.status, Some(403));
         assert_eq!(e.server, None);
         assert_eq!(e.actor_id, None);
