@@ -73,6 +73,12 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         _pad: 0,
     })?;
 
+    if config.dns_upstream.is_none() {
+        warn!(
+            "no DNS upstream: actors' DNS queries will go unanswered; pass --dns-upstream IP:PORT \
+             (env EGRESS_DNS_UPSTREAM) or give the node a `nameserver` in /etc/resolv.conf"
+        );
+    }
     let registry = Arc::new(actors::Registry::default());
     let ctx = Arc::new(proxy::Context::new(config.clone(), registry.clone()));
     let (stop, stopped) = watch::channel(false);
@@ -100,6 +106,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         bpffs_dir = %config.bpffs_dir.display(),
         listen_port = config.listen_port,
         veth_listen_port = config.veth_listen_port,
+        veth_dns_port = config.veth_dns_port,
+        dns_upstream = %config.dns_upstream.map_or("(none)".into(), |r| r.to_string()),
         control_socket = %config.control_socket.display(),
         "ready"
     );

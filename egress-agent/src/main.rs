@@ -230,8 +230,9 @@ fn main() -> anyhow::Result<()> {
                 control_socket = %config.control_socket.display(),
                 state_dir = %config.state_dir.display(),
                 veth_pool = %config.veth_pool,
-                veth_resolver = %config.veth_resolver.map_or("(none: veth actors' DNS is dropped)".into(), |r| r.to_string()),
+                dns_upstream = %config.dns_upstream.map_or("(none)".into(), |r| r.to_string()),
                 veth_listen_port = config.veth_listen_port,
+                veth_dns_port = config.veth_dns_port,
                 "starting"
             );
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -333,6 +334,10 @@ fn status_line(s: &egress_agent::actors::Status) -> String {
     }
     let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
     line += &format!(" listeners=[{}]", listeners.join(","));
+    if !s.dns.is_empty() {
+        let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
+        line += &format!(" dns=[{}]", dns.join(","));
+    }
     line
 }
 

@@ -13,7 +13,7 @@ use std::{
 use bytes::BytesMut;
 use egress_common::Record;
 use tokio::{net::TcpStream, sync::Semaphore};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     actors::Registry,
@@ -26,6 +26,14 @@ use crate::{
 
 /// Records older than this are not trusted: no connection waits that long to be accepted.
 pub const MAX_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Largest DNS datagram taken from an actor or relayed back to it; larger ones are dropped
+/// (a resolver truncates what does not fit the size its client advertised, at most this in
+/// practice, and the client retries over TCP).
+pub const MAX_DNS_DATAGRAM: usize = 4096;
+
+/// How long the relay waits for the upstream resolver's answer to one query.
+pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
@@ -134,6 +142,33 @@ impl Context {
     /// Connection ids, in accept order.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The veth actor with address `addr` in the worker namespace with cookie `netns` (the
+    /// identity of a datagram on a worker's DNS socket).
+    pub fn actor_by_addr(&self, netns: u64, addr: std::net::IpAddr) -> Option<Arc<Actor>> {
+        self.actors.by_addr(netns, addr)
+    }
+
+    /// Answers one DNS query of `actor`; `None` leaves it unanswered (the actor's resolver
+    /// times out and retries). For now a plain bounded relay of the bytes to
+    /// `--dns-upstream`, from a fresh marked socket in the agent's namespace.
+    pub async fn dns_query(&self, actor: Arc<Actor>, query: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(upstream) = self.config.dns_upstream else {
+            debug!(actor = %actor.id, "DNS query dropped: no --dns-upstream");
+            return None;
+        };
+        match relay_dns(&self.sockets, upstream, &query).await {
+            Ok(answer) => {
+                debug!(actor = %actor.id, upstream = %upstream, query_bytes = query.len(),
+                    answer_bytes = answer.len(), "DNS query answered");
+                Some(answer)
+            }
+            Err(e) => {
+                debug!(actor = %actor.id, upstream = %upstream, error = %e, "DNS query unanswered");
+                None
+            }
+        }
     }
 
     /// Takes an accepted connection and what its front knows of it and serves it on a task
@@ -326,6 +361,35 @@ impl Context {
             error: result.err().map(|e| e.to_string()),
         }
     }
+}
+
+/// Relays one query's bytes to `upstream` and returns its answer: one fresh socket per query
+/// (a random source port each), connected so only `upstream` can answer, bounded by
+/// [`DNS_TIMEOUT`] and [`MAX_DNS_DATAGRAM`].
+async fn relay_dns(
+    sockets: &SocketFactory,
+    upstream: SocketAddr,
+    query: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let socket = sockets.udp_connect(upstream)?;
+    socket.send(query).await?;
+    // One byte more than allowed: a datagram that fills it was larger (recv truncates).
+    let mut buf = vec![0u8; MAX_DNS_DATAGRAM + 1];
+    let n = tokio::time::timeout(DNS_TIMEOUT, socket.recv(&mut buf))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {DNS_TIMEOUT:?}"),
+            )
+        })??;
+    if n > MAX_DNS_DATAGRAM {
+        return Err(std::io::Error::other(format!(
+            "answer larger than {MAX_DNS_DATAGRAM} bytes"
+        )));
+    }
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// How one connection ended: what its log line says.

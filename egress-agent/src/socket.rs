@@ -4,7 +4,7 @@
 use std::{io, net::SocketAddr};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 /// Creates the agent's outbound sockets.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +29,32 @@ impl SocketFactory {
         let socket = TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
     }
+
+    /// A marked UDP socket connected to `addr`: it receives only `addr`'s datagrams.
+    pub fn udp_connect(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.connect(&addr.into())?;
+        UdpSocket::from_std(socket.into())
+    }
+}
+
+/// A UDP socket bound to `addr` (IPv6 only for an IPv6 address), marked with `mark` (0:
+/// unmarked), non-blocking: the agent's DNS sockets in actors' and workers' namespaces.
+pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Closes `stream` with a TCP reset instead of a FIN: the peer sees the connection fail
