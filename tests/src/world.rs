@@ -146,7 +146,8 @@ pub struct VethWorld {
     pub agent: Agent,
     /// The options it was started with (to start it again).
     pub agent_options: AgentOptions,
-    /// The worker's resolver: dnsmasq on the node's address, answering [`NAME`].
+    /// The resolver the agent relays the actors' DNS to (`--dns-upstream`): dnsmasq on the
+    /// node's address, answering [`NAME`].
     pub dns: Dns,
     /// The PEP.
     pub squid: Squid,
@@ -197,7 +198,7 @@ impl VethWorld {
         let mut opts = AgentOptions::new(squid.addr()).veth_actor(VethActorSpec::new(
             actor_id, "sandbox", "team-b", &actor, &worker,
         ));
-        opts.veth_resolver = Some(node_v4);
+        opts.dns_upstream = SocketAddr::new(IpAddr::V4(node_v4), 53);
         let opts = tune(opts);
         let mut agent = Agent::start(&node, None, opts.clone());
         agent.wait_ready(T);
