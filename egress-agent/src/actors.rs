@@ -15,7 +15,7 @@ use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    capture::{self, Front, Listener},
+    capture::{self, DnsSocket, Front, Listener},
     config::{Actor, ActorSpec, Capture, Config, Veth},
     ebpf,
     net::{nft, veth},
@@ -150,6 +150,16 @@ impl Registry {
         self.read().by_addr.get(&(netns, v4)).cloned()
     }
 
+    /// Whether `actor` (this very registration) is still registered under `id`.
+    pub fn contains(&self, id: &str, actor: &Arc<Actor>) -> bool {
+        let index = self.read();
+        index
+            .by_cgroup
+            .values()
+            .chain(index.by_addr.values())
+            .any(|a| a.id == id && Arc::ptr_eq(a, actor))
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         // The index is replaced entry by entry and never left half-written: a panic elsewhere
         // while holding the lock does not make it wrong.
@@ -199,6 +209,10 @@ pub struct Status {
     /// The agent's listeners serving it (none: its connections are refused).
     #[serde(default)]
     pub listeners: Vec<SocketAddr>,
+    /// A cgroup actor's own DNS socket (none: its DNS is refused). Veth actors' DNS goes to
+    /// their worker's DNS socket on `--veth-dns-port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<SocketAddr>,
     /// Packets of the actor dropped by the nftables table (UDP other than DNS, ICMP, ...);
     /// in `list` answers only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,6 +249,23 @@ struct Entry {
     listener: Option<ListenerKey>,
     /// veth actors: the pair and the cookie of the worker namespace.
     pair: Option<(veth::Pair, u64)>,
+    /// cgroup actors: their own DNS socket.
+    dns: Option<ServedDns>,
+}
+
+/// A cgroup actor's DNS socket: its addresses and the receive loops that own it (aborting
+/// them closes it).
+struct ServedDns {
+    addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ServedDns {
+    fn close(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// Owns capture: the eBPF programs, the listeners, the veth pairs and nftables tables, the
@@ -437,6 +468,9 @@ impl Manager {
         if let Some(key) = entry.listener {
             self.unuse_listener(key);
         }
+        if let Some(dns) = entry.dns {
+            dns.close();
+        }
         info!(actor = %id, capture = %status.capture, "actor removed");
         self.save_state();
         Ok(status)
@@ -490,7 +524,7 @@ impl Manager {
             .collect()
     }
 
-    /// Stops every listener (capture itself stays in force).
+    /// Stops every listener and DNS socket (capture itself stays in force).
     pub fn shutdown(&mut self) {
         for served in self.listeners.values() {
             for task in &served.tasks {
@@ -498,6 +532,11 @@ impl Manager {
             }
         }
         self.listeners.clear();
+        for entry in self.actors.values_mut() {
+            if let Some(dns) = entry.dns.take() {
+                dns.close();
+            }
+        }
     }
 
     fn add_actor(
@@ -589,9 +628,26 @@ impl Manager {
                 None
             }
         };
-        let entry = listener
-            .and_then(|key| self.listeners.get(&key))
-            .map(|_| capture::ebpf_entry(self.listener_v6(listener), self.config.listen_port));
+        // The actor's own DNS socket, only when it is served at all. Without it the actor's
+        // DNS is refused (its entry says so), its TCP still served.
+        let dns = match listener {
+            Some(_) => match self.open_dns(actor, netns) {
+                Ok(dns) => Some(dns),
+                Err(e) => {
+                    error!(actor = %actor.id, error = %e, "the actor's DNS is refused");
+                    None
+                }
+            },
+            None => None,
+        };
+        let entry = listener.and_then(|key| self.listeners.get(&key)).map(|_| {
+            let (port, v6) = dns
+                .as_ref()
+                .map_or((0, false), |(port, v6, _)| (*port, *v6));
+            capture::ebpf_entry(self.listener_v6(listener), self.config.listen_port)
+                .with_dns(port, true, v6)
+        });
+        let dns = dns.map(|(_, _, served)| served);
         // The registry first: a connect captured the moment the programs attach must find
         // its actor.
         self.registry
@@ -603,6 +659,9 @@ impl Manager {
             if let Some(key) = listener {
                 self.unuse_listener(key);
             }
+            if let Some(dns) = dns {
+                dns.close();
+            }
             return Err(e.into());
         }
         Ok(Entry {
@@ -610,7 +669,32 @@ impl Manager {
             source,
             listener,
             pair: None,
+            dns,
         })
+    }
+
+    /// Opens and serves a cgroup actor's DNS socket in `netns`: its port, whether it has
+    /// IPv6, and the served socket.
+    fn open_dns(
+        &self,
+        actor: &Arc<Actor>,
+        netns: Option<&Path>,
+    ) -> Result<(u16, bool, ServedDns), Error> {
+        // The agent's own namespace is entered by no thread switch at all.
+        let identity = crate::netns::identity(netns).ok();
+        let netns = if identity.is_some() && identity == crate::netns::identity(None).ok() {
+            None
+        } else {
+            netns
+        };
+        let socket = DnsSocket::open(netns, self.config.socket_mark)?;
+        let (port, v6, addrs) = (socket.port(), socket.has_v6(), socket.addrs());
+        let tasks = {
+            let _runtime = self.runtime.enter();
+            socket.spawn(actor.clone(), self.ctx.clone(), self.shutdown.clone())?
+        };
+        info!(actor = %actor.id, dns = ?addrs, "DNS socket open");
+        Ok((port, v6, ServedDns { addrs, tasks }))
     }
 
     fn add_veth(
@@ -629,6 +713,7 @@ impl Manager {
             source,
             listener: Some(key),
             pair: Some((pair.clone(), cookie)),
+            dns: None,
         };
         // Rules before the link: the moment the actor has a route, its TCP is redirected and
         // everything else dropped; never a window where forwarding passes it through.
@@ -679,7 +764,7 @@ impl Manager {
     fn worker_table(&self, worker: (u64, u64)) -> nft::Worker {
         nft::Worker {
             listen_port: self.config.veth_listen_port,
-            resolver: self.config.veth_resolver,
+            dns_port: self.config.veth_dns_port,
             actors: self
                 .veth_actors(worker)
                 .map(|(actor, v, pair)| nft_actor(actor, v, pair))
@@ -773,7 +858,7 @@ impl Manager {
         let netns = if own { None } else { netns };
         let listener = match front {
             Front::Ebpf => Listener::open(netns, port)?,
-            Front::Nat => Listener::open_nat(netns, port)?,
+            Front::Nat => Listener::open_nat(netns, port, self.config.veth_dns_port)?,
         };
         let cookie = listener.cookie;
         let addrs = listener.addrs();
@@ -837,6 +922,11 @@ impl Manager {
                 .listener
                 .and_then(|k| self.listeners.get(&k))
                 .map(|s| s.addrs.clone())
+                .unwrap_or_default(),
+            dns: entry
+                .dns
+                .as_ref()
+                .map(|d| d.addrs.clone())
                 .unwrap_or_default(),
             dropped_packets: None,
         }

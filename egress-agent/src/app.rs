@@ -45,6 +45,9 @@ pub enum Error {
     /// A configured actor could not be captured.
     #[error(transparent)]
     Actors(Box<actors::Error>),
+    /// The policy file is unusable.
+    #[error("{0}; fix the file (docs/policy.md) or leave --policy out (deny all)")]
+    Policy(#[from] crate::policy::Error),
 }
 
 impl From<actors::Error> for Error {
@@ -73,8 +76,22 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         _pad: 0,
     })?;
 
+    if config.dns_upstream.is_none() {
+        warn!(
+            "no DNS upstream: actors' DNS queries will go unanswered; pass --dns-upstream IP:PORT \
+             (env EGRESS_DNS_UPSTREAM) or give the node a `nameserver` in /etc/resolv.conf"
+        );
+    }
+    let policy = Arc::new(crate::policy::Shared::new(config.policy.clone())?);
+    info!(policy = %policy.current().summary(), "policy loaded");
+    crate::policy::spawn_reloader(policy.clone());
     let registry = Arc::new(actors::Registry::default());
-    let ctx = Arc::new(proxy::Context::new(config.clone(), registry.clone()));
+    let ctx = Arc::new(proxy::Context::new(
+        config.clone(),
+        registry.clone(),
+        policy,
+    ));
+    ctx.spawn_refresh();
     let (stop, stopped) = watch::channel(false);
     // Netlink and nft block while the configured actors are set up.
     let manager = tokio::task::block_in_place(|| {
@@ -96,10 +113,12 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     }
     info!(
         actors,
-        pep = %config.pep,
+        pep = %config.pep.as_ref().map_or("(none)".into(), |p| p.to_string()),
         bpffs_dir = %config.bpffs_dir.display(),
         listen_port = config.listen_port,
         veth_listen_port = config.veth_listen_port,
+        veth_dns_port = config.veth_dns_port,
+        dns_upstream = %config.dns_upstream.map_or("(none)".into(), |r| r.to_string()),
         control_socket = %config.control_socket.display(),
         "ready"
     );

@@ -2,7 +2,7 @@
 //! one-actor case, a TOML file for many, validated once at start-up into a [`Config`].
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -23,11 +23,6 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// Errors that stop the agent before it starts, each saying what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No PEP address anywhere.
-    #[error(
-        "no PEP configured: pass --pep HOST:PORT (env EGRESS_PEP) or set `pep` in the config file"
-    )]
-    NoPep,
     /// The PEP link settings are unusable.
     #[error(transparent)]
     Pep(#[from] pep::Error),
@@ -344,8 +339,11 @@ impl ActorSpec {
 /// The validated configuration of `egress-agent run`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The PEP every connection is tunnelled to, and how.
-    pub pep: Pep,
+    /// The PEP connections are tunnelled to, and how; `None`: no PEP, the agent decides every
+    /// connection with the policy and dials upstream itself.
+    pub pep: Option<Pep>,
+    /// The policy file (`--policy`); `None`: no rules (deny all where the agent decides).
+    pub policy: Option<PathBuf>,
     /// Actors captured from the start (the config file and flags); more come and go over the
     /// control socket.
     pub actors: Vec<Actor>,
@@ -355,11 +353,15 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The /30s veth pairs are addressed from (per worker namespace).
     pub veth_pool: Pool,
-    /// The resolver veth actors' DNS goes to; `None`: their DNS is dropped.
-    pub veth_resolver: Option<Ipv4Addr>,
+    /// The resolver every actor's DNS is relayed to (both fronts), from the agent's own
+    /// namespace; `None`: there is none, and actors' DNS queries go unanswered.
+    pub dns_upstream: Option<SocketAddr>,
     /// Port of the agent's listener (0.0.0.0) in each worker namespace: the nftables redirect
     /// target.
     pub veth_listen_port: u16,
+    /// Port of the agent's UDP DNS socket (0.0.0.0) in each worker namespace: where nftables
+    /// redirects veth actors' DNS.
+    pub veth_dns_port: u16,
     /// bpffs directory for pinned maps and links.
     pub bpffs_dir: PathBuf,
     /// Port of the agent's listeners (127.0.0.1 and ::1 in each actor network namespace).
@@ -377,13 +379,15 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            pep: Pep::default(),
+            pep: Some(Pep::default()),
+            policy: None,
             actors: Vec::new(),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             veth_pool: Pool::default(),
-            veth_resolver: None,
+            dns_upstream: None,
             veth_listen_port: 15002,
+            veth_dns_port: DEFAULT_VETH_DNS_PORT,
             bpffs_dir: PathBuf::from(ebpf::DEFAULT_DIR),
             listen_port: 15001,
             peek: classify::Limits::default(),
@@ -399,6 +403,12 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-agent/control.sock";
 /// Default state directory (tmpfs: veth pairs do not outlive a reboot either).
 pub const DEFAULT_STATE_DIR: &str = "/run/egress-agent";
 
+/// Default port of the agent's DNS socket in each worker namespace.
+pub const DEFAULT_VETH_DNS_PORT: u16 = 15053;
+
+/// Where the default DNS upstream is read from: its first `nameserver`, port 53.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// Default `SO_MARK` of the agent's sockets ("eg" in the high half).
 pub const DEFAULT_SOCKET_MARK: u32 = 0x6567_0000;
 
@@ -408,6 +418,11 @@ pub struct RunArgs {
     /// The PEP link: --pep and the --pep-* flags.
     #[command(flatten)]
     pub pep: PepArgs,
+    /// Policy file (TOML, docs/policy.md): per template allow/deny rules, used where no PEP
+    /// decides (or to pre-filter). Reloaded on SIGHUP and when the file changes. Without it
+    /// the agent has no rules: what it decides itself is denied.
+    #[arg(long, env = "EGRESS_POLICY")]
+    pub policy: Option<PathBuf>,
     /// TOML file with `pep` and [[actor]] tables (id, template, template_namespace, cgroup,
     /// netns). Flags for a single actor add one more.
     #[arg(long, env = "EGRESS_CONFIG")]
@@ -462,14 +477,50 @@ pub struct RunArgs {
     /// and the actor .2.
     #[arg(long, env = "EGRESS_VETH_POOL", default_value = "10.200.0.0/24")]
     pub veth_pool: Pool,
-    /// IPv4 resolver that veth actors' DNS (UDP and TCP 53, sent to their gateway or to this
-    /// address) is forwarded to from the worker namespace; without it their DNS is dropped.
-    #[arg(long, env = "EGRESS_VETH_RESOLVER")]
-    pub veth_resolver: Option<Ipv4Addr>,
     /// Port of the agent's listener on 0.0.0.0 in each worker namespace, where nftables
     /// redirects veth actors' TCP.
     #[arg(long, env = "EGRESS_VETH_LISTEN_PORT", default_value_t = 15002)]
     pub veth_listen_port: u16,
+    /// Port of the agent's UDP DNS socket on 0.0.0.0 in each worker namespace, where nftables
+    /// redirects veth actors' DNS (UDP 53 to any address).
+    #[arg(long, env = "EGRESS_VETH_DNS_PORT", default_value_t = DEFAULT_VETH_DNS_PORT)]
+    pub veth_dns_port: u16,
+    /// The resolver actors' DNS is relayed to, IP:PORT (a bare IP means port 53), reached from
+    /// the agent's own network namespace. Default: the first `nameserver` of /etc/resolv.conf.
+    #[arg(long, env = "EGRESS_DNS_UPSTREAM", value_parser = parse_dns_upstream)]
+    pub dns_upstream: Option<SocketAddr>,
+}
+
+/// `IP:PORT`, or a bare IP for port 53.
+fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, egress_common::DNS_PORT))
+        .map_err(|_| {
+            format!(
+                "{s:?} is not IP:PORT or IP, e.g. 10.96.0.10:53, [fd00::a]:53 or 10.96.0.10 \
+                 (a name cannot be used: it would need a resolver to find the resolver)"
+            )
+        })
+}
+
+/// The first usable `nameserver` of a resolv.conf text, at port 53 (an IPv6 link-local
+/// address needs a numeric scope id). Lines glibc would skip are skipped.
+pub fn first_nameserver(text: &[u8]) -> Option<SocketAddr> {
+    let (parsed, _ignored) = resolv_conf::Config::parse_with_errors(text);
+    parsed.nameservers.iter().find_map(|ns| match ns {
+        resolv_conf::ScopedIp::V4(ip) => Some(SocketAddr::new(IpAddr::V4(*ip), 53)),
+        resolv_conf::ScopedIp::V6(ip, None) => Some(SocketAddr::new(IpAddr::V6(*ip), 53)),
+        resolv_conf::ScopedIp::V6(ip, Some(scope)) => scope
+            .parse()
+            .ok()
+            .map(|id| SocketAddr::V6(std::net::SocketAddrV6::new(*ip, 53, 0, id))),
+    })
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -488,6 +539,8 @@ pub struct File {
     /// header names).
     #[serde(default, deserialize_with = "pep::string_or_table")]
     pub pep: Option<PepFile>,
+    /// The policy file (`--policy` wins).
+    pub policy: Option<PathBuf>,
     /// Actors captured from the start.
     #[serde(default, rename = "actor")]
     pub actors: Vec<ActorSpec>,
@@ -514,7 +567,8 @@ impl RunArgs {
             Some(path) => File::read(path)?,
             None => File::default(),
         };
-        let pep = Pep::load(&self.pep, file.pep.as_ref())?.ok_or(Error::NoPep)?;
+        let pep = Pep::load(&self.pep, file.pep.as_ref())?;
+        let policy = self.policy.or(file.policy);
         let mut specs = file.actors;
         match (self.actor_id, self.actor_cgroup) {
             (Some(id), Some(cgroup)) => specs.push(ActorSpec {
@@ -550,6 +604,7 @@ impl RunArgs {
             ("max-connections", self.max_connections),
             ("listen-port", usize::from(self.listen_port)),
             ("veth-listen-port", usize::from(self.veth_listen_port)),
+            ("veth-dns-port", usize::from(self.veth_dns_port)),
             // Zero would disable the agent's exemption: inside a captured cgroup it would then
             // capture its own connections.
             ("socket-mark", self.socket_mark as usize),
@@ -577,12 +632,18 @@ impl RunArgs {
         }
         Ok(Config {
             pep,
+            policy,
             actors,
             control_socket: self.control_socket,
             state_dir: self.state_dir,
             veth_pool: self.veth_pool,
-            veth_resolver: self.veth_resolver,
+            dns_upstream: self.dns_upstream.or_else(|| {
+                fs::read(RESOLV_CONF)
+                    .ok()
+                    .and_then(|text| first_nameserver(&text))
+            }),
             veth_listen_port: self.veth_listen_port,
+            veth_dns_port: self.veth_dns_port,
             bpffs_dir: self.bpffs_dir,
             listen_port: self.listen_port,
             peek: classify::Limits {
@@ -852,8 +913,9 @@ mod tests {
             t.run.into_config(),
             Err(Error::PartialActor("id"))
         ));
-        let t = T::try_parse_from(["t", "--actor-id", "a"]).unwrap();
-        assert!(matches!(t.run.into_config(), Err(Error::NoPep)));
+        // No PEP is fine: the agent decides with the policy.
+        let t = T::try_parse_from(["t"]).unwrap();
+        assert!(t.run.into_config().unwrap().pep.is_none());
         // No actor at start is fine: they come over the control socket.
         let t = T::try_parse_from(["t", "--pep", "127.0.0.1:3128"]).unwrap();
         assert!(t.run.into_config().unwrap().actors.is_empty());
@@ -902,26 +964,80 @@ mod tests {
             T::try_parse_from(argv).unwrap().run.into_config()
         };
         let c = config("pep = \"squid.egress.svc:3129\"\n", &[]).unwrap();
-        assert_eq!(c.pep.addr.to_string(), "squid.egress.svc:3129");
-        assert_eq!(c.pep.response_timeout, Duration::from_secs(5));
+        assert_eq!(c.pep.as_ref().unwrap().addr.to_string(), "squid.egress.svc:3129");
+        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_secs(5));
         let table = "[pep]\naddress = \"squid.egress.svc:3129\"\nresponse_timeout_ms = 700\n\
                      max_waiting = 3\n[pep.headers]\nactor_id = \"x-pep-actor\"\n";
         let c = config(table, &[]).unwrap();
-        assert_eq!(c.pep.response_timeout, Duration::from_millis(700));
-        assert_eq!(c.pep.max_waiting, 3);
-        assert_eq!(c.pep.headers.actor_id, "x-pep-actor");
+        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_millis(700));
+        assert_eq!(c.pep.as_ref().unwrap().max_waiting, 3);
+        assert_eq!(c.pep.as_ref().unwrap().headers.actor_id, "x-pep-actor");
         let c = config(
             table,
             &["--pep", "127.0.0.1:3128", "--pep-timeout-ms", "90"],
         )
         .unwrap();
-        assert_eq!(c.pep.addr.to_string(), "127.0.0.1:3128");
-        assert_eq!(c.pep.response_timeout, Duration::from_millis(90));
-        assert_eq!(c.pep.max_waiting, 3, "the rest of the table still applies");
+        assert_eq!(c.pep.as_ref().unwrap().addr.to_string(), "127.0.0.1:3128");
+        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_millis(90));
+        assert_eq!(c.pep.as_ref().unwrap().max_waiting, 3, "the rest of the table still applies");
         let err = config("[pep]\naddress = \"a:1\"\ntimeout = 1\n", &[]).unwrap_err();
         assert!(err.to_string().contains("timeout"), "{err}");
         let err = config("[pep.tls]\nca_file = \"/x\"\n", &[]).unwrap_err();
         assert!(matches!(err, Error::Pep(pep::Error::NoAddress(_))), "{err}");
+    }
+
+    #[test]
+    fn dns_upstream_flag_and_resolv_conf() {
+        assert_eq!(
+            parse_dns_upstream("10.96.0.10:5353"),
+            Ok("10.96.0.10:5353".parse().unwrap())
+        );
+        assert_eq!(
+            parse_dns_upstream("10.96.0.10"),
+            Ok("10.96.0.10:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_dns_upstream("fd00::a"),
+            Ok("[fd00::a]:53".parse().unwrap())
+        );
+        for bad in ["kube-dns:53", "10.0.0.1:0", "", "10.0.0.1:x"] {
+            assert!(parse_dns_upstream(bad).is_err(), "{bad:?}");
+        }
+        let text = b"# generated\nsearch svc.cluster.local\nnameserver bogus\n\
+            nameserver fe80::1%eth0\nnameserver 10.96.0.10\nnameserver 10.96.0.11\n";
+        assert_eq!(
+            first_nameserver(text),
+            Some("10.96.0.10:53".parse().unwrap()),
+            "the first usable one"
+        );
+        assert_eq!(
+            first_nameserver(b"nameserver fe80::1%2\n"),
+            Some("[fe80::1%2]:53".parse().unwrap())
+        );
+        assert_eq!(first_nameserver(b"search x\n"), None);
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let t = T::try_parse_from([
+            "t",
+            "--pep",
+            "127.0.0.1:3128",
+            "--dns-upstream",
+            "127.0.0.1:5300",
+        ])
+        .unwrap();
+        let config = t.run.into_config().unwrap();
+        assert_eq!(config.dns_upstream, Some("127.0.0.1:5300".parse().unwrap()));
+        assert_eq!(config.veth_dns_port, DEFAULT_VETH_DNS_PORT);
+        let t =
+            T::try_parse_from(["t", "--pep", "127.0.0.1:3128", "--veth-dns-port", "0"]).unwrap();
+        assert!(matches!(
+            t.run.into_config(),
+            Err(Error::Zero("veth-dns-port"))
+        ));
     }
 
     #[test]

@@ -467,7 +467,7 @@ impl Forwarder {
     ) -> Result<(Message, Vec<u8>), Error> {
         let upstream = self.upstream;
         let io = |source| Error::Io { upstream, source };
-        let socket = self.sockets.udp(upstream).map_err(io)?;
+        let socket = self.sockets.udp_connect(upstream).map_err(io)?;
         timed(deadline, socket.send(bytes)).await.map_err(io)?;
         let mut buf = vec![0u8; recv_size];
         let mut mismatched = false;

@@ -217,30 +217,38 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = Arc::new(args.into_config()?);
             info!(
-                pep = %config.pep,
+                pep = %config.pep.as_ref().map_or("(none: the agent decides with the policy)".into(), |p| p.to_string()),
+                policy = %config.policy.as_ref().map_or("(none: deny all where the agent decides)".into(), |p| p.display().to_string()),
                 actors = ?config.actors.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
                 bpffs_dir = %config.bpffs_dir.display(),
                 listen_port = config.listen_port,
                 peek_timeout_ms = config.peek.timeout.as_millis() as u64,
                 peek_max_bytes = config.peek.max_bytes,
-                pep_tls = config.pep.tls.is_some(),
-                pep_tls_server_name = config.pep.tls.as_ref().map_or(String::new(), |t| t.server_name.to_str().into_owned()),
-                pep_tls_client_cert = config.pep.tls.as_ref().is_some_and(|t| t.client_cert_file.is_some()),
-                pep_proxy_authorization = config.pep.authorization.is_some(),
-                pep_connect_timeout_ms = config.pep.connect_timeout.as_millis() as u64,
-                pep_timeout_ms = config.pep.response_timeout.as_millis() as u64,
-                pep_max_connecting = config.pep.max_connecting,
-                pep_max_waiting = config.pep.max_waiting,
                 socket_mark = format!("{:#x}", config.socket_mark),
                 relay_buffer_bytes = config.relay_buffer,
                 max_connections = config.max_connections,
                 control_socket = %config.control_socket.display(),
                 state_dir = %config.state_dir.display(),
                 veth_pool = %config.veth_pool,
-                veth_resolver = %config.veth_resolver.map_or("(none: veth actors' DNS is dropped)".into(), |r| r.to_string()),
+                dns_upstream = %config.dns_upstream.map_or("(none)".into(), |r| r.to_string()),
                 veth_listen_port = config.veth_listen_port,
+                veth_dns_port = config.veth_dns_port,
                 "starting"
             );
+            if let Some(pep) = &config.pep {
+                info!(
+                    pep = %pep,
+                    pep_tls = pep.tls.is_some(),
+                    pep_tls_server_name = pep.tls.as_ref().map_or(String::new(), |t| t.server_name.to_str().into_owned()),
+                    pep_tls_client_cert = pep.tls.as_ref().is_some_and(|t| t.client_cert_file.is_some()),
+                    pep_proxy_authorization = pep.authorization.is_some(),
+                    pep_connect_timeout_ms = pep.connect_timeout.as_millis() as u64,
+                    pep_timeout_ms = pep.response_timeout.as_millis() as u64,
+                    pep_max_connecting = pep.max_connecting,
+                    pep_max_waiting = pep.max_waiting,
+                    "PEP link"
+                );
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(app::run(config, shutdown_signal()))?;
         }
@@ -340,6 +348,10 @@ fn status_line(s: &egress_agent::actors::Status) -> String {
     }
     let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
     line += &format!(" listeners=[{}]", listeners.join(","));
+    if !s.dns.is_empty() {
+        let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
+        line += &format!(" dns=[{}]", dns.join(","));
+    }
     line
 }
 

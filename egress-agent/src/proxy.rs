@@ -1,31 +1,48 @@
 //! The one pipeline every captured connection goes through, whichever front captured it:
-//! accept -> classify (SNI / Host / IP) -> CONNECT to the PEP with the actor's identity ->
-//! relay. Any failure resets the actor's connection (fail closed) and says why in the log.
+//! accept -> classify (SNI / Host / the actor's DNS answer / IP) -> decide ([`route`]: the
+//! policy, always-denied addresses) -> CONNECT to the PEP with the actor's identity, or a
+//! direct dial when no PEP decides -> relay. The actors' DNS (TCP here, UDP from the capture
+//! fronts' DNS sockets) goes to the [`dns`] forwarder instead. Any failure or denial resets the
+//! actor's connection (fail closed) and says why in the log.
 use std::{
-    net::SocketAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
 use egress_common::Record;
 use tokio::{net::TcpStream, sync::Semaphore};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     actors::Registry,
-    classify::{self, Authority},
-    config::{Actor, Config},
-    ebpf,
+    classify::{self, Authority, Host, Source},
+    config::{Actor, Capture, Config},
+    direct, dns, ebpf, netns,
+    policy::{self, TemplatePolicy},
+    resolve,
+    route::{self, Route},
     socket::{self, SocketFactory},
     tunnel,
 };
 
+/// Bound on each connect attempt of a direct dial (no PEP).
+pub const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one lookup of the agent's resolver (a direct dial of a name).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the node's own addresses (always denied as destinations) are read again.
+pub const NODE_ADDRESSES_REFRESH: Duration = Duration::from_secs(10);
+
 /// Records older than this are not trusted: no connection waits that long to be accepted.
 pub const MAX_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Largest DNS datagram taken from an actor; larger ones are dropped.
+pub const MAX_DNS_DATAGRAM: usize = 4096;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
@@ -39,6 +56,16 @@ fn monotonic_ns() -> u64 {
 pub enum Outcome {
     /// Tunnelled through the PEP and relayed to the end.
     Tunneled,
+    /// Dialled by the agent itself (no PEP decides for this actor) and relayed to the end.
+    Direct,
+    /// Denied by the policy or the always-denied addresses: reset at once.
+    Denied,
+    /// A direct dial's name did not resolve (or resolved only to denied addresses).
+    ResolveFailed,
+    /// A direct dial could not connect (refused, unreachable, timed out).
+    UpstreamUnreachable,
+    /// DNS over TCP, answered by the agent's forwarder.
+    Dns,
     /// The PEP answered non-2xx (policy deny or its upstream failed).
     PepRefused,
     /// The PEP did not answer in time.
@@ -68,6 +95,11 @@ impl Outcome {
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Tunneled => "tunneled",
+            Outcome::Direct => "direct",
+            Outcome::Denied => "denied",
+            Outcome::ResolveFailed => "resolve_failed",
+            Outcome::UpstreamUnreachable => "upstream_unreachable",
+            Outcome::Dns => "dns",
             Outcome::PepRefused => "pep_refused",
             Outcome::PepTimeout => "pep_timeout",
             Outcome::PepUnreachable => "pep_unreachable",
@@ -113,33 +145,144 @@ pub enum Captured {
     },
 }
 
-/// What every connection needs: configuration, actors, the PEP connector, the bound.
+/// What every connection needs: configuration, actors, the policy, the PEP connector (when
+/// there is a PEP), the resolver and DNS forwarder, the bound.
 pub struct Context {
     config: Arc<Config>,
     actors: Arc<Registry>,
-    connector: tunnel::Connector,
+    policy: Arc<policy::Shared>,
+    connector: Option<tunnel::Connector>,
+    sockets: SocketFactory,
+    resolver: Option<resolve::Resolver>,
+    dns: Option<dns::Forwarder>,
+    /// The node's own addresses (the agent's namespace), refreshed by [`Context::spawn_refresh`].
+    node_addresses: Mutex<Arc<[IpAddr]>>,
+    /// Per actor: its gateways and, for a veth actor, its worker namespace's addresses.
+    actor_addresses: Mutex<HashMap<String, (Arc<Actor>, Arc<[IpAddr]>)>>,
     limit: Arc<Semaphore>,
     next_id: AtomicU64,
 }
 
 impl Context {
-    /// A context serving the actors of `actors` (which change at run time).
-    pub fn new(config: Arc<Config>, actors: Arc<Registry>) -> Self {
+    /// A context serving the actors of `actors` (which change at run time) with `policy`.
+    pub fn new(config: Arc<Config>, actors: Arc<Registry>, policy: Arc<policy::Shared>) -> Self {
+        let sockets = SocketFactory::new(config.socket_mark);
+        let resolver = match resolve::Resolver::new(
+            config.dns_upstream,
+            config.socket_mark,
+            RESOLVE_TIMEOUT,
+        ) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "no resolver: direct dials of names (no PEP) will be refused");
+                None
+            }
+        };
+        let node: Arc<[IpAddr]> = policy::node_addresses().unwrap_or_default().into();
+        let dns = config.dns_upstream.map(|upstream| {
+            let node = node.clone();
+            dns::Forwarder::new(upstream, sockets.clone(), dns::Limits::default())
+                .with_address_filter(move |ip| {
+                    policy::always_denied(ip, &node).map(|r| r.to_string())
+                })
+        });
         Context {
-            connector: tunnel::Connector::new(
-                config.pep.clone(),
-                SocketFactory::new(config.socket_mark),
-            ),
+            connector: config
+                .pep
+                .clone()
+                .map(|pep| tunnel::Connector::new(pep, sockets.clone())),
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            node_addresses: Mutex::new(node),
+            actor_addresses: Mutex::new(HashMap::new()),
+            sockets,
+            resolver,
+            dns,
+            policy,
             actors,
             config,
             next_id: AtomicU64::new(1),
         }
     }
 
+    /// Re-reads the node's own addresses every [`NODE_ADDRESSES_REFRESH`], for as long as
+    /// the runtime runs.
+    pub fn spawn_refresh(self: &Arc<Self>) {
+        let ctx = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(NODE_ADDRESSES_REFRESH).await;
+                let Some(ctx) = ctx.upgrade() else { return };
+                match tokio::task::spawn_blocking(policy::node_addresses).await {
+                    Ok(Ok(addrs)) => {
+                        if let Ok(mut node) = ctx.node_addresses.lock() {
+                            *node = addrs.into();
+                        }
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "reading the node's addresses"),
+                    Err(_) => {}
+                }
+                // Actors removed since: their entries go.
+                if let Ok(mut cache) = ctx.actor_addresses.lock() {
+                    cache.retain(|id, (actor, _)| ctx.actors.contains(id, actor));
+                }
+            }
+        });
+    }
+
+    /// The addresses always denied as `actor`'s destinations besides the fixed ones: the
+    /// node's own addresses, the actor's gateways and (veth actors) its worker's addresses.
+    async fn denied_addresses(&self, actor: &Arc<Actor>) -> Vec<IpAddr> {
+        let node = self
+            .node_addresses
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_else(|_| Arc::from(Vec::new()));
+        let cached = self.actor_addresses.lock().ok().and_then(|cache| {
+            cache
+                .get(&actor.id)
+                .filter(|(a, _)| Arc::ptr_eq(a, actor))
+                .map(|(_, addrs)| addrs.clone())
+        });
+        let own = match cached {
+            Some(addrs) => addrs,
+            None => {
+                let actor2 = actor.clone();
+                let addrs: Arc<[IpAddr]> =
+                    tokio::task::spawn_blocking(move || actor_addresses(&actor2))
+                        .await
+                        .unwrap_or_default()
+                        .into();
+                if let Ok(mut cache) = self.actor_addresses.lock() {
+                    cache.insert(actor.id.clone(), (actor.clone(), addrs.clone()));
+                }
+                addrs
+            }
+        };
+        node.iter().chain(own.iter()).copied().collect()
+    }
+
     /// Connection ids, in accept order.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The veth actor with address `addr` in the worker namespace with cookie `netns` (the
+    /// identity of a datagram on a worker's DNS socket).
+    pub fn actor_by_addr(&self, netns: u64, addr: std::net::IpAddr) -> Option<Arc<Actor>> {
+        self.actors.by_addr(netns, addr)
+    }
+
+    /// Answers one DNS query of `actor` with the forwarder; `None` leaves it unanswered (no
+    /// `--dns-upstream`, or a datagram that is no query).
+    pub async fn dns_query(&self, actor: Arc<Actor>, query: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(forwarder) = &self.dns else {
+            debug!(actor = %actor.id, "DNS query dropped: no --dns-upstream");
+            return None;
+        };
+        let policy = self.policy.current();
+        let template = policy.template(&actor.template_namespace, &actor.template);
+        let verdict = dns_verdict(template, self.connector.is_some());
+        forwarder.answer(&actor.id, &query, &verdict).await
     }
 
     /// Takes an accepted connection and what its front knows of it and serves it on a task
@@ -257,14 +400,17 @@ impl Context {
         .await
     }
 
-    /// classify -> CONNECT -> relay. Both sockets are armed to reset from the start and
-    /// disarmed only when the relay ends cleanly, so every early return (and any drop of the
-    /// task) resets them.
+    /// classify -> decide -> CONNECT or dial -> relay. Both sockets are armed to reset from
+    /// the start and disarmed only when the relay ends cleanly, so every early return (and any
+    /// drop of the task) resets them.
     async fn pipeline(&self, mut stream: TcpStream, flow: &Flow) -> Closed {
         socket::arm_reset(&stream);
         let _ = stream.set_nodelay(true);
+        if flow.original_dst.port() == 53 {
+            return self.serve_dns_tcp(stream, flow).await;
+        }
         let mut peeked = BytesMut::with_capacity(1024);
-        let authority = match classify::classify(
+        let mut authority = match classify::classify(
             &mut stream,
             &mut peeked,
             flow.original_dst,
@@ -275,8 +421,167 @@ impl Context {
             Ok(authority) => authority,
             Err(e) => return Closed::failed(Outcome::ClientError, None, None, &e),
         };
+        if authority.source == Source::Ip {
+            if let Some(name) = self
+                .dns
+                .as_ref()
+                .and_then(|d| d.answers().lookup(&flow.actor.id, flow.original_dst.ip()))
+            {
+                authority = Authority {
+                    host: Host::Name(name.to_string()),
+                    port: authority.port,
+                    source: Source::Dns,
+                };
+            }
+        }
+        let denied = self.denied_addresses(&flow.actor).await;
+        let policy = self.policy.current();
+        let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
+        let route = route::route(
+            template,
+            self.connector.is_some(),
+            &authority,
+            flow.original_dst,
+            &denied,
+        );
+        match route {
+            Route::Deny { rule } => {
+                let mut closed =
+                    Closed::failed(Outcome::Denied, Some(authority), None, &"denied by policy");
+                closed.rule = rule;
+                closed
+            }
+            Route::Pep { rule } => {
+                let mut closed = self.tunnel(stream, flow, authority, &peeked).await;
+                closed.rule = rule.unwrap_or_default();
+                closed
+            }
+            Route::Direct { rule, dial } => {
+                let mut closed = self
+                    .direct(stream, template, &dial, authority, &peeked, &denied)
+                    .await;
+                closed.rule = rule;
+                closed
+            }
+        }
+    }
+
+    /// DNS over TCP (a connect to port 53): the forwarder answers it, nothing is tunnelled.
+    async fn serve_dns_tcp(&self, mut stream: TcpStream, flow: &Flow) -> Closed {
+        let Some(forwarder) = &self.dns else {
+            return Closed::failed(
+                Outcome::Dns,
+                None,
+                None,
+                &"no --dns-upstream: DNS over TCP refused",
+            );
+        };
+        let policy = self.policy.current();
+        let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
+        let verdict = dns_verdict(template, self.connector.is_some());
+        match forwarder
+            .serve_tcp(&mut stream, &flow.actor.id, &verdict)
+            .await
+        {
+            Ok(stats) => {
+                socket::disarm_reset(&stream);
+                let mut closed = Closed::failed(Outcome::Dns, None, None, &"");
+                closed.error = None;
+                closed.rule = format!("{} queries", stats.queries);
+                closed
+            }
+            Err(e) => Closed::failed(Outcome::Dns, None, None, &e),
+        }
+    }
+
+    /// The agent dials upstream itself and relays.
+    async fn direct(
+        &self,
+        mut stream: TcpStream,
+        template: &TemplatePolicy,
+        dial: &direct::Dial,
+        authority: Authority,
+        peeked: &[u8],
+        denied: &[IpAddr],
+    ) -> Closed {
+        let Some(resolver) = &self.resolver else {
+            return Closed::failed(
+                Outcome::ResolveFailed,
+                Some(authority),
+                None,
+                &"the agent has no resolver: pass --dns-upstream",
+            );
+        };
+        let check = |ip: IpAddr, port: u16| {
+            let reason = policy::always_denied(ip, denied)?;
+            template
+                .names_exact(ip, port)
+                .is_none()
+                .then(|| reason.to_string())
+        };
+        let (mut upstream, dialled) =
+            match direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
+                .await
+            {
+                Ok(ok) => ok,
+                Err(e) => {
+                    let outcome = match &e {
+                        direct::Error::Denied { .. } => Outcome::Denied,
+                        direct::Error::Resolve(_) => Outcome::ResolveFailed,
+                        direct::Error::Unreachable { .. } | direct::Error::Timeout { .. } => {
+                            Outcome::UpstreamUnreachable
+                        }
+                    };
+                    return Closed::failed(outcome, Some(authority), None, &e);
+                }
+            };
+        socket::arm_reset(&upstream);
+        let (bytes_up, bytes_down, result) = tunnel::relay(
+            &mut stream,
+            &mut upstream,
+            peeked,
+            &[],
+            self.config.relay_buffer,
+        )
+        .await;
+        if result.is_ok() {
+            socket::disarm_reset(&stream);
+            socket::disarm_reset(&upstream);
+        }
+        Closed {
+            outcome: if result.is_ok() {
+                Outcome::Direct
+            } else {
+                Outcome::RelayError
+            },
+            authority: Some(authority),
+            pep_status: None,
+            bytes_up,
+            bytes_down,
+            error: result.err().map(|e| e.to_string()),
+            rule: String::new(),
+            dialled: Some(dialled),
+        }
+    }
+
+    /// CONNECT through the PEP and relay.
+    async fn tunnel(
+        &self,
+        mut stream: TcpStream,
+        flow: &Flow,
+        authority: Authority,
+        peeked: &[u8],
+    ) -> Closed {
+        let Some(connector) = &self.connector else {
+            return Closed::failed(
+                Outcome::PepError,
+                Some(authority),
+                None,
+                &"no PEP configured",
+            );
+        };
         let request = match tunnel::connect_request(
-            self.connector.pep(),
+            connector.pep(),
             &flow.actor,
             flow.original_dst,
             &authority,
@@ -284,7 +589,7 @@ impl Context {
             Ok(r) => r,
             Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
         };
-        let tunnel = match self.connector.open(request).await {
+        let tunnel = match connector.open(request).await {
             Ok(t) => t,
             Err(e) => {
                 let outcome = match &e {
@@ -312,7 +617,7 @@ impl Context {
         let (bytes_up, bytes_down, result) = tunnel::relay(
             &mut stream,
             &mut pep,
-            &peeked,
+            peeked,
             &tunnel.leftover,
             self.config.relay_buffer,
         )
@@ -334,8 +639,56 @@ impl Context {
             bytes_up,
             bytes_down,
             error: result.err().map(|e| e.to_string()),
+            rule: String::new(),
+            dialled: None,
         }
     }
+}
+
+/// The DNS verdict for a template: its `decide_dns` when the agent decides (or pre-filters),
+/// only the always-denied names when the PEP decides alone.
+fn dns_verdict(
+    template: &TemplatePolicy,
+    has_pep: bool,
+) -> impl Fn(&str) -> dns::NameVerdict + Sync + '_ {
+    let pep_decides = has_pep && template.pep && !template.prefilter;
+    move |name: &str| {
+        if pep_decides {
+            return match policy::always_denied_name(name) {
+                Some(reason) => dns::NameVerdict::Deny {
+                    reason: format!("always denied: {reason} {name}"),
+                },
+                None => dns::NameVerdict::Allow,
+            };
+        }
+        let decision = template.decide_dns(name);
+        if decision.allowed {
+            dns::NameVerdict::Allow
+        } else {
+            dns::NameVerdict::Deny {
+                reason: decision.rule.to_string(),
+            }
+        }
+    }
+}
+
+/// An actor's own always-denied addresses: the default gateways of its namespace and, for a
+/// veth actor, every address of its worker namespace (the worker is its "node"). Blocking:
+/// enters namespaces.
+fn actor_addresses(actor: &Actor) -> Vec<IpAddr> {
+    let mut addrs = Vec::new();
+    match &actor.capture {
+        Capture::Cgroup { netns, .. } => {
+            addrs.extend(policy::default_gateways(netns.as_deref()).unwrap_or_default());
+        }
+        Capture::Veth(v) => {
+            addrs.extend(policy::default_gateways(Some(&v.netns)).unwrap_or_default());
+            if let Ok(worker) = netns::run_in(v.worker_netns.as_deref(), policy::node_addresses) {
+                addrs.extend(worker);
+            }
+        }
+    }
+    addrs
 }
 
 /// How one connection ended: what its log line says.
@@ -346,6 +699,10 @@ struct Closed {
     bytes_up: u64,
     bytes_down: u64,
     error: Option<String>,
+    /// The policy rule that decided ("" when the PEP decided alone).
+    rule: String,
+    /// The address a direct dial connected to.
+    dialled: Option<SocketAddr>,
 }
 
 impl Closed {
@@ -363,6 +720,8 @@ impl Closed {
             bytes_up: 0,
             bytes_down: 0,
             error: Some(error.to_string()),
+            rule: String::new(),
+            dialled: None,
         }
     }
 
@@ -376,6 +735,8 @@ impl Closed {
         let source = self.authority.as_ref().map_or("", |a| a.source.as_str());
         let duration_ms = start.elapsed().as_millis() as u64;
         let pep_status = self.pep_status.unwrap_or(0);
+        let rule = self.rule.as_str();
+        let dialled = self.dialled.map(|d| d.to_string()).unwrap_or_default();
         macro_rules! closed {
             ($level:ident $(, $($extra:tt)+)?) => {
                 $level!(
@@ -387,6 +748,8 @@ impl Closed {
                     authority = %authority,
                     source,
                     pep_status,
+                    rule,
+                    dialled = %dialled,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,
                     duration_ms,

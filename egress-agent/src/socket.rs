@@ -30,22 +30,31 @@ impl SocketFactory {
         socket.connect(addr).await
     }
 
-    /// A marked UDP socket on an ephemeral port, connected to `peer`: the kernel then delivers
-    /// only `peer`'s datagrams to it.
-    pub fn udp(&self, peer: SocketAddr) -> io::Result<UdpSocket> {
-        let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+    /// A marked UDP socket connected to `addr`: it receives only `addr`'s datagrams.
+    pub fn udp_connect(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if self.mark != 0 {
             socket.set_mark(self.mark)?;
         }
         socket.set_nonblocking(true)?;
-        let any: SocketAddr = match peer {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        socket.bind(&any.into())?;
-        socket.connect(&peer.into())?;
+        socket.connect(&addr.into())?;
         UdpSocket::from_std(socket.into())
     }
+}
+
+/// A UDP socket bound to `addr` (IPv6 only for an IPv6 address), marked with `mark` (0:
+/// unmarked), non-blocking: the agent's DNS sockets in actors' and workers' namespaces.
+pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Closes `stream` with a TCP reset instead of a FIN: the peer sees the connection fail

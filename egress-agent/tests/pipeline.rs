@@ -187,14 +187,14 @@ fn actor() -> Arc<Actor> {
 
 fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
     let config = Config {
-        pep: Pep {
+        pep: Some(Pep {
             response_timeout: pep_timeout,
             connect_timeout: pep_timeout,
             ..Pep::new(PepAddr {
                 host: pep.ip().to_string(),
                 port: pep.port(),
             })
-        },
+        }),
         actors: vec![(*actor()).clone()],
         peek: Limits {
             max_bytes: Limits::default().max_bytes,
@@ -205,7 +205,11 @@ fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
         ..Default::default()
     };
     let registry = Registry::with_cgroup_actors([actor()]);
-    Arc::new(Context::new(Arc::new(config), Arc::new(registry)))
+    Arc::new(Context::new(
+        Arc::new(config),
+        Arc::new(registry),
+        Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
+    ))
 }
 
 /// Connects a client to a fresh "agent listener" and serves the accepted side with the
@@ -496,19 +500,23 @@ fn tls_context(
     };
     let tls = egress_agent::pep::Tls::load(&addr, ca_file, None, None, None).unwrap();
     let config = Config {
-        pep: Pep {
+        pep: Some(Pep {
             tls: Some(tls),
             connect_timeout: Duration::from_secs(2),
             max_connecting,
             max_waiting,
             ..Pep::new(addr)
-        },
+        }),
         actors: vec![(*actor()).clone()],
         socket_mark: 0,
         ..Default::default()
     };
     let registry = Registry::with_cgroup_actors([actor()]);
-    Arc::new(Context::new(Arc::new(config), Arc::new(registry)))
+    Arc::new(Context::new(
+        Arc::new(config),
+        Arc::new(registry),
+        Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
+    ))
 }
 
 #[tokio::test]

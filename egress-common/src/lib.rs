@@ -11,14 +11,18 @@ mod user;
 
 /// Original destination of each captured socket, keyed by socket cookie (`u64`).
 ///
-/// Written by connect4/connect6, read by getpeername4/6, removed when the socket closes.
+/// Written by connect4/connect6 (TCP connects, connected UDP DNS sockets) and by
+/// sendmsg4/sendmsg6 (unconnected DNS sends: the last destination asked wins); read by
+/// getpeername4/6 and recvmsg4/6; removed when the socket closes (sockops for TCP,
+/// sock_release for every socket).
 pub const MAP_SOCKETS: &str = "EGRESS_SOCKETS";
 /// Capture records keyed by what the agent sees on accept ([`ConnKey`]).
 ///
 /// Copied from [`MAP_SOCKETS`] by sockops when the actor's connection is established; removed
 /// by the agent when it accepts the connection, or by sockops when the socket closes first.
 pub const MAP_CONNS: &str = "EGRESS_CONNS";
-/// Captured actor cgroups (cgroup id, `u64`) and where their agent listener is ([`ActorEntry`]).
+/// Captured actor cgroups (cgroup id, `u64`) and where their agent listener and DNS socket are
+/// ([`ActorEntry`]).
 pub const MAP_ACTORS: &str = "EGRESS_ACTORS";
 /// One [`Settings`] at index 0: how the kernel side recognises the agent's own sockets.
 pub const MAP_SETTINGS: &str = "EGRESS_SETTINGS";
@@ -47,16 +51,33 @@ pub const PROG_GETPEERNAME6: &str = "egress_getpeername6";
 pub const PROG_SOCKOPS: &str = "egress_sockops";
 /// See [`PROG_CONNECT4`].
 pub const PROG_SOCK_RELEASE: &str = "egress_sock_release";
+/// See [`PROG_CONNECT4`].
+pub const PROG_SENDMSG4: &str = "egress_sendmsg4";
+/// See [`PROG_CONNECT4`].
+pub const PROG_SENDMSG6: &str = "egress_sendmsg6";
+/// See [`PROG_CONNECT4`].
+pub const PROG_RECVMSG4: &str = "egress_recvmsg4";
+/// See [`PROG_CONNECT4`].
+pub const PROG_RECVMSG6: &str = "egress_recvmsg6";
 
-/// Every program the agent attaches to each actor cgroup, in attach order.
-pub const PROGRAMS: [&str; 6] = [
+/// Every program the agent attaches to each actor cgroup, in attach order: the ones that
+/// restore what the actor sees (getpeername, recvmsg) before the ones that redirect, so a
+/// redirected socket never exists without them.
+pub const PROGRAMS: [&str; 10] = [
     PROG_SOCKOPS,
     PROG_SOCK_RELEASE,
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
     PROG_CONNECT4,
     PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
 ];
+
+/// The DNS port: UDP datagrams of an actor to it (any address) go to the actor's DNS socket.
+pub const DNS_PORT: u16 = 53;
 
 /// The original destination of one captured connection, and who made it.
 #[repr(C)]
@@ -98,21 +119,31 @@ pub struct ConnKey {
 pub const ACTOR_LISTEN_V4: u16 = 1;
 /// [`ActorEntry::flags`] bit: an IPv6 listener is open at `listen_ip6:listen_port`.
 pub const ACTOR_LISTEN_V6: u16 = 2;
+/// [`ActorEntry::flags`] bit: the actor's IPv4 DNS socket is open at `listen_ip4:dns_port`.
+pub const ACTOR_DNS_V4: u16 = 4;
+/// [`ActorEntry::flags`] bit: the actor's IPv6 DNS socket is open at `listen_ip6:dns_port`.
+pub const ACTOR_DNS_V6: u16 = 8;
 
-/// Where the connects of one actor cgroup are sent: the agent's listener in the actor's
-/// network namespace. An actor without the listener a connect needs has that connect refused
-/// (`EPERM`): capture fails closed.
+/// Where the connects and DNS datagrams of one actor cgroup are sent: the agent's TCP
+/// listener and the actor's own UDP DNS socket, both on loopback in the actor's network
+/// namespace. The listener is shared by the actors of a namespace; the DNS socket is the
+/// actor's alone, so a datagram's arrival on it is the actor's identity. An actor without the
+/// socket a connect or a DNS send needs has that call refused (`EPERM`): capture fails closed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActorEntry {
-    /// IPv4 listener address, network byte order.
+    /// IPv4 listener (and DNS socket) address, network byte order.
     pub listen_ip4: u32,
-    /// IPv6 listener address, network byte order words.
+    /// IPv6 listener (and DNS socket) address, network byte order words.
     pub listen_ip6: [u32; 4],
     /// Listener port, host byte order.
     pub listen_port: u16,
-    /// [`ACTOR_LISTEN_V4`] | [`ACTOR_LISTEN_V6`].
+    /// [`ACTOR_LISTEN_V4`] | [`ACTOR_LISTEN_V6`] | [`ACTOR_DNS_V4`] | [`ACTOR_DNS_V6`].
     pub flags: u16,
+    /// Port of the actor's DNS socket, host byte order (chosen by the kernel, one per actor).
+    pub dns_port: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
 }
 
 /// How the kernel side tells the agent's own sockets from an actor's, and which namespace is
@@ -139,25 +170,32 @@ pub struct Settings {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// A connect was redirected to the agent.
+    /// A TCP connect was redirected to the agent.
     Redirected = 0,
-    /// A connect from an attached cgroup was refused: no actor entry or no listener for its
-    /// address family, or the record could not be stored.
+    /// A connect or UDP send from an attached cgroup was refused: no actor entry, no listener
+    /// or DNS socket for its address family, UDP other than DNS, or the record could not be
+    /// stored.
     Refused = 1,
-    /// A connect of the agent's own (marked) socket was left alone.
+    /// A connect or UDP send of the agent's own (marked) socket was left alone.
     AgentSkipped = 2,
-    /// A connect straight to the agent's listener was left alone.
+    /// A connect straight to the agent's listener (or a UDP send to the actor's DNS socket)
+    /// was left alone.
     ListenerSkipped = 3,
     /// An established connection's record was published for the agent.
     Published = 4,
     /// A record could not be published (map full or error).
     PublishFailed = 5,
-    /// A connect to the actor's own loopback (inside its network namespace) was left alone.
+    /// A connect or UDP send to the actor's own loopback (inside its network namespace) was
+    /// left alone.
     LocalSkipped = 6,
+    /// A UDP connect or send to port 53 was redirected to the actor's DNS socket.
+    DnsRedirected = 7,
+    /// A reply from the actor's DNS socket was shown with the original resolver as source.
+    DnsRestored = 8,
 }
 
 /// Number of [`Counter`] values (size of [`MAP_COUNTERS`]).
-pub const COUNTERS_LEN: u32 = 7;
+pub const COUNTERS_LEN: u32 = 9;
 
 impl Counter {
     /// Every counter, in index order.
@@ -169,6 +207,8 @@ impl Counter {
         Counter::Published,
         Counter::PublishFailed,
         Counter::LocalSkipped,
+        Counter::DnsRedirected,
+        Counter::DnsRestored,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -181,6 +221,8 @@ impl Counter {
             Counter::Published => "published",
             Counter::PublishFailed => "publish_failed",
             Counter::LocalSkipped => "local_skipped",
+            Counter::DnsRedirected => "dns_redirected",
+            Counter::DnsRestored => "dns_restored",
         }
     }
 }
@@ -227,7 +269,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Record>(), 16 + 2 + 2 + 4 + 8 + 8 + 8);
         assert_eq!(core::mem::size_of::<ConnKey>(), 8 + 16 + 2 + 6);
-        assert_eq!(core::mem::size_of::<ActorEntry>(), 4 + 16 + 2 + 2);
+        assert_eq!(core::mem::size_of::<ActorEntry>(), 4 + 16 + 2 + 2 + 2 + 2);
         assert_eq!(core::mem::size_of::<Settings>(), 8 + 8 + 4 + 4);
     }
 

@@ -4,7 +4,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    ACTOR_LISTEN_V4, ACTOR_LISTEN_V6, ActorEntry, ConnKey, Record, Settings, is_v4_mapped,
+    ACTOR_DNS_V4, ACTOR_DNS_V6, ACTOR_LISTEN_V4, ACTOR_LISTEN_V6, ActorEntry, ConnKey, Record,
+    Settings, is_v4_mapped,
 };
 
 // SAFETY: each type is #[repr(C)], Copy, made of integers, with no implicit padding (checked by
@@ -82,7 +83,27 @@ impl ActorEntry {
             listen_ip6,
             listen_port: port,
             flags,
+            dns_port: 0,
+            _pad: 0,
         }
+    }
+
+    /// The same entry with the actor's DNS socket on `port` for IPv4 (`v4`) and/or IPv6
+    /// (`v6`). The DNS socket shares the listener's addresses, so a family without a listener
+    /// gets no DNS either (its DNS sends are refused).
+    pub fn with_dns(mut self, port: u16, v4: bool, v6: bool) -> Self {
+        self.flags &= !(ACTOR_DNS_V4 | ACTOR_DNS_V6);
+        self.dns_port = port;
+        if port == 0 {
+            return self;
+        }
+        if v4 && self.flags & ACTOR_LISTEN_V4 != 0 {
+            self.flags |= ACTOR_DNS_V4;
+        }
+        if v6 && self.flags & ACTOR_LISTEN_V6 != 0 {
+            self.flags |= ACTOR_DNS_V6;
+        }
+        self
     }
 
     /// The IPv4 listener, if any.
@@ -99,6 +120,22 @@ impl ActorEntry {
     pub fn listener_v6(&self) -> Option<SocketAddr> {
         (self.flags & ACTOR_LISTEN_V6 != 0)
             .then(|| SocketAddr::new(words_to_ip(self.listen_ip6), self.listen_port))
+    }
+
+    /// The IPv4 DNS socket, if any.
+    pub fn dns_v4(&self) -> Option<SocketAddr> {
+        (self.flags & ACTOR_DNS_V4 != 0).then(|| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(self.listen_ip4.to_ne_bytes())),
+                self.dns_port,
+            )
+        })
+    }
+
+    /// The IPv6 DNS socket, if any.
+    pub fn dns_v6(&self) -> Option<SocketAddr> {
+        (self.flags & ACTOR_DNS_V6 != 0)
+            .then(|| SocketAddr::new(words_to_ip(self.listen_ip6), self.dns_port))
     }
 }
 
@@ -146,5 +183,23 @@ mod tests {
         let e = ActorEntry::new(Some(Ipv4Addr::LOCALHOST), None, 15001);
         assert_eq!(e.listener_v4().unwrap().to_string(), "127.0.0.1:15001");
         assert!(e.listener_v6().is_none());
+        assert!(e.dns_v4().is_none());
+    }
+
+    #[test]
+    fn dns_only_where_there_is_a_listener() {
+        let e = ActorEntry::new(Some(Ipv4Addr::LOCALHOST), None, 15001).with_dns(40000, true, true);
+        assert_eq!(e.dns_v4().unwrap().to_string(), "127.0.0.1:40000");
+        assert!(
+            e.dns_v6().is_none(),
+            "no IPv6 listener address: no IPv6 DNS"
+        );
+        let e = ActorEntry::new(Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST), 15001)
+            .with_dns(40000, true, true);
+        assert_eq!(e.dns_v6().unwrap().to_string(), "[::1]:40000");
+        assert_eq!(e.listener_v6().unwrap().to_string(), "[::1]:15001");
+        let none = e.with_dns(0, true, true);
+        assert!(none.dns_v4().is_none() && none.dns_v6().is_none());
+        assert_eq!(none.flags, ACTOR_LISTEN_V4 | ACTOR_LISTEN_V6);
     }
 }

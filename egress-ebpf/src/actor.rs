@@ -1,5 +1,5 @@
-//! What the connect programs share: finding the caller's actor, recognising the agent's own
-//! sockets, and storing the record.
+//! What the connect and sendmsg programs share: finding the caller's actor, recognising the
+//! agent's own sockets, and storing the record.
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{
@@ -14,6 +14,12 @@ use crate::maps::{ACTORS, SETTINGS, SOCKETS, count};
 
 /// `SOCK_STREAM`.
 const SOCK_STREAM: u32 = 1;
+/// `SOCK_DGRAM`.
+const SOCK_DGRAM: u32 = 2;
+/// `IPPROTO_UDP`.
+const IPPROTO_UDP: u32 = 17;
+/// `IPPROTO_UDPLITE`: sends through the same `udp_sendmsg`, so the same policy.
+const IPPROTO_UDPLITE: u32 = 136;
 /// `SOCK_SEQPACKET` (SCTP one-to-one style).
 const SOCK_SEQPACKET: u32 = 5;
 /// `IPPROTO_TCP`.
@@ -23,16 +29,10 @@ pub const ALLOW: i32 = 1;
 /// Verdict of a cgroup sock_addr program: fail the call with `EPERM`.
 pub const REFUSE: i32 = 0;
 
-/// The actor a connect is captured for; `None` for a connect that is not this program's
-/// business (not connection-oriented, or the agent's own socket). Refused connects (not TCP,
-/// or no actor) are errors.
+/// The actor a TCP connect is captured for; `None` for the agent's own socket. A connect
+/// without an actor is an error (refused).
 #[inline(always)]
 pub fn capture_target(ctx: &SockAddrContext) -> Result<Option<(u64, ActorEntry)>, &'static str> {
-    match kind(ctx) {
-        Kind::Tcp => {}
-        Kind::Other => return Ok(None),
-        Kind::Refused => return Err("only TCP is captured: MPTCP and SCTP connects are refused"),
-    }
     if is_agent_socket(ctx) {
         count(Counter::AgentSkipped);
         return Ok(None);
@@ -46,7 +46,7 @@ pub fn capture_target(ctx: &SockAddrContext) -> Result<Option<(u64, ActorEntry)>
 /// that the agent registered. Only cgroups with attached programs reach here, so `None`
 /// means the agent does not (or no longer) serve that cgroup.
 #[inline(always)]
-fn find_actor() -> Option<(u64, ActorEntry)> {
+pub fn find_actor() -> Option<(u64, ActorEntry)> {
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is Copy and read at once.
@@ -70,13 +70,17 @@ fn find_actor() -> Option<(u64, ActorEntry)> {
     found
 }
 
-/// What to do with a connect, by socket type: TCP is captured, connection-oriented protocols
-/// the agent cannot carry (MPTCP, SCTP) are refused rather than let out, and datagram sockets
-/// are not this program's business (UDP policy is separate).
-enum Kind {
+/// What to do with a connect, by socket type: TCP is captured, UDP goes through the DNS
+/// policy (port 53 to the actor's DNS socket, loopback of its own namespace allowed, the rest
+/// refused), connection-oriented protocols the agent cannot carry (MPTCP, SCTP) are refused
+/// rather than let out, and the remaining datagram sockets (ICMP ping) are left alone: the
+/// kernel has no sendmsg hook for them, so refusing their connect would close nothing.
+pub enum Kind {
     /// A TCP connect: capture it.
     Tcp,
-    /// Not connection-oriented: let it through untouched.
+    /// A UDP (or UDP-Lite) connect: the DNS policy.
+    Udp,
+    /// Neither: let it through untouched.
     Other,
     /// Connection-oriented but not TCP: refuse it.
     Refused,
@@ -84,21 +88,25 @@ enum Kind {
 
 /// The [`Kind`] of the connecting socket.
 #[inline(always)]
-fn kind(ctx: &SockAddrContext) -> Kind {
+pub fn kind(ctx: &SockAddrContext) -> Kind {
     // SAFETY: the context pointer is valid for the program's run.
     let (ty, protocol) = unsafe { ((*ctx.sock_addr).type_, (*ctx.sock_addr).protocol) };
     match ty {
         SOCK_STREAM if protocol == IPPROTO_TCP => Kind::Tcp,
         SOCK_STREAM | SOCK_SEQPACKET => Kind::Refused,
+        SOCK_DGRAM if protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE => Kind::Udp,
         _ => Kind::Other,
     }
 }
+
+/// The reason a connect of a socket type the agent cannot carry is refused.
+pub const REFUSED_KIND: &str = "only TCP is captured: MPTCP and SCTP connects are refused";
 
 /// Whether the connecting socket is one of the agent's own upstream sockets: it carries the
 /// agent's mark, lives in the agent's network namespace and the caller is in the agent's
 /// cgroup.
 #[inline(always)]
-fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+pub fn is_agent_socket(ctx: &SockAddrContext) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
         return false;
     };
@@ -136,6 +144,14 @@ pub fn local_verdict(ctx: &SockAddrContext) -> Result<i32, &'static str> {
             Ok(ALLOW)
         }
     }
+}
+
+/// Removes the record of the calling socket, if any.
+#[inline(always)]
+pub fn forget(ctx: &SockAddrContext) {
+    // SAFETY: helper taking the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = SOCKETS.remove(&cookie);
 }
 
 /// Stores the original destination of the connecting socket under its cookie.

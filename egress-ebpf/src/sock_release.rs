@@ -1,5 +1,7 @@
 //! cgroup/sock_release: drop the record of a socket that is released without ever reaching
-//! the TCP states sockops watches (for example a connect that failed before its SYN).
+//! the TCP states sockops watches (for example a connect that failed before its SYN), and of
+//! every UDP socket that sent DNS (sockops never sees those). It runs for every socket made
+//! in an actor cgroup, whatever its type.
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock, programs::SockContext,
 };

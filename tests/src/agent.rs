@@ -141,8 +141,10 @@ pub struct AgentOptions {
     pub actors: Vec<ActorSpec>,
     /// Veth actors (always in the config file).
     pub veth_actors: Vec<VethActorSpec>,
-    /// `--veth-resolver`.
-    pub veth_resolver: Option<std::net::Ipv4Addr>,
+    /// `--dns-upstream`: where the agent relays actors' DNS. Defaults to 127.0.0.1:53 in the
+    /// agent's namespace (nothing there unless a test starts a server), so the agent never
+    /// falls back to the host's /etc/resolv.conf.
+    pub dns_upstream: std::net::SocketAddr,
     /// Holds `--control-socket` and `--state-dir`: unique per options, shared by every agent
     /// started with them, so a restarted agent finds what the killed one left.
     pub run_dir: Arc<tempfile::TempDir>,
@@ -171,7 +173,7 @@ impl AgentOptions {
             pep: pep.to_string(),
             actors: Vec::new(),
             veth_actors: Vec::new(),
-            veth_resolver: None,
+            dns_upstream: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 53)),
             run_dir: Arc::new(
                 tempfile::Builder::new()
                     .prefix("egress-test-run-")
@@ -238,9 +240,7 @@ impl AgentOptions {
             "--state-dir".into(),
             self.state_dir().display().to_string(),
         ]);
-        if let Some(r) = self.veth_resolver {
-            a.extend(["--veth-resolver".into(), r.to_string()]);
-        }
+        a.extend(["--dns-upstream".into(), self.dns_upstream.to_string()]);
         if let Some(p) = self.listen_port {
             a.extend(["--listen-port".into(), p.to_string()]);
         }
@@ -851,7 +851,7 @@ mod tests {
                 "run --pep 127.0.0.1:3128 --actor-id a1 --actor-template t --actor-template-namespace ns \
                  --actor-cgroup /sys/fs/cgroup/unified/egress-test-1 --actor-netns /var/run/netns/egt-1-2 \
                  --bpffs-dir /sys/fs/bpf/egress-test-x --control-socket {control} --state-dir {state} \
-                 --listen-port 15001 --log-format json",
+                 --dns-upstream 127.0.0.1:53 --listen-port 15001 --log-format json",
                 control = opts.control_socket().display(),
                 state = opts.state_dir().display(),
             )

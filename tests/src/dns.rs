@@ -180,6 +180,22 @@ pub fn dig_output(netns: &Netns, server: IpAddr, name: &str, extra: &[&str]) -> 
     crate::process::run(&mut cmd, Duration::from_secs(10))
 }
 
+/// Like [`dig_output`], run inside `netns` *and* `cgroup` (a captured actor) when given.
+pub fn dig_in(
+    netns: &Netns,
+    cgroup: Option<&crate::cgroup::Cgroup>,
+    server: IpAddr,
+    name: &str,
+    extra: &[&str],
+) -> Output {
+    let mut cmd = crate::process::command_in("dig", Some(netns), cgroup);
+    cmd.arg(format!("@{server}"))
+        .arg(name)
+        .args(["+short", "+time=1", "+tries=1"])
+        .args(extra);
+    crate::process::run(&mut cmd, Duration::from_secs(10))
+}
+
 /// Asks `server` for `name`'s A records from inside `netns`; panics if dig gets no answer at
 /// all (timeout, refused port), returns the addresses (empty for an unknown name).
 pub fn dig(netns: &Netns, server: IpAddr, name: &str) -> Vec<IpAddr> {

@@ -160,7 +160,8 @@ pub struct VethWorld {
     pub agent: Agent,
     /// The options it was started with (to start it again).
     pub agent_options: AgentOptions,
-    /// The worker's resolver: dnsmasq on the upstream's address, answering [`NAME`] with it.
+    /// The resolver the agent relays the actors' DNS to (`--dns-upstream`): dnsmasq on the
+    /// upstream's address, answering [`NAME`] with it.
     pub dns: Dns,
     /// The PEP.
     pub squid: Squid,
@@ -240,7 +241,7 @@ impl VethWorld {
         let mut opts = AgentOptions::new(squid.addr()).veth_actor(VethActorSpec::new(
             actor_id, "sandbox", "team-b", &actor, &worker,
         ));
-        opts.veth_resolver = Some(up_v4);
+        opts.dns_upstream = SocketAddr::new(IpAddr::V4(up_v4), 53);
         let opts = tune(opts);
         let mut agent = Agent::start(&node, None, opts.clone());
         agent.wait_ready(T);

@@ -20,6 +20,7 @@ use egress_tests::netns::{Netns, veth as rig_veth};
 
 const T: Duration = Duration::from_secs(5);
 const LISTEN_PORT: u16 = 15001;
+const DNS_PORT: u16 = 15053;
 
 fn pair(slot: u32) -> Pair {
     Pool::default()
@@ -385,7 +386,7 @@ fn nft_redirects_tcp_counts_dropped_udp_and_replaces_only_its_table() {
 
     let w = Worker {
         listen_port: LISTEN_PORT,
-        resolver: None,
+        dns_port: DNS_PORT,
         actors: vec![actor_of("actor-a", &p, &[], false)],
     };
     assert!(!nft::exists(Some(&wp)).expect("exists"));
@@ -520,7 +521,7 @@ fn worker_uplink_inbound_dnat_and_dns() {
     veth::up(Some(&wp), &actor.path(), &p).expect("up");
     let w = Worker {
         listen_port: LISTEN_PORT,
-        resolver: Some(outside_ip),
+        dns_port: DNS_PORT,
         actors: vec![actor_of("actor-x", &p, &["tcp/8080", "udp/4433"], false)],
     };
     nft::apply(Some(&wp), &w).expect("apply");
@@ -572,20 +573,34 @@ fn worker_uplink_inbound_dnat_and_dns() {
     assert_eq!(from, SocketAddr::from((worker_ip, 4433)));
     assert_eq!(echo.join().unwrap().ip(), outside_ip);
 
-    // DNS to the gateway goes to the resolver, masqueraded as the worker.
-    let dns = udp(&outside, SocketAddr::from((outside_ip, 53)));
-    let resolver = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        let (n, from) = dns.recv_from(&mut buf).expect("query at the resolver");
-        let reply = format!("{}:{}", String::from_utf8_lossy(&buf[..n]), from.ip());
-        dns.send_to(reply.as_bytes(), from).expect("reply");
-    });
+    // DNS to any address (the gateway, the outside) goes to the agent's DNS socket in the
+    // worker, from the actor's own address; the reply shows the address the actor asked.
+    let agent_dns = udp(&worker, SocketAddr::from(([0, 0, 0, 0], DNS_PORT)));
+    let resolver_sink = udp(&outside, SocketAddr::from((outside_ip, 53)));
     let q = udp(&actor, SocketAddr::from((p.actor, 0)));
-    q.send_to(b"q", (p.worker, 53)).expect("query");
-    let (n, from) = q.recv_from(&mut buf).expect("DNS reply");
-    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("q:{worker_ip}"));
-    assert_eq!(from, SocketAddr::from((p.worker, 53)), "reply un-NATed");
-    resolver.join().unwrap();
+    for asked in [p.worker, outside_ip] {
+        q.send_to(b"q", (asked, 53)).expect("query");
+        let (n, from) = agent_dns
+            .recv_from(&mut buf)
+            .expect("query at the agent's DNS socket");
+        assert_eq!(&buf[..n], b"q");
+        assert_eq!(
+            from.ip(),
+            p.actor,
+            "the actor's identity is its source address"
+        );
+        agent_dns.send_to(b"a", from).expect("answer");
+        let (n, from) = q.recv_from(&mut buf).expect("DNS reply");
+        assert_eq!(&buf[..n], b"a");
+        assert_eq!(from, SocketAddr::from((asked, 53)), "reply un-NATed");
+    }
+    resolver_sink
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        resolver_sink.recv_from(&mut buf).is_err(),
+        "DNS went to the outside directly"
+    );
 
     // Other UDP to the outside is dropped and counted.
     let before = dropped(&worker, &p.worker_if);
@@ -596,15 +611,25 @@ fn worker_uplink_inbound_dnat_and_dns() {
         .unwrap();
     assert!(sink.recv_from(&mut buf).is_err(), "UDP got out");
 
-    // A forged source address from the actor is dropped too, even to the resolver.
+    // The agent's DNS socket is not reachable from the worker's own network.
+    let stranger = udp(&outside, SocketAddr::from((outside_ip, 0)));
+    stranger
+        .send_to(b"x", (worker_ip, DNS_PORT))
+        .expect("send to the DNS socket from outside");
+    agent_dns
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        agent_dns.recv_from(&mut buf).is_err(),
+        "the DNS socket answered the outside"
+    );
+
+    // A forged source address from the actor is dropped too, even its DNS: the agent would
+    // take it for another actor's.
     let before = dropped(&worker, &p.worker_if);
     actor.ip(&["addr", "add", "10.200.0.99/32", "dev", "eth0"]);
     let spoof = udp(&actor, SocketAddr::from(([10, 200, 0, 99], 0)));
-    let dns_sink = udp(&outside, SocketAddr::from((outside_ip, 53)));
     spoof.send_to(b"s", (p.worker, 53)).expect("send spoofed");
     wait_dropped_above(&worker, &p.worker_if, before);
-    dns_sink
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    assert!(dns_sink.recv_from(&mut buf).is_err(), "forged DNS got out");
+    assert!(agent_dns.recv_from(&mut buf).is_err(), "forged DNS arrived");
 }

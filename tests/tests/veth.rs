@@ -92,11 +92,16 @@ fn veth_actor_reaches_a_named_https_upstream_through_squid_and_the_worker_is_unt
 #[test]
 fn veth_actor_dns_resolves_and_other_udp_is_dropped_and_counted() {
     let w = VethWorld::new(41, "vactor-41", |o| o);
-    // DNS to the actor's gateway reaches the worker's resolver, masqueraded as the worker.
+    // DNS to the actor's gateway goes to the agent's DNS socket in the worker, which relays
+    // it to --dns-upstream from the agent's own (the node's) namespace.
     let answer = dig(&w.actor, IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)), NAME);
     assert_eq!(answer, vec![IpAddr::V4(w.upstream_v4())]);
     let query = w.dns.wait_for_query(NAME, T);
-    assert_eq!(query.source, IpAddr::V4(w.worker_v4()));
+    assert_eq!(
+        query.source,
+        IpAddr::V4(w.node_v4()),
+        "asked by the agent, not forwarded from the worker"
+    );
 
     // Other UDP never leaves the worker, and the drop is counted.
     let echo = UdpEcho::start(probe(), &w.upstream_netns, w.upstream_addr(9999));

@@ -1,11 +1,12 @@
 //! nftables: the `egress` table of a worker namespace.
 //!
 //! It redirects every TCP connection an actor opens through its veth to the agent's listener
-//! in the worker namespace (the agent reads SO_ORIGINAL_DST), DNATs the actor's DNS to the
-//! resolver, drops and counts everything else the actor sends unless UDP is allowed, and DNATs
-//! configured inbound ports of the worker to the actor. The table only matches our own veths,
-//! so the worker's own traffic is untouched; it stays in force when the agent dies, and
-//! captured TCP then hits a closed port (fail closed).
+//! in the worker namespace (the agent reads SO_ORIGINAL_DST), redirects its DNS (UDP 53, any
+//! address) to the agent's DNS socket there (TCP 53 is TCP like any other), drops and counts
+//! everything else the actor sends unless UDP is allowed, and DNATs configured inbound ports of
+//! the worker to the actor. The table only matches our own veths, so the worker's own traffic
+//! is untouched; it stays in force when the agent dies, and captured TCP and DNS then hit
+//! closed ports (fail closed).
 //!
 //! The table is always replaced whole in one `nft -j -f -` transaction (add table; delete
 //! table; add everything), run from a thread inside the worker namespace: the `nft` child
@@ -31,6 +32,9 @@ use nftables::{
 
 /// The table's name (family inet).
 pub const TABLE: &str = "egress";
+
+/// DNS, the port whose UDP goes to the agent's DNS socket.
+const DNS_PORT: u16 = egress_common::DNS_PORT;
 
 /// Chain priorities as nft names them: dstnat, srcnat, filter.
 const PRIO_DSTNAT: i32 = -100;
@@ -139,8 +143,8 @@ pub struct Actor {
 pub struct Worker {
     /// The agent's capture listener port in the worker namespace.
     pub listen_port: u16,
-    /// The DNS resolver the actors' DNS is sent to; `None`: UDP DNS is dropped, TCP captured.
-    pub resolver: Option<Ipv4Addr>,
+    /// The agent's DNS socket port (UDP) in the worker namespace.
+    pub dns_port: u16,
     /// The actors.
     pub actors: Vec<Actor>,
 }
@@ -279,7 +283,6 @@ pub fn ruleset(w: &Worker) -> Nftables<'static> {
 fn rules(w: &Worker) -> Vec<Rule<'static>> {
     let mut out = Vec::new();
     let veths: BTreeSet<String> = w.actors.iter().map(|a| a.veth.clone()).collect();
-    let dns = [Proto::Tcp, Proto::Udp];
     let mut rule = |chain: &'static str, comment: &str, expr: Vec<Statement<'static>>| {
         out.push(Rule {
             family: NfFamily::INet,
@@ -291,25 +294,21 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         });
     };
 
-    // prerouting. DNS before the TCP redirect, or TCP/53 would go to the agent.
-    if let Some(resolver) = w.resolver {
-        for a in &w.actors {
-            let daddrs: BTreeSet<Ipv4Addr> = [a.gateway, resolver].into();
-            rule(
-                "prerouting",
-                &a.id,
-                vec![
-                    iifname(&a.veth),
-                    is(
-                        payload("ip", "daddr"),
-                        set(daddrs.iter().map(|d| d.to_string())),
-                    ),
-                    l4proto_in(&dns),
-                    is(payload("th", "dport"), Expression::Number(53)),
-                    dnat(resolver),
-                ],
-            );
-        }
+    // prerouting. DNS: UDP 53 to any address goes to the agent's DNS socket, which finds the
+    // actor by the source address (IPv4 only: the socket is, and so is the forged-source
+    // rule). TCP 53 is captured by the TCP redirect below like any TCP.
+    for a in &w.actors {
+        rule(
+            "prerouting",
+            &a.id,
+            vec![
+                iifname(&a.veth),
+                is(meta(MetaKey::Nfproto), s("ipv4")),
+                l4proto_in(&[Proto::Udp]),
+                is(payload("th", "dport"), Expression::Number(DNS_PORT.into())),
+                redirect(w.dns_port),
+            ],
+        );
     }
     for a in &w.actors {
         // meta l4proto, not `ip protocol`: in the inet family this captures IPv6 TCP too.
@@ -319,12 +318,7 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
             vec![
                 iifname(&a.veth),
                 l4proto_in(&[Proto::Tcp]),
-                Statement::Redirect(Some(NAT {
-                    addr: None,
-                    family: None,
-                    port: Some(Expression::Number(w.listen_port.into())),
-                    flags: None,
-                })),
+                redirect(w.listen_port),
             ],
         );
     }
@@ -353,7 +347,7 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         }
     }
 
-    // postrouting: the actor's forwarded packets (DNS, allowed UDP) leave as the worker.
+    // postrouting: the actor's forwarded packets (allowed UDP) leave as the worker.
     for a in &w.actors {
         rule(
             "postrouting",
@@ -385,9 +379,6 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
         r(spoofed(a, &counter));
         r(vec![iifname(&a.veth), ct_state_established(), accept()]);
         r(vec![oifname(&a.veth), ct_state_established(), accept()]);
-        if let Some(resolver) = w.resolver {
-            r(dns_to_resolver(a, resolver));
-        }
         if !a.inbound.is_empty() {
             r(vec![
                 oifname(&a.veth),
@@ -418,22 +409,32 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
 
     // input. Veths of no registered actor reach nothing on the worker either.
     rule("input", ORPHAN, orphan(MetaKey::Iifname, &ours, &veths));
-    // Nobody but loopback and the actors may reach the capture port.
+    // Nobody but loopback and the actors may reach the capture port and the DNS socket.
     if !w.actors.is_empty() {
-        let allowed = std::iter::once("lo".to_string()).chain(veths.iter().cloned());
-        rule(
-            "input",
-            "capture port only from actors and loopback",
-            vec![
-                l4proto_in(&[Proto::Tcp]),
-                is(
-                    payload("th", "dport"),
-                    Expression::Number(w.listen_port.into()),
-                ),
-                not_in(meta(MetaKey::Iifname), allowed),
-                drop(),
-            ],
-        );
+        for (proto, port, comment) in [
+            (
+                Proto::Tcp,
+                w.listen_port,
+                "capture port only from actors and loopback",
+            ),
+            (
+                Proto::Udp,
+                w.dns_port,
+                "DNS socket only from actors and loopback",
+            ),
+        ] {
+            let allowed = std::iter::once("lo".to_string()).chain(veths.iter().cloned());
+            rule(
+                "input",
+                comment,
+                vec![
+                    l4proto_in(&[proto]),
+                    is(payload("th", "dport"), Expression::Number(port.into())),
+                    not_in(meta(MetaKey::Iifname), allowed),
+                    drop(),
+                ],
+            );
+        }
     }
     for a in &w.actors {
         let counter = counter_name(&a.veth);
@@ -448,11 +449,17 @@ fn rules(w: &Worker) -> Vec<Rule<'static>> {
             ),
             accept(),
         ]);
+        r(vec![
+            iifname(&a.veth),
+            is(meta(MetaKey::Nfproto), s("ipv4")),
+            l4proto_in(&[Proto::Udp]),
+            is(
+                payload("th", "dport"),
+                Expression::Number(w.dns_port.into()),
+            ),
+            accept(),
+        ]);
         r(vec![iifname(&a.veth), ct_state_established(), accept()]);
-        if let Some(resolver) = w.resolver {
-            // A resolver on the worker itself is reached through input, not forward.
-            r(dns_to_resolver(a, resolver));
-        }
         r(vec![
             iifname(&a.veth),
             Statement::Counter(CounterRef::Named(counter.into())),
@@ -485,16 +492,6 @@ fn spoofed(a: &Actor, counter: &str) -> Vec<Statement<'static>> {
         isnt(payload("ip", "saddr"), s(a.addr.to_string())),
         Statement::Counter(CounterRef::Named(counter.to_string().into())),
         drop(),
-    ]
-}
-
-fn dns_to_resolver(a: &Actor, resolver: Ipv4Addr) -> Vec<Statement<'static>> {
-    vec![
-        iifname(&a.veth),
-        is(payload("ip", "daddr"), s(resolver.to_string())),
-        l4proto_in(&[Proto::Tcp, Proto::Udp]),
-        is(payload("th", "dport"), Expression::Number(53)),
-        accept(),
     ]
 }
 
@@ -588,6 +585,15 @@ fn ct_state_established() -> Statement<'static> {
         right: Expression::List(vec![s("established"), s("related")]),
         op: Operator::IN,
     })
+}
+
+fn redirect(port: u16) -> Statement<'static> {
+    Statement::Redirect(Some(NAT {
+        addr: None,
+        family: None,
+        port: Some(Expression::Number(port.into())),
+        flags: None,
+    }))
 }
 
 fn dnat(to: Ipv4Addr) -> Statement<'static> {
@@ -794,10 +800,10 @@ mod tests {
         }
     }
 
-    fn worker(actors: Vec<Actor>, resolver: Option<Ipv4Addr>) -> Worker {
+    fn worker(actors: Vec<Actor>) -> Worker {
         Worker {
             listen_port: 15001,
-            resolver,
+            dns_port: 15053,
             actors,
         }
     }
@@ -852,7 +858,7 @@ mod tests {
 
     #[test]
     fn transaction_replaces_only_our_table() {
-        let objs = objects(&worker(vec![actor(0, &[], false)], None));
+        let objs = objects(&worker(vec![actor(0, &[], false)]));
         let table = json!({"family": "inet", "name": "egress"});
         assert_eq!(objs[0], json!({"add": {"table": table}}));
         assert_eq!(objs[1], json!({"delete": {"table": table}}));
@@ -870,7 +876,7 @@ mod tests {
 
     #[test]
     fn chains_hooks_and_priorities() {
-        let chains: Vec<Value> = objects(&worker(vec![actor(0, &[], false)], None))
+        let chains: Vec<Value> = objects(&worker(vec![actor(0, &[], false)]))
             .into_iter()
             .filter_map(|o| o.pointer("/add/chain").cloned())
             .collect();
@@ -899,70 +905,63 @@ mod tests {
     }
 
     #[test]
-    fn dns_comes_before_the_tcp_redirect() {
-        let resolver = Ipv4Addr::new(10, 252, 9, 2);
-        let w = worker(
-            vec![actor(0, &[], false), actor(1, &[], false)],
-            Some(resolver),
-        );
+    fn dns_goes_to_the_agent_dns_socket() {
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)]);
         let pre = chain_rules(&w, "prerouting");
-        let first_redirect = pre
+        let dns: Vec<&(Value, String)> = pre
             .iter()
-            .position(|(e, _)| e.to_string().contains("redirect"))
-            .unwrap();
-        let dns: Vec<usize> = pre
-            .iter()
-            .enumerate()
-            .filter(|(_, (e, _))| e.to_string().contains("dnat"))
-            .map(|(i, _)| i)
+            .filter(|(e, _)| e.to_string().contains("\"right\":53"))
             .collect();
-        assert_eq!(dns.len(), 2);
-        assert!(dns.iter().all(|&i| i < first_redirect), "{pre:#?}");
-        let (dns0, comment) = &pre[0];
+        assert_eq!(dns.len(), 2, "{pre:#?}");
+        let (dns0, comment) = dns[0];
         assert_eq!(comment, "actor-0");
-        assert!(has(
+        assert_eq!(
             dns0,
-            &json!({"match": {"left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                "right": {"set": ["10.200.0.1", "10.252.9.2"]}, "op": "=="}})
-        ));
-        assert!(has(
-            dns0,
-            &json!({"match": {"left": {"payload": {"protocol": "th", "field": "dport"}},
-                "right": 53, "op": "=="}})
-        ));
-        assert!(has(
-            dns0,
-            &json!({"dnat": {"addr": "10.252.9.2", "family": "ip"}})
-        ));
-        let redirect = &pre[first_redirect].0;
-        assert!(has(
-            redirect,
-            &json!({"match": {"left": {"meta": {"key": "iifname"}}, "right": "egress0", "op": "=="}})
-        ));
-        assert!(has(
-            redirect,
-            &json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}})
-        ));
-        assert!(has(redirect, &json!({"redirect": {"port": 15001}})));
-    }
-
-    #[test]
-    fn without_resolver_no_dns_rules() {
-        let w = worker(vec![actor(0, &[], false)], None);
+            &json!([
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": "egress0", "op": "=="}},
+                {"match": {"left": {"meta": {"key": "nfproto"}}, "right": "ipv4", "op": "=="}},
+                {"match": {"left": {"meta": {"key": "l4proto"}}, "right": "udp", "op": "=="}},
+                {"match": {"left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53, "op": "=="}},
+                {"redirect": {"port": 15053}}
+            ]),
+            "UDP 53 to any address goes to the agent"
+        );
+        // TCP 53 is captured like any TCP: no rule of its own, nothing sent to a resolver.
+        let tcp = pre
+            .iter()
+            .find(|(e, c)| c == "actor-0" && e.to_string().contains("\"tcp\""))
+            .expect("the TCP redirect");
+        assert!(has(&tcp.0, &json!({"redirect": {"port": 15001}})));
+        assert!(!tcp.0.to_string().contains("dport"), "{}", tcp.0);
         let all = serde_json::to_string(&ruleset(&w)).unwrap();
-        assert!(!all.contains("dnat"), "{all}");
-        assert!(!all.contains("53"), "{all}");
+        assert!(!all.contains("dnat"), "no DNAT to a resolver: {all}");
+        // The DNS socket is reached through input, from the actor's own address only.
+        let input = chain_rules(&w, "input");
+        let spoofed = input
+            .iter()
+            .position(|(e, c)| c == "actor-0" && e.to_string().contains("saddr"))
+            .expect("the forged-source rule");
+        let accept = input
+            .iter()
+            .position(|(e, c)| {
+                c == "actor-0"
+                    && e.to_string().contains("15053")
+                    && has(e, &json!({"accept": null}))
+            })
+            .expect("the DNS socket accept");
+        assert!(spoofed < accept, "{input:#?}");
+        assert!(has(
+            &input[accept].0,
+            &json!({"match": {"left": {"meta": {"key": "nfproto"}}, "right": "ipv4", "op": "=="}})
+        ));
     }
 
     #[test]
     fn inbound_dnat_excludes_every_actor_veth() {
-        let w = worker(
-            vec![
-                actor(0, &["tcp/8080", "udp/4433"], false),
-                actor(1, &[], false),
-            ],
-            None,
-        );
+        let w = worker(vec![
+            actor(0, &["tcp/8080", "udp/4433"], false),
+            actor(1, &[], false),
+        ]);
         let pre = chain_rules(&w, "prerouting");
         let inbound: Vec<&Value> = pre
             .iter()
@@ -1001,7 +1000,7 @@ mod tests {
 
     #[test]
     fn forward_ends_in_counted_drop_and_udp_only_if_allowed() {
-        let w = worker(vec![actor(0, &[], false), actor(1, &[], true)], None);
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], true)]);
         let fwd = chain_rules(&w, "forward");
         for (n, veth) in ["egress0", "egress1"].iter().enumerate() {
             let mine: Vec<&Value> = fwd
@@ -1035,7 +1034,7 @@ mod tests {
 
     #[test]
     fn input_guards_the_capture_port() {
-        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)]);
         let input = chain_rules(&w, "input");
         assert_eq!(input[0].1, ORPHAN);
         let (guard, _) = &input[1];
@@ -1044,6 +1043,17 @@ mod tests {
             &json!([
                 {"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}},
                 {"match": {"left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 15001, "op": "=="}},
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": {"set": ["lo", "egress0", "egress1"]}, "op": "!="}},
+                {"drop": null}
+            ])
+        );
+        let (guard, comment) = &input[2];
+        assert_eq!(comment, "DNS socket only from actors and loopback");
+        assert_eq!(
+            guard,
+            &json!([
+                {"match": {"left": {"meta": {"key": "l4proto"}}, "right": "udp", "op": "=="}},
+                {"match": {"left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 15053, "op": "=="}},
                 {"match": {"left": {"meta": {"key": "iifname"}}, "right": {"set": ["lo", "egress0", "egress1"]}, "op": "!="}},
                 {"drop": null}
             ])
@@ -1060,10 +1070,7 @@ mod tests {
 
     #[test]
     fn one_named_counter_per_actor_and_comments() {
-        let w = worker(
-            vec![actor(0, &["tcp/80"], false), actor(1, &[], true)],
-            Some(Ipv4Addr::new(10, 0, 0, 53)),
-        );
+        let w = worker(vec![actor(0, &["tcp/80"], false), actor(1, &[], true)]);
         let counters: Vec<Value> = objects(&w)
             .into_iter()
             .filter_map(|o| o.pointer("/add/counter").cloned())
@@ -1080,6 +1087,7 @@ mod tests {
         {
             let s = expr.to_string();
             if comment.starts_with("capture port")
+                || comment.starts_with("DNS socket")
                 || comment == ORPHAN
                 || comment == BETWEEN
                 || s.contains("\"set\":[\"egress0\",\"egress1\"]")
@@ -1099,7 +1107,7 @@ mod tests {
     fn long_ids_are_truncated_for_comments() {
         let mut a = actor(0, &[], false);
         a.id = "é".repeat(100);
-        let rules = chain_rules(&worker(vec![a], None), "forward");
+        let rules = chain_rules(&worker(vec![a]), "forward");
         assert!(
             rules
                 .iter()
@@ -1110,7 +1118,7 @@ mod tests {
 
     #[test]
     fn guards_come_first_and_hold_without_actors() {
-        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)]);
         let forward = chain_rules(&w, "forward");
         assert_eq!(forward[0].1, BETWEEN);
         assert_eq!(
@@ -1133,7 +1141,7 @@ mod tests {
             );
         }
         // No actor left: the table keeps dropping whatever egress* veth remains.
-        let empty = worker(vec![], None);
+        let empty = worker(vec![]);
         let forward = chain_rules(&empty, "forward");
         assert_eq!(forward.len(), 3, "{forward:?}");
         assert_eq!(
@@ -1151,7 +1159,7 @@ mod tests {
 
     #[test]
     fn allowed_udp_is_ipv4_only() {
-        let w = worker(vec![actor(0, &[], true)], None);
+        let w = worker(vec![actor(0, &[], true)]);
         let forward = chain_rules(&w, "forward");
         let udp = forward
             .iter()
@@ -1162,22 +1170,22 @@ mod tests {
 
     #[test]
     fn conflicting_inbound_is_refused() {
-        let w = worker(
-            vec![actor(0, &["tcp/80"], false), actor(1, &["tcp/80"], false)],
-            None,
-        );
+        let w = worker(vec![
+            actor(0, &["tcp/80"], false),
+            actor(1, &["tcp/80"], false),
+        ]);
         let err = validate(&w).unwrap_err();
         assert!(err.to_string().contains("tcp/80"), "{err}");
-        let ok = worker(
-            vec![actor(0, &["tcp/80"], false), actor(1, &["udp/80"], false)],
-            None,
-        );
+        let ok = worker(vec![
+            actor(0, &["tcp/80"], false),
+            actor(1, &["udp/80"], false),
+        ]);
         validate(&ok).unwrap();
     }
 
     #[test]
     fn counters_are_carried_over_as_u64() {
-        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)], None);
+        let w = worker(vec![actor(0, &[], false), actor(1, &[], false)]);
         let mut json = serde_json::to_value(ruleset(&w)).unwrap();
         let big = Counter {
             packets: 7,

@@ -298,7 +298,7 @@ fn veth_part(shared: &SharedVeth) -> usize {
                 NAME,
             );
             println!(
-                "\n[veth dns] dig @10.200.0.1 {NAME} in the actor -> {answer:?} (the worker's resolver, masqueraded)"
+                "\n[veth dns] dig @10.200.0.1 {NAME} in the actor -> {answer:?} (redirected to the agent's DNS socket in the worker, relayed to --dns-upstream)"
             );
             let list = w.agent.control(&["actor", "list"]);
             println!(

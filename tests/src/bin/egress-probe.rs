@@ -14,10 +14,15 @@
 //!   /dev/null, e.g. inside a sandbox);
 //! - `egress-probe udp-send ADDR MESSAGE TIMEOUT_MS`: sends MESSAGE in one datagram from a
 //!   connected socket and waits for one reply; prints `reply=<text> from=<peer>` and exits 0,
-//!   or exits 3 when no reply came in time and 4 when the peer refused (ICMP unreachable).
+//!   or exits 3 when no reply came in time and 4 when the peer refused (ICMP unreachable);
+//! - `egress-probe dns-query SERVER NAME TIMEOUT_MS`: the same exchange with a DNS query for
+//!   NAME's A records; prints `from=<peer> id_ok=<bool> rcode=N answers=N`.
 //!
 //! With `EGRESS_PROBE_MARK=N` every socket gets `SO_MARK` N before it connects (an actor
-//! trying to pass for the agent).
+//! trying to pass for the agent). `EGRESS_PROBE_UDP=unconnected` makes the UDP modes send
+//! with `sendto` from an unconnected socket and report the source `recvfrom` gives;
+//! `EGRESS_PROBE_UDP=dual` does the same from a dual-stack `[::]` socket to the v4-mapped
+//! form of an IPv4 address.
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -64,10 +69,18 @@ fn main() -> ExitCode {
             };
             udp_send(addr, message, Duration::from_millis(ms))
         }
+        ["dns-query", addr, name, timeout_ms] => {
+            let Ok(ms) = timeout_ms.parse() else {
+                eprintln!("TIMEOUT_MS must be a number");
+                return ExitCode::from(2);
+            };
+            dns_query(addr, name, Duration::from_millis(ms))
+        }
         _ => {
             eprintln!(
                 "usage: egress-probe peername ADDR | (http-many|send-close) ADDR HOST COUNT CONCURRENCY \
-                 | udp-echo ADDR [SECONDS] | udp-send ADDR MESSAGE TIMEOUT_MS"
+                 | udp-echo ADDR [SECONDS] | udp-send ADDR MESSAGE TIMEOUT_MS \
+                 | dns-query SERVER NAME TIMEOUT_MS"
             );
             ExitCode::from(2)
         }
@@ -235,45 +248,136 @@ fn udp_send(addr: &str, message: &str, timeout: Duration) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let any: SocketAddr = if addr.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    // Connected, so an ICMP port-unreachable shows as ECONNREFUSED instead of a silent timeout.
-    let socket = match UdpSocket::bind(any).and_then(|s| s.connect(addr).map(|()| s)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("udp socket to {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if let Err(e) = socket
-        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-        .and_then(|()| socket.send(message.as_bytes()).map(drop))
-    {
-        eprintln!("send to {addr}: {e}");
-        return ExitCode::FAILURE;
-    }
-    let mut buf = vec![0u8; 65536];
-    match socket.recv(&mut buf) {
-        Ok(n) => {
-            println!("reply={} from={addr}", String::from_utf8_lossy(&buf[..n]));
+    match udp_exchange(addr, message.as_bytes(), timeout) {
+        Ok((reply, from)) => {
+            println!("reply={} from={from}", String::from_utf8_lossy(&reply));
             ExitCode::SUCCESS
         }
+        Err(code) => code,
+    }
+}
+
+/// Sends `payload` to `addr` and waits for one reply: the reply and its source (for a
+/// connected socket, the address connected to), or the exit code (see `udp-send`).
+fn udp_exchange(
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(Vec<u8>, SocketAddr), ExitCode> {
+    let mode = std::env::var("EGRESS_PROBE_UDP").unwrap_or_default();
+    let (any, target): (SocketAddr, SocketAddr) = match (mode.as_str(), addr) {
+        ("dual", SocketAddr::V4(v4)) => (
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            (v4.ip().to_ipv6_mapped(), v4.port()).into(),
+        ),
+        (_, SocketAddr::V4(_)) => ((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), addr),
+        (_, SocketAddr::V6(_)) => ((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), addr),
+    };
+    let connected = mode != "unconnected" && mode != "dual";
+    let socket = match udp_socket(any) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("udp socket to {target}: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    // Connected, so an ICMP port-unreachable shows as ECONNREFUSED instead of a silent timeout.
+    let sent = socket
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .and_then(|()| {
+            if connected {
+                socket.connect(target)?;
+                socket.send(payload)
+            } else {
+                socket.send_to(payload, target)
+            }
+        });
+    if let Err(e) = sent {
+        eprintln!("send to {target}: {e}");
+        return Err(ExitCode::FAILURE);
+    }
+    let mut buf = vec![0u8; 65536];
+    let received = if connected {
+        socket.recv(&mut buf).map(|n| (n, target))
+    } else {
+        socket.recv_from(&mut buf)
+    };
+    match received {
+        Ok((n, from)) => Ok((buf[..n].to_vec(), from)),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            eprintln!("no reply from {addr} within {timeout:?}");
-            ExitCode::from(UDP_TIMEOUT)
+            eprintln!("no reply from {target} within {timeout:?}");
+            Err(ExitCode::from(UDP_TIMEOUT))
         }
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            eprintln!("{addr} refused: {e}");
-            ExitCode::from(UDP_REFUSED)
+            eprintln!("{target} refused: {e}");
+            Err(ExitCode::from(UDP_REFUSED))
         }
         Err(e) => {
-            eprintln!("recv from {addr}: {e}");
-            ExitCode::FAILURE
+            eprintln!("recv from {target}: {e}");
+            Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// A UDP socket bound to `any`; `[::]` is dual-stack (v4-mapped destinations allowed).
+fn udp_socket(any: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(any),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if any.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&any.into())?;
+    Ok(socket.into())
+}
+
+fn dns_query(addr: &str, name: &str, timeout: Duration) -> ExitCode {
+    let addr = match parse(addr) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let Some(query) = a_query(id, name) else {
+        eprintln!("{name:?} is not a DNS name");
+        return ExitCode::from(2);
+    };
+    match udp_exchange(addr, &query, timeout) {
+        Ok((reply, from)) if reply.len() >= 12 => {
+            let reply_id = u16::from_be_bytes([reply[0], reply[1]]);
+            println!(
+                "from={from} id_ok={} rcode={} answers={}",
+                reply_id == id,
+                reply[3] & 0x0f,
+                u16::from_be_bytes([reply[6], reply[7]])
+            );
+            ExitCode::SUCCESS
+        }
+        Ok((reply, from)) => {
+            eprintln!("a {}-byte reply from {from} is no DNS message", reply.len());
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// A recursive query for `name`'s A records (RFC 1035 4.1), `None` for a bad name.
+fn a_query(id: u16, name: &str) -> Option<Vec<u8>> {
+    let mut q = Vec::with_capacity(12 + name.len() + 6);
+    q.extend_from_slice(&id.to_be_bytes());
+    // RD set; one question.
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return None;
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    // Root, QTYPE A, QCLASS IN.
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    Some(q)
 }
 
 /// Connects, with `SO_MARK` from `EGRESS_PROBE_MARK` when set.
