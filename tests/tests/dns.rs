@@ -116,8 +116,9 @@ fn a_cgroup_actor_s_dns_is_answered_through_its_own_dns_socket() {
     list.expect_success("actor list");
     assert!(list.stdout.contains("dns=[127.0.0.1:"), "{}", list.stdout);
 
-    // glibc-style connected socket, plain sendto/recvfrom, and a dual-stack socket asking a
-    // v4-mapped address: all answered, each reply showing the resolver asked as its source.
+    // glibc-style connected socket (its peer as getpeername shows it), plain sendto/recvfrom,
+    // and a dual-stack socket asking a v4-mapped address: all answered, each showing the
+    // resolver asked, not the DNS socket.
     let server = SocketAddr::new(node, 53);
     for (mode, from) in [
         ("connected", server.to_string()),

@@ -15,6 +15,7 @@
 //! - `egress-probe udp-send ADDR MESSAGE TIMEOUT_MS`: sends MESSAGE in one datagram from a
 //!   connected socket and waits for one reply; prints `reply=<text> from=<peer>` and exits 0,
 //!   or exits 3 when no reply came in time and 4 when the peer refused (ICMP unreachable);
+//!   `from` is the socket's peer as `getpeername()` shows it;
 //! - `egress-probe dns-query SERVER NAME TIMEOUT_MS`: the same exchange with a DNS query for
 //!   NAME's A records; prints `from=<peer> id_ok=<bool> rcode=N answers=N`.
 //!
@@ -297,8 +298,11 @@ fn udp_exchange(
         return Err(ExitCode::FAILURE);
     }
     let mut buf = vec![0u8; 65536];
+    // A connected socket reports its peer as getpeername() shows it.
     let received = if connected {
-        socket.recv(&mut buf).map(|n| (n, target))
+        socket
+            .recv(&mut buf)
+            .and_then(|n| Ok((n, socket.peer_addr()?)))
     } else {
         socket.recv_from(&mut buf)
     };
