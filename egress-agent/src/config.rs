@@ -964,12 +964,21 @@ mod tests {
             T::try_parse_from(argv).unwrap().run.into_config()
         };
         let c = config("pep = \"squid.egress.svc:3129\"\n", &[]).unwrap();
-        assert_eq!(c.pep.as_ref().unwrap().addr.to_string(), "squid.egress.svc:3129");
-        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.pep.as_ref().unwrap().addr.to_string(),
+            "squid.egress.svc:3129"
+        );
+        assert_eq!(
+            c.pep.as_ref().unwrap().response_timeout,
+            Duration::from_secs(5)
+        );
         let table = "[pep]\naddress = \"squid.egress.svc:3129\"\nresponse_timeout_ms = 700\n\
                      max_waiting = 3\n[pep.headers]\nactor_id = \"x-pep-actor\"\n";
         let c = config(table, &[]).unwrap();
-        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_millis(700));
+        assert_eq!(
+            c.pep.as_ref().unwrap().response_timeout,
+            Duration::from_millis(700)
+        );
         assert_eq!(c.pep.as_ref().unwrap().max_waiting, 3);
         assert_eq!(c.pep.as_ref().unwrap().headers.actor_id, "x-pep-actor");
         let c = config(
@@ -978,8 +987,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.pep.as_ref().unwrap().addr.to_string(), "127.0.0.1:3128");
-        assert_eq!(c.pep.as_ref().unwrap().response_timeout, Duration::from_millis(90));
-        assert_eq!(c.pep.as_ref().unwrap().max_waiting, 3, "the rest of the table still applies");
+        assert_eq!(
+            c.pep.as_ref().unwrap().response_timeout,
+            Duration::from_millis(90)
+        );
+        assert_eq!(
+            c.pep.as_ref().unwrap().max_waiting,
+            3,
+            "the rest of the table still applies"
+        );
         let err = config("[pep]\naddress = \"a:1\"\ntimeout = 1\n", &[]).unwrap_err();
         assert!(err.to_string().contains("timeout"), "{err}");
         let err = config("[pep.tls]\nca_file = \"/x\"\n", &[]).unwrap_err();

@@ -137,6 +137,8 @@ impl VethActorSpec {
 pub struct AgentOptions {
     /// `--pep HOST:PORT`.
     pub pep: String,
+    /// `--policy FILE`.
+    pub policy: Option<PathBuf>,
     /// Actors; one is passed as flags, several (or `config_file`) as a TOML config file.
     pub actors: Vec<ActorSpec>,
     /// Veth actors (always in the config file).
@@ -186,9 +188,15 @@ impl AgentOptions {
             peek_timeout_ms: None,
             pep_timeout_ms: None,
             pep_link: PepLinkOptions::default(),
+            policy: None,
             extra_args: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// Options for an agent with no PEP: it decides with its policy and dials itself.
+    pub fn without_pep() -> Self {
+        AgentOptions::new("")
     }
 
     /// Adds an actor.
@@ -215,7 +223,13 @@ impl AgentOptions {
 
     /// The `run` command line; `config_path` is where the config file goes if one is used.
     pub fn args(&self, config_path: &Path) -> Vec<String> {
-        let mut a: Vec<String> = vec!["run".into(), "--pep".into(), self.pep.clone()];
+        let mut a: Vec<String> = vec!["run".into()];
+        if !self.pep.is_empty() {
+            a.extend(["--pep".into(), self.pep.clone()]);
+        }
+        if let Some(policy) = &self.policy {
+            a.extend(["--policy".into(), policy.display().to_string()]);
+        }
         if self.uses_config_file() {
             a.extend(["--config".into(), config_path.display().to_string()]);
         } else if let Some(actor) = self.actors.first() {
