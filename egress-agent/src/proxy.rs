@@ -145,6 +145,9 @@ pub enum Captured {
     },
 }
 
+/// An actor's own always-denied addresses, with the registration they were read for.
+type ActorAddresses = (Arc<Actor>, Arc<[IpAddr]>);
+
 /// What every connection needs: configuration, actors, the policy, the PEP connector (when
 /// there is a PEP), the resolver and DNS forwarder, the bound.
 pub struct Context {
@@ -158,7 +161,7 @@ pub struct Context {
     /// The node's own addresses (the agent's namespace), refreshed by [`Context::spawn_refresh`].
     node_addresses: Mutex<Arc<[IpAddr]>>,
     /// Per actor: its gateways and, for a veth actor, its worker namespace's addresses.
-    actor_addresses: Mutex<HashMap<String, (Arc<Actor>, Arc<[IpAddr]>)>>,
+    actor_addresses: Mutex<HashMap<String, ActorAddresses>>,
     limit: Arc<Semaphore>,
     next_id: AtomicU64,
 }
@@ -421,18 +424,17 @@ impl Context {
             Ok(authority) => authority,
             Err(e) => return Closed::failed(Outcome::ClientError, None, None, &e),
         };
-        if authority.source == Source::Ip {
-            if let Some(name) = self
+        if authority.source == Source::Ip
+            && let Some(name) = self
                 .dns
                 .as_ref()
                 .and_then(|d| d.answers().lookup(&flow.actor.id, flow.original_dst.ip()))
-            {
-                authority = Authority {
-                    host: Host::Name(name.to_string()),
-                    port: authority.port,
-                    source: Source::Dns,
-                };
-            }
+        {
+            authority = Authority {
+                host: Host::Name(name.to_string()),
+                port: authority.port,
+                source: Source::Dns,
+            };
         }
         let denied = self.denied_addresses(&flow.actor).await;
         let policy = self.policy.current();

@@ -58,22 +58,22 @@ pub fn route(
 ) -> Route {
     let ip = policy::normalize(original_dst.ip());
     let port = original_dst.port();
-    if let Some(reason) = policy::always_denied(ip, extra) {
-        if policy.names_exact(ip, port).is_none() {
-            return Route::Deny {
-                rule: format!("always denied: {reason} {ip}"),
-            };
-        }
+    if let Some(reason) = policy::always_denied(ip, extra)
+        && policy.names_exact(ip, port).is_none()
+    {
+        return Route::Deny {
+            rule: format!("always denied: {reason} {ip}"),
+        };
     }
     let via_pep = has_pep && policy.pep;
     if via_pep && !policy.prefilter {
         // The PEP decides; an always-denied name stays denied all the same.
-        if let Host::Name(name) = &authority.host {
-            if let Some(reason) = policy::always_denied_name(name) {
-                return Route::Deny {
-                    rule: format!("always denied: {reason} {name}"),
-                };
-            }
+        if let Host::Name(name) = &authority.host
+            && let Some(reason) = policy::always_denied_name(name)
+        {
+            return Route::Deny {
+                rule: format!("always denied: {reason} {name}"),
+            };
         }
         return Route::Pep { rule: None };
     }

@@ -4,6 +4,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -314,5 +315,169 @@ impl VethWorld {
         let out = process::run(self.worker.command("nft").args(["list", "tables"]), T);
         out.expect_success("nft list tables in the worker");
         out.stdout
+    }
+}
+
+/// The name the policy never allows (an NXDOMAIN from the agent, and a denied connect).
+pub const DENIED: &str = "denied.egress.test";
+/// A second server, on its own address: what an SNI-spoofing actor dials.
+pub const OTHER: &str = "other.egress.test";
+/// A server-first service the actor finds through DNS only.
+pub const BANNER_NAME: &str = "banner.egress.test";
+/// A name that resolves to the metadata address.
+pub const METADATA_ALIAS: &str = "meta.egress.test";
+pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// The world of the policy tests and the demo's no-PEP part: node + actor + upstream
+/// namespaces; upstream servers on `.2` (web, banner), `.3` (other)
+/// and 169.254.169.254; dnsmasq on `.2` as the agent's `--dns-upstream`; the agent with no
+/// PEP and `policy` as its policy file.
+pub struct PolicyWorld {
+    /// The agent under test (no PEP).
+    pub agent: Agent,
+    /// Its policy file.
+    pub policy_file: PathBuf,
+    /// The agent's `--dns-upstream`.
+    pub dns: Dns,
+    /// The upstream servers.
+    pub upstream: Upstream,
+    /// The CA of the upstream's certificates.
+    pub ca: TestCa,
+    /// The actor's cgroup.
+    pub cgroup: Cgroup,
+    /// Node, actor and upstream namespaces.
+    pub topo: Topology,
+    /// Holds the policy file (and anything else a test puts there).
+    pub dir: tempfile::TempDir,
+}
+
+impl PolicyWorld {
+    /// The world on subnet `net` with `policy` as the agent's policy file.
+    pub fn new(net: u8, policy: &str) -> Self {
+        crate::require_root();
+        crate::require_commands(&["curl", "openssl", "bash", "ip", "dnsmasq", "dig"]);
+        let topo = Topology::new(net);
+        let cgroup = Cgroup::new();
+        let ca = TestCa::new();
+        let web = topo.upstream_v4();
+        let other = Ipv4Addr::new(10, 250, net, 3);
+        let dev = topo.uplink.b_name.clone();
+        topo.upstream
+            .ip(&["addr", "add", &format!("{other}/24"), "dev", &dev]);
+        topo.upstream
+            .ip(&["addr", "add", &format!("{METADATA}/32"), "dev", &dev]);
+        // Were the agent to dial the metadata address, it would land in the upstream
+        // namespace (and be counted there), never leave the test's namespaces.
+        topo.node.ip(&[
+            "route",
+            "add",
+            &format!("{METADATA}/32"),
+            "via",
+            &web.to_string(),
+        ]);
+        let at = |ip: Ipv4Addr, port| SocketAddr::new(IpAddr::V4(ip), port);
+        let upstream = Upstream::start(
+            &topo.upstream,
+            &ca,
+            UpstreamSpec::new()
+                .names(&[NAME, OTHER, DENIED])
+                .https(at(web, 443))
+                .https(at(web, 8443))
+                .https(at(other, 8443))
+                .http(at(web, 8080))
+                .http(at(METADATA, 80))
+                .banner(at(web, 2222)),
+        );
+        let dns = Dns::start(
+            &topo.upstream,
+            IpAddr::V4(web),
+            &[
+                (NAME, IpAddr::V4(web)),
+                (BANNER_NAME, IpAddr::V4(web)),
+                (DENIED, IpAddr::V4(web)),
+                (OTHER, IpAddr::V4(other)),
+                (METADATA_ALIAS, IpAddr::V4(METADATA)),
+            ],
+        );
+        let dir = tempfile::tempdir().expect("policy dir");
+        let policy_file = dir.path().join("policy.toml");
+        std::fs::write(&policy_file, policy).expect("write policy");
+        let mut opts = AgentOptions::without_pep()
+            .actor(ActorSpec::new("actor-p", "coder", "team-a", &cgroup).netns(&topo.actor));
+        opts.policy = Some(policy_file.clone());
+        opts.dns_upstream = SocketAddr::new(IpAddr::V4(web), 53);
+        let mut agent = Agent::start(&topo.node, None, opts);
+        agent.wait_ready(T);
+        PolicyWorld {
+            agent,
+            policy_file,
+            dns,
+            upstream,
+            ca,
+            cgroup,
+            topo,
+            dir,
+        }
+    }
+
+    /// `web.egress.test`'s address (the upstream's first) at `port`.
+    pub fn web(&self, port: u16) -> SocketAddr {
+        self.topo.upstream_addr(port)
+    }
+
+    /// `other.egress.test`'s address at `port`.
+    pub fn other(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 250, self.topo.net(), 3)), port)
+    }
+
+    /// A captured curl of `https://name:port/` sent to `ip`.
+    pub fn curl(&self, name: &str, ip: IpAddr, port: u16, path: &str) -> process::Output {
+        let url = format!("https://{name}:{port}{path}");
+        process::run(
+            &mut curl_command(
+                Some(&self.topo.actor),
+                Some(&self.cgroup),
+                &self.ca.cert_path(),
+                &[(name, port, ip)],
+                &url,
+            ),
+            T,
+        )
+    }
+
+    /// The agent's line for the connection to `dst` (the `n`th such, from 0).
+    pub fn line(&mut self, dst: SocketAddr, n: usize) -> ConnectionLog {
+        let want = dst.to_string();
+        self.agent
+            .wait_until(T, &format!("connection line {n} for {want}"), |lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| LogLine::parse(l))
+                    .filter_map(|l| ConnectionLog::from_line(&l))
+                    .filter(|c| c.original_dst.as_deref() == Some(want.as_str()))
+                    .nth(n)
+            })
+    }
+
+    /// Replaces the policy file (write and rename, as an editor or a ConfigMap update does)
+    /// and waits for the agent to log the reload.
+    pub fn replace_policy(&mut self, text: &str) {
+        let before = self.reloads();
+        let tmp = self.policy_file.with_extension("new");
+        std::fs::write(&tmp, text).expect("write new policy");
+        std::fs::rename(&tmp, &self.policy_file).expect("rename policy");
+        self.agent.wait_until(T, "the policy reload", |lines| {
+            let n = lines.iter().filter(|l| l.contains("policy reload")).count();
+            (n > before).then_some(())
+        });
+    }
+
+    /// How many `policy reload` lines the agent has logged.
+    pub fn reloads(&self) -> usize {
+        self.agent
+            .lines()
+            .iter()
+            .filter(|l| l.contains("policy reload"))
+            .count()
     }
 }

@@ -20,8 +20,17 @@ use egress_tests::{
     client::banner_exchange_command,
     process::{self, command_in},
     squid::{AccessEntry, Squid, SquidConfig},
-    world::{NAME, T, VethWorld, World},
+    world::{NAME, PolicyWorld, T, VethWorld, World},
 };
+
+/// The no-PEP part's world, where the signal thread and the panic guard can take it.
+static POLICY_WORLD: Mutex<Option<PolicyWorld>> = Mutex::new(None);
+
+/// The demo's policy: one name on one port.
+const DEMO_POLICY: &str = r#"[[template]]
+name = "coder"
+allow = [ { host = "web.egress.test", ports = [8443] } ]
+"#;
 
 const NET: u8 = 200;
 
@@ -249,10 +258,12 @@ fn main() -> ExitCode {
     println!("\ncleaning up...");
     drop(world.lock().unwrap_or_else(|e| e.into_inner()).take());
     failures += veth_part(&veth_world);
+    failures += policy_part();
     if failures == 0 {
         println!(
             "demo: every captured connection (cgroup and veth actors) reached its upstream through \
-             squid with the actor's identity"
+             squid with the actor's identity, and with no PEP the agent allowed and denied by its \
+             policy"
         );
         ExitCode::SUCCESS
     } else {
@@ -404,6 +415,73 @@ fn veth_part(shared: &SharedVeth) -> usize {
     failures
 }
 
+/// No PEP: the agent decides with its policy file and dials upstream itself. One allowed and
+/// one denied request, with the rule that decided each.
+fn policy_part() -> usize {
+    println!("\n--- no PEP: the agent decides with its policy ---");
+    let built = PolicyWorld::new(202, DEMO_POLICY);
+    println!(
+        "  actor netns    {} (cgroup {}); no --pep; --policy {}",
+        built.topo.actor.path().display(),
+        built.cgroup.path().display(),
+        built.policy_file.display()
+    );
+    for line in DEMO_POLICY.lines() {
+        println!("    | {line}");
+    }
+    *POLICY_WORLD.lock().unwrap_or_else(|e| e.into_inner()) = Some(built);
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        wait_for_cleanup()
+    }
+    let mut failures = 0;
+    let mut guard = POLICY_WORLD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(w) = guard.as_mut() else {
+        wait_for_cleanup()
+    };
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    for (i, (port, want)) in [(8443u16, "direct"), (443, "denied")]
+        .into_iter()
+        .enumerate()
+    {
+        let url = if port == 443 {
+            format!("https://{NAME}/")
+        } else {
+            format!("https://{NAME}:{port}/")
+        };
+        println!("\n[policy {}] actor runs: curl {url}", i + 1);
+        let out = w.curl(NAME, ip, port, "/");
+        print_client(&out);
+        let c = w.line(w.web(port), 0);
+        let field = |name: &str| c.line.field_str(name).unwrap_or_default();
+        println!(
+            "    agent   outcome={} authority={} source={} dialled={} rule=\"{}\"",
+            s(&c.outcome),
+            s(&c.authority),
+            s(&c.source),
+            field("dialled"),
+            field("rule")
+        );
+        if c.outcome.as_deref() != Some(want) || out.success() != (want == "direct") {
+            println!("    expected outcome={want}");
+            failures += 1;
+        }
+    }
+    println!(
+        "    upstream accepted {} connection(s) on :8443 and {} on :443",
+        w.upstream.accepted(w.web(8443)),
+        w.upstream.accepted(w.web(443))
+    );
+    drop(guard);
+    println!("\ncleaning up...");
+    drop(
+        POLICY_WORLD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
+    failures
+}
+
 fn which_runsc() -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("runsc").is_file()))
@@ -476,6 +554,12 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
         drop(self.1.lock().unwrap_or_else(|e| e.into_inner()).take());
+        drop(
+            POLICY_WORLD
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -503,9 +587,12 @@ fn install_cleanup_on_signal(world: Shared, veth_world: SharedVeth) {
             INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             let taken = world.lock().unwrap_or_else(|e| e.into_inner()).take();
             let taken_veth = veth_world.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if taken.is_some() || taken_veth.is_some() {
+            // try_lock: the demo holds it while a step runs; then main's guard cleans up.
+            let taken_policy = POLICY_WORLD.try_lock().ok().and_then(|mut g| g.take());
+            if taken.is_some() || taken_veth.is_some() || taken_policy.is_some() {
                 drop(taken);
                 drop(taken_veth);
+                drop(taken_policy);
                 eprintln!("cleaned up");
                 std::process::exit(130);
             }
