@@ -349,11 +349,23 @@ pub struct PolicyWorld {
     pub topo: Topology,
     /// Holds the policy file (and anything else a test puts there).
     pub dir: tempfile::TempDir,
+    /// The PEP, when the world has one ([`PolicyWorld::with_pep`]).
+    pub squid: Option<Squid>,
 }
 
 impl PolicyWorld {
-    /// The world on subnet `net` with `policy` as the agent's policy file.
+    /// The world on subnet `net` with `policy` as the agent's policy file, and no PEP.
     pub fn new(net: u8, policy: &str) -> Self {
+        Self::build(net, policy, false)
+    }
+
+    /// The same world with squid as the PEP (in the node namespace, resolving the upstream's
+    /// names like the agent does).
+    pub fn with_pep(net: u8, policy: &str) -> Self {
+        Self::build(net, policy, true)
+    }
+
+    fn build(net: u8, policy: &str, pep: bool) -> Self {
         crate::require_root();
         crate::require_commands(&["curl", "openssl", "bash", "ip", "dnsmasq", "dig"]);
         let topo = Topology::new(net);
@@ -402,7 +414,20 @@ impl PolicyWorld {
         let dir = tempfile::tempdir().expect("policy dir");
         let policy_file = dir.path().join("policy.toml");
         std::fs::write(&policy_file, policy).expect("write policy");
-        let mut opts = AgentOptions::without_pep()
+        let squid = pep.then(|| {
+            Squid::start(
+                &topo.node,
+                SquidConfig::default()
+                    .host(NAME, IpAddr::V4(web))
+                    .host(BANNER_NAME, IpAddr::V4(web))
+                    .host(OTHER, IpAddr::V4(other)),
+            )
+        });
+        let base = match &squid {
+            Some(squid) => AgentOptions::new(squid.addr()),
+            None => AgentOptions::without_pep(),
+        };
+        let mut opts = base
             .actor(ActorSpec::new("actor-p", "coder", "team-a", &cgroup).netns(&topo.actor));
         opts.policy = Some(policy_file.clone());
         opts.dns_upstream = SocketAddr::new(IpAddr::V4(web), 53);
@@ -417,6 +442,7 @@ impl PolicyWorld {
             cgroup,
             topo,
             dir,
+            squid,
         }
     }
 

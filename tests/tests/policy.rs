@@ -292,3 +292,48 @@ fn denied_name_gets_nxdomain_from_the_agent() {
         "{queries:?}"
     );
 }
+
+#[test]
+fn with_a_pep_the_policy_prefilters_and_dns_names_reach_the_pep() {
+    // The template pre-filters: only web.egress.test:8443 and banner.egress.test go to squid.
+    let mut w = PolicyWorld::with_pep(
+        77,
+        r#"
+[[template]]
+name = "coder"
+prefilter = true
+allow = [ { host = "web.egress.test", ports = [8443] }, { host = "banner.egress.test", ports = [2222] } ]
+"#,
+    );
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    w.curl(NAME, ip, 8443, "/").expect_success("allowed, through squid");
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("tunneled"), "{:?}", line.line);
+    assert!(field(&line, "rule").contains("web.egress.test"), "{:?}", line.line);
+    assert!(!w.curl(NAME, ip, 443, "/").success(), "443 is not allowed");
+    let line = w.line(w.web(443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    // A server-first flow named by the actor's DNS lookup reaches squid with that name.
+    assert_eq!(dig(&w, ip, BANNER_NAME), vec![ip]);
+    let banner = w.web(2222);
+    process::run(
+        &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), banner),
+        T,
+    )
+    .expect_success("the server-first exchange through squid");
+    let squid = w.squid.as_ref().expect("the world has a PEP");
+    let entries = squid.access_log_entries();
+    let e = entries
+        .iter()
+        .find(|e| e.uri == "banner.egress.test:2222")
+        .unwrap_or_else(|| panic!("no CONNECT banner.egress.test:2222 at squid: {entries:?}"));
+    assert_eq!(e.authority_source.as_deref(), Some("dns"), "{e:?}");
+    assert_eq!(e.connect_authority.as_deref(), Some("banner.egress.test:2222"));
+    assert_eq!(e.original_destination.as_deref(), Some(banner.to_string().as_str()));
+    // Nothing denied reached squid; the always-denied node address neither.
+    assert!(entries.iter().all(|e| !e.uri.ends_with(":443")), "{entries:?}");
+    let node = SocketAddr::new(IpAddr::V4(w.topo.node_uplink_v4()), 8443);
+    assert!(!w.curl(NAME, node.ip(), 8443, "/").success());
+    let line = w.line(node, 0);
+    assert!(field(&line, "rule").contains("always denied"), "{:?}", line.line);
+}
