@@ -427,8 +427,8 @@ impl PolicyWorld {
             Some(squid) => AgentOptions::new(squid.addr()),
             None => AgentOptions::without_pep(),
         };
-        let mut opts = base
-            .actor(ActorSpec::new("actor-p", "coder", "team-a", &cgroup).netns(&topo.actor));
+        let mut opts =
+            base.actor(ActorSpec::new("actor-p", "coder", "team-a", &cgroup).netns(&topo.actor));
         opts.policy = Some(policy_file.clone());
         opts.dns_upstream = SocketAddr::new(IpAddr::V4(web), 53);
         let mut agent = Agent::start(&topo.node, None, opts);

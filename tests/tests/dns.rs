@@ -34,7 +34,8 @@ fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
 }
 
 /// The standard cgroup world on 10.251.NET with dnsmasq on the node's address, answering
-/// [`NAME`] with the node's address, as the agent's `--dns-upstream`. The resolver drops
+/// [`NAME`] with the upstream's address, as the agent's `--dns-upstream`. (An answer with the
+/// node's own address would be filtered out: the node is always denied as a destination.) The resolver drops
 /// before the world (fields drop in order).
 struct DnsWorld {
     dns: Dns,
@@ -54,7 +55,11 @@ impl DnsWorld {
                 o
             },
         );
-        let dns = Dns::start(&w.topo.node, IpAddr::V4(node), &[(NAME, IpAddr::V4(node))]);
+        let dns = Dns::start(
+            &w.topo.node,
+            IpAddr::V4(node),
+            &[(NAME, IpAddr::V4(w.topo.upstream_v4()))],
+        );
         DnsWorld { dns, w }
     }
 
@@ -96,7 +101,8 @@ impl DnsWorld {
 fn a_cgroup_actor_s_dns_is_answered_through_its_own_dns_socket() {
     let d = DnsWorld::new(50);
     let node = IpAddr::V4(d.w.topo.node_v4());
-    assert_eq!(d.resolve(node), vec![node]);
+    let upstream = d.w.v4();
+    assert_eq!(d.resolve(node), vec![upstream]);
     let q = d.dns.wait_for_query(NAME, T);
     assert_eq!(
         q.source,
@@ -136,7 +142,7 @@ fn a_cgroup_actor_s_dns_is_answered_through_its_own_dns_socket() {
     }
 
     // IPv6 DNS goes to the [::1] side of the same socket (the upstream is the IPv4 dnsmasq).
-    assert_eq!(d.resolve(IpAddr::V6(d.w.topo.node_v6())), vec![node]);
+    assert_eq!(d.resolve(IpAddr::V6(d.w.topo.node_v6())), vec![upstream]);
 
     let queries = d.dns.queries();
     assert!(
@@ -188,7 +194,7 @@ fn glibc_s_resolver_resolves_through_the_agent() {
     let out = process::run(&mut cmd, T);
     out.expect_success("getent ahostsv4 as the actor");
     assert!(
-        out.stdout.starts_with(&format!("{node} ")),
+        out.stdout.starts_with(&format!("{} ", d.w.v4())),
         "{}",
         out.describe()
     );
@@ -257,10 +263,23 @@ fn other_udp_is_refused_and_the_actor_s_own_loopback_is_not() {
 fn tcp_53_of_a_cgroup_actor_arrives_at_the_agent() {
     let mut d = DnsWorld::new(53);
     let node = d.w.topo.node_v4();
-    // dig over TCP: captured like any TCP connect (what happens next is the pipeline's).
-    let _ = d.dig(IpAddr::V4(node), &["+tcp"]);
+    // dig over TCP: captured like any TCP connect, then answered by the forwarder (not
+    // tunnelled to the PEP).
+    let out = d.dig(IpAddr::V4(node), &["+tcp"]);
+    out.expect_success("dig +tcp as the actor");
+    assert_eq!(
+        out.stdout.trim(),
+        d.w.v4().to_string(),
+        "{}",
+        out.describe()
+    );
     let line = d.w.agent_line(SocketAddr::from((node, 53)));
     assert_eq!(line.actor.as_deref(), Some("actor-53"));
+    assert_eq!(line.outcome.as_deref(), Some("dns"), "{:?}", line.line);
+    assert!(
+        d.w.squid.access_log_entries().is_empty(),
+        "DNS went to the PEP"
+    );
     assert_eq!(counter(&d.stats(), "redirected"), 1);
 }
 
@@ -275,13 +294,15 @@ fn a_veth_actor_s_dns_to_any_address_is_answered_by_the_agent() {
         IpAddr::V4(w.worker_v4()),
         node,
     ];
+    let upstream = IpAddr::V4(w.upstream_v4());
     for server in asked {
-        assert_eq!(dig(&w.actor, server, NAME), vec![node], "dig @{server}");
+        assert_eq!(dig(&w.actor, server, NAME), vec![upstream], "dig @{server}");
     }
     let queries = w.dns.queries();
     assert_eq!(queries.len(), asked.len(), "{queries:#?}");
+    let agent = IpAddr::V4(w.node_uplink_v4());
     assert!(
-        queries.iter().all(|q| q.source == node),
+        queries.iter().all(|q| q.source == agent),
         "every query relayed by the agent from the node's namespace, none forwarded from \
          the worker ({}): {queries:#?}",
         w.worker_v4()
@@ -292,7 +313,8 @@ fn a_veth_actor_s_dns_to_any_address_is_answered_by_the_agent() {
 fn a_killed_agent_leaves_the_actor_s_dns_refused_and_a_restarted_one_serves_it() {
     let mut d = DnsWorld::new(55);
     let node = IpAddr::V4(d.w.topo.node_v4());
-    assert_eq!(d.resolve(node), vec![node]);
+    let upstream = d.w.v4();
+    assert_eq!(d.resolve(node), vec![upstream]);
     let before = d.dns.queries().len();
     let opts = d.w.agent_options.clone();
     d.w.agent.kill9();
@@ -311,7 +333,7 @@ fn a_killed_agent_leaves_the_actor_s_dns_refused_and_a_restarted_one_serves_it()
     assert_eq!(opened.field_str("actor").as_deref(), Some("actor-55"));
     // The killed agent's guard detaches everything when dropped: keep it to the end.
     let _killed = std::mem::replace(&mut d.w.agent, again);
-    assert_eq!(d.resolve(node), vec![node]);
+    assert_eq!(d.resolve(node), vec![upstream]);
     let queries = d.dns.queries();
     assert!(
         queries.len() > before && queries.iter().all(|q| q.source == node),

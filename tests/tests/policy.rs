@@ -306,10 +306,15 @@ allow = [ { host = "web.egress.test", ports = [8443] }, { host = "banner.egress.
 "#,
     );
     let ip = IpAddr::V4(w.topo.upstream_v4());
-    w.curl(NAME, ip, 8443, "/").expect_success("allowed, through squid");
+    w.curl(NAME, ip, 8443, "/")
+        .expect_success("allowed, through squid");
     let line = w.line(w.web(8443), 0);
     assert_eq!(line.outcome.as_deref(), Some("tunneled"), "{:?}", line.line);
-    assert!(field(&line, "rule").contains("web.egress.test"), "{:?}", line.line);
+    assert!(
+        field(&line, "rule").contains("web.egress.test"),
+        "{:?}",
+        line.line
+    );
     assert!(!w.curl(NAME, ip, 443, "/").success(), "443 is not allowed");
     let line = w.line(w.web(443), 0);
     assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
@@ -328,12 +333,25 @@ allow = [ { host = "web.egress.test", ports = [8443] }, { host = "banner.egress.
         .find(|e| e.uri == "banner.egress.test:2222")
         .unwrap_or_else(|| panic!("no CONNECT banner.egress.test:2222 at squid: {entries:?}"));
     assert_eq!(e.authority_source.as_deref(), Some("dns"), "{e:?}");
-    assert_eq!(e.connect_authority.as_deref(), Some("banner.egress.test:2222"));
-    assert_eq!(e.original_destination.as_deref(), Some(banner.to_string().as_str()));
+    assert_eq!(
+        e.connect_authority.as_deref(),
+        Some("banner.egress.test:2222")
+    );
+    assert_eq!(
+        e.original_destination.as_deref(),
+        Some(banner.to_string().as_str())
+    );
     // Nothing denied reached squid; the always-denied node address neither.
-    assert!(entries.iter().all(|e| !e.uri.ends_with(":443")), "{entries:?}");
+    assert!(
+        entries.iter().all(|e| !e.uri.ends_with(":443")),
+        "{entries:?}"
+    );
     let node = SocketAddr::new(IpAddr::V4(w.topo.node_uplink_v4()), 8443);
     assert!(!w.curl(NAME, node.ip(), 8443, "/").success());
     let line = w.line(node, 0);
-    assert!(field(&line, "rule").contains("always denied"), "{:?}", line.line);
+    assert!(
+        field(&line, "rule").contains("always denied"),
+        "{:?}",
+        line.line
+    );
 }
