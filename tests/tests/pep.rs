@@ -102,7 +102,7 @@ fn tls_to_squid_carries_the_identity() {
         out.stdout
     );
 
-    let original = w.topo.node_addr(443);
+    let original = w.topo.upstream_addr(443);
     let authority = format!("{NAME}:443");
     let entry = w.squid.wait_for_request("CONNECT", &authority, T);
     entry.assert_identity(("actor-60", "coder", "team-a"), original, &authority);
@@ -130,7 +130,7 @@ fn tls_pep_signed_by_another_ca_fails_closed() {
     );
     let out = curl_443(&w);
     assert_curl_reset(&out);
-    let original = w.topo.node_addr(443);
+    let original = w.topo.upstream_addr(443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_tls"), "{:?}", conn.line);
     let error = error_of(&conn);
@@ -181,7 +181,7 @@ fn proxy_authorization_reaches_squid() {
     assert_eq!(entry.user.as_deref(), Some("agent-60"), "squid's %un");
     assert_eq!(entry.status, Some(200));
     assert_eq!(entry.actor_id.as_deref(), Some("actor-62"));
-    let conn = w.agent_line(w.topo.node_addr(443));
+    let conn = w.agent_line(w.topo.upstream_addr(443));
     assert_eq!(conn.outcome.as_deref(), Some("tunneled"));
     let log = w.agent.lines().join("\n");
     assert!(
@@ -210,7 +210,7 @@ fn wrong_proxy_authorization_gets_407_and_a_reset() {
     );
     let out = curl_443(&w);
     assert_curl_reset(&out);
-    let original = w.topo.node_addr(443);
+    let original = w.topo.upstream_addr(443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_refused"));
     assert_eq!(conn.pep_status, Some(407));
@@ -255,7 +255,7 @@ fn mtls_with_the_agent_certificate() {
         subject.contains("egress-agent.test"),
         "squid saw the agent's certificate: {entry:?}"
     );
-    let conn = w.agent_line(w.topo.node_addr(443));
+    let conn = w.agent_line(w.topo.upstream_addr(443));
     assert_eq!(conn.outcome.as_deref(), Some("tunneled"));
 }
 
@@ -264,7 +264,7 @@ fn mtls_without_a_client_certificate_fails_closed() {
     let (mut w, _pki) = mtls_world(65, false);
     let out = curl_443(&w);
     assert_curl_reset(&out);
-    let original = w.topo.node_addr(443);
+    let original = w.topo.upstream_addr(443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_tls"), "{:?}", conn.line);
     let error = error_of(&conn);
