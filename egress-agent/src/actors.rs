@@ -426,6 +426,9 @@ impl Manager {
             .actors
             .remove(id)
             .ok_or_else(|| Error::NotFound(id.into()))?;
+        // Its recorded DNS answers and addresses go with it: a later actor under the same id
+        // starts clean.
+        self.ctx.forget_actor(id);
         let status = self.status(&entry);
         let released = match (&entry.actor.capture, &entry.pair) {
             (Capture::Cgroup { cgroup_id, .. }, _) => {

@@ -669,7 +669,7 @@ pub const HEADER_ACTOR_TEMPLATE_NAMESPACE: &str = "x-ate-actor-template-namespac
 pub const HEADER_ORIGINAL_DESTINATION: &str = "x-ate-original-destination";
 /// Default name of the header repeating the CONNECT authority.
 pub const HEADER_CONNECT_AUTHORITY: &str = "x-ate-connect-authority";
-/// Default name of the header saying where the authority came from (`sni`, `host`, `ip`).
+/// Default name of the header saying where the authority came from (`sni`, `host`, `dns`, `ip`).
 pub const HEADER_AUTHORITY_SOURCE: &str = "x-ate-authority-source";
 
 /// Headers the identity must not take the name of: they carry the request itself.

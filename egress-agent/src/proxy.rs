@@ -24,7 +24,7 @@ use crate::{
     classify::{self, Authority, Host, Source},
     config::{Actor, Capture, Config},
     direct, dns, ebpf, netns,
-    policy::{self, TemplatePolicy},
+    policy::{self, RuleKind, TemplatePolicy},
     resolve,
     route::{self, Route},
     socket::{self, SocketFactory},
@@ -158,8 +158,9 @@ pub struct Context {
     sockets: SocketFactory,
     resolver: Option<resolve::Resolver>,
     dns: Option<dns::Forwarder>,
-    /// The node's own addresses (the agent's namespace), refreshed by [`Context::spawn_refresh`].
-    node_addresses: Mutex<Arc<[IpAddr]>>,
+    /// The node's own addresses (the agent's namespace), refreshed by [`Context::spawn_refresh`];
+    /// shared with the DNS forwarder's answer filter.
+    node_addresses: Arc<Mutex<Arc<[IpAddr]>>>,
     /// Per actor: its gateways and, for a veth actor, its worker namespace's addresses.
     actor_addresses: Mutex<HashMap<String, ActorAddresses>>,
     limit: Arc<Semaphore>,
@@ -181,11 +182,17 @@ impl Context {
                 None
             }
         };
-        let node: Arc<[IpAddr]> = policy::node_addresses().unwrap_or_default().into();
+        let node_addresses: Arc<Mutex<Arc<[IpAddr]>>> = Arc::new(Mutex::new(
+            policy::node_addresses().unwrap_or_default().into(),
+        ));
         let dns = config.dns_upstream.map(|upstream| {
-            let node = node.clone();
+            let node = node_addresses.clone();
             dns::Forwarder::new(upstream, sockets.clone(), dns::Limits::default())
                 .with_address_filter(move |ip| {
+                    let node = node
+                        .lock()
+                        .map(|n| n.clone())
+                        .unwrap_or_else(|_| Arc::from(Vec::new()));
                     policy::always_denied(ip, &node).map(|r| r.to_string())
                 })
         });
@@ -195,7 +202,7 @@ impl Context {
                 .clone()
                 .map(|pep| tunnel::Connector::new(pep, sockets.clone())),
             limit: Arc::new(Semaphore::new(config.max_connections)),
-            node_addresses: Mutex::new(node),
+            node_addresses,
             actor_addresses: Mutex::new(HashMap::new()),
             sockets,
             resolver,
@@ -232,6 +239,17 @@ impl Context {
         });
     }
 
+    /// Drops what the agent learned about actor `id` (its DNS answers, its addresses): it was
+    /// removed.
+    pub fn forget_actor(&self, id: &str) {
+        if let Some(dns) = &self.dns {
+            dns.answers().forget_actor(id);
+        }
+        if let Ok(mut cache) = self.actor_addresses.lock() {
+            cache.remove(id);
+        }
+    }
+
     /// The addresses always denied as `actor`'s destinations besides the fixed ones: the
     /// node's own addresses, the actor's gateways and (veth actors) its worker's addresses.
     async fn denied_addresses(&self, actor: &Arc<Actor>) -> Vec<IpAddr> {
@@ -250,12 +268,13 @@ impl Context {
             Some(addrs) => addrs,
             None => {
                 let actor2 = actor.clone();
-                let addrs: Arc<[IpAddr]> =
+                let (addrs, complete) =
                     tokio::task::spawn_blocking(move || actor_addresses(&actor2))
                         .await
-                        .unwrap_or_default()
-                        .into();
-                if let Ok(mut cache) = self.actor_addresses.lock() {
+                        .unwrap_or_default();
+                let addrs: Arc<[IpAddr]> = addrs.into();
+                // What could not be read is read again on the next connection, not forgotten.
+                if complete && let Ok(mut cache) = self.actor_addresses.lock() {
                     cache.insert(actor.id.clone(), (actor.clone(), addrs.clone()));
                 }
                 addrs
@@ -514,12 +533,12 @@ impl Context {
                 &"the agent has no resolver: pass --dns-upstream",
             );
         };
+        // Each address the name resolves to: always-denied (unless an exact rule names it)
+        // and the template's deny rules apply; allow rules are the name's business.
         let check = |ip: IpAddr, port: u16| {
-            let reason = policy::always_denied(ip, denied)?;
-            template
-                .names_exact(ip, port)
-                .is_none()
-                .then(|| reason.to_string())
+            let d = template.decide_ip_with(ip, port, denied);
+            (!d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied))
+                .then(|| d.rule.to_string())
         };
         let (mut upstream, dialled) =
             match direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
@@ -675,22 +694,31 @@ fn dns_verdict(
 }
 
 /// An actor's own always-denied addresses: the default gateways of its namespace and, for a
-/// veth actor, every address of its worker namespace (the worker is its "node"). Blocking:
-/// enters namespaces.
-fn actor_addresses(actor: &Actor) -> Vec<IpAddr> {
+/// veth actor, every address of its worker namespace (the worker is its "node"); and whether
+/// all of them could be read. Blocking: enters namespaces.
+fn actor_addresses(actor: &Actor) -> (Vec<IpAddr>, bool) {
     let mut addrs = Vec::new();
+    let mut complete = true;
+    let mut add = |found: std::io::Result<Vec<IpAddr>>, what: &str| match found {
+        Ok(found) => addrs.extend(found),
+        Err(e) => {
+            complete = false;
+            warn!(actor = %actor.id, error = %e, "reading the actor's {what}: retried on its next connection");
+        }
+    };
     match &actor.capture {
         Capture::Cgroup { netns, .. } => {
-            addrs.extend(policy::default_gateways(netns.as_deref()).unwrap_or_default());
+            add(policy::default_gateways(netns.as_deref()), "gateways");
         }
         Capture::Veth(v) => {
-            addrs.extend(policy::default_gateways(Some(&v.netns)).unwrap_or_default());
-            if let Ok(worker) = netns::run_in(v.worker_netns.as_deref(), policy::node_addresses) {
-                addrs.extend(worker);
-            }
+            add(policy::default_gateways(Some(&v.netns)), "gateways");
+            add(
+                netns::run_in(v.worker_netns.as_deref(), policy::node_addresses),
+                "worker's addresses",
+            );
         }
     }
-    addrs
+    (addrs, complete)
 }
 
 /// How one connection ended: what its log line says.

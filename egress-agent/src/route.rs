@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::{
     classify::{Authority, Host, Source},
     direct::Dial,
-    policy::{self, TemplatePolicy},
+    policy::{self, RuleKind, TemplatePolicy},
 };
 
 /// The decision for one connection.
@@ -65,6 +65,17 @@ pub fn route(
             rule: format!("always denied: {reason} {ip}"),
         };
     }
+    // An address in the Host header must be the address connected to: otherwise one address
+    // would be decided (or asked of the PEP) and another dialled.
+    if let Host::Ip(named) = &authority.host
+        && policy::normalize(*named) != ip
+    {
+        return Route::Deny {
+            rule: format!(
+                "the request names address {named} but the connection is to {ip}: refused"
+            ),
+        };
+    }
     let via_pep = has_pep && policy.pep;
     if via_pep && !policy.prefilter {
         // The PEP decides; an always-denied name stays denied all the same.
@@ -77,9 +88,26 @@ pub fn route(
         }
         return Route::Pep { rule: None };
     }
-    let decision = match &authority.host {
-        Host::Name(name) => policy.decide_name(name, authority.port),
-        Host::Ip(ip) => policy.decide_ip_with(*ip, authority.port, extra),
+    let decision = match (&authority.host, authority.source) {
+        // A name the actor's own lookup tied to this address: it is dialled at that address,
+        // so the address's rules count too. A deny rule of either denies; an allow rule of
+        // either allows.
+        (Host::Name(name), Source::Dns) => {
+            let by_name = policy.decide_name(name, authority.port);
+            let by_ip = policy.decide_ip_with(ip, authority.port, extra);
+            let explicit_deny = |d: &policy::Decision| {
+                !d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied)
+            };
+            if explicit_deny(&by_name) {
+                by_name
+            } else if explicit_deny(&by_ip) || by_ip.allowed && !by_name.allowed {
+                by_ip
+            } else {
+                by_name
+            }
+        }
+        (Host::Name(name), _) => policy.decide_name(name, authority.port),
+        (Host::Ip(ip), _) => policy.decide_ip_with(*ip, authority.port, extra),
     };
     let rule = decision.rule.to_string();
     if !decision.allowed {
@@ -267,5 +295,87 @@ allow = [ { host = "web.egress.test" } ]
             ),
             Route::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn a_host_address_other_than_the_destination_is_refused_pep_or_not() {
+        let p = policy();
+        let a = Authority {
+            host: Host::Ip("169.254.169.254".parse().unwrap()),
+            port: 80,
+            source: Source::Host,
+        };
+        let d = dst("10.9.9.9:80");
+        for (template, has_pep) in [("viapep", true), ("coder", false), ("prefilter", true)] {
+            let r = route(p.template("", template), has_pep, &a, d, &[]);
+            assert!(
+                matches!(r, Route::Deny { ref rule } if rule.contains("names address")),
+                "{template}: {r:?}"
+            );
+        }
+        // Allowed by a cidr rule, but the dialled address is another one.
+        let a = Authority {
+            host: Host::Ip("10.1.1.1".parse().unwrap()),
+            port: 22,
+            source: Source::Host,
+        };
+        let r = route(p.template("", "coder"), false, &a, dst("192.0.2.7:22"), &[]);
+        assert!(matches!(r, Route::Deny { .. }), "{r:?}");
+        // The same address in Host and destination is decided as usual.
+        let r = route(p.template("", "coder"), false, &a, dst("10.1.1.1:22"), &[]);
+        assert!(
+            matches!(
+                r,
+                Route::Direct {
+                    dial: Dial::Addr(_),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_dns_name_does_not_lift_a_cidr_deny_nor_drop_a_cidr_allow() {
+        let p = Policy::parse(
+            r#"
+[[template]]
+name = "t"
+deny = [ { cidr = "10.0.0.0/8" } ]
+allow = [ { host = "*", ports = [22] }, { cidr = "192.0.2.0/24", ports = [22] }, { host = "git.corp", ports = [443] } ]
+"#,
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let t = p.template("", "t");
+        // `*` allows the name, but the address it was dialled at is denied by cidr.
+        let r = route(
+            t,
+            false,
+            &name("ten.example", 22, Source::Dns),
+            dst("10.0.0.5:22"),
+            &[],
+        );
+        assert!(
+            matches!(r, Route::Deny { ref rule } if rule.contains("deny")),
+            "{r:?}"
+        );
+        // git.corp is not allowed on 22, but its address is (cidr): allowed.
+        let r = route(
+            t,
+            false,
+            &name("git.corp", 22, Source::Dns),
+            dst("192.0.2.9:22"),
+            &[],
+        );
+        let r2 = route(
+            t,
+            false,
+            &name("git.corp", 2222, Source::Dns),
+            dst("192.0.2.9:2222"),
+            &[],
+        );
+        assert!(matches!(r, Route::Direct { .. }), "{r:?}");
+        assert!(matches!(r2, Route::Deny { .. }), "{r2:?}");
     }
 }
