@@ -31,6 +31,15 @@ pub const MAX_DNS_IN_FLIGHT: usize = 256;
 /// Attempts at a port free on both 127.0.0.1 and ::1 for an actor's DNS socket.
 const DNS_PORT_ATTEMPTS: usize = 8;
 
+/// 127.0.0.1:port, and [::1]:port when `v6`.
+fn loopback_addrs(port: u16, v6: bool) -> Vec<SocketAddr> {
+    let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))];
+    if v6 {
+        addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+    }
+    addrs
+}
+
 /// Pending-connection queue of each listener.
 const BACKLOG: i32 = 4096;
 
@@ -162,11 +171,7 @@ impl Listener {
         if self.front == Front::Nat {
             return vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.port))];
         }
-        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
-        if self.v6.is_some() {
-            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)));
-        }
-        addrs
+        loopback_addrs(self.port, self.v6.is_some())
     }
 
     /// Serves the listeners from the current runtime until `shutdown` changes (or the tasks
@@ -278,11 +283,7 @@ impl DnsSocket {
 
     /// Addresses bound.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
-        if self.v6.is_some() {
-            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)));
-        }
-        addrs
+        loopback_addrs(self.port, self.v6.is_some())
     }
 
     /// Serves the socket(s) for `actor` from the current runtime until `shutdown` changes or

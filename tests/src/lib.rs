@@ -194,3 +194,13 @@ mod tests {
         assert_ne!(unique_name("x"), unique_name("x"));
     }
 }
+
+/// The value of the kernel counter `name` (summed over CPUs) in the agent's map stats.
+pub fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
+    stats
+        .counters
+        .iter()
+        .find(|(c, _)| c.name() == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}

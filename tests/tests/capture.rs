@@ -16,6 +16,7 @@ use egress_tests::{
     agent::{ActorSpec, Agent, AgentOptions},
     cgroup::Cgroup,
     client::{banner_exchange_command, curl_command},
+    counter,
     netns::{Netns, veth},
     pki::TestCa,
     process::{self, command_in},
@@ -24,16 +25,6 @@ use egress_tests::{
     upstream::{BANNER, Upstream, UpstreamSpec},
     world::{NAME, NAME6, T, World},
 };
-
-/// The value of the kernel counter `name` (summed over CPUs).
-fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
-    stats
-        .counters
-        .iter()
-        .find(|(c, _)| c.name() == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no counter {name}"))
-}
 
 /// The standard world with actor `actor-NET`.
 fn world(net: u8) -> World {

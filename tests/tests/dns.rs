@@ -14,6 +14,7 @@ use std::{
 
 use egress_tests::{
     agent::Agent,
+    counter,
     dns::{Dns, dig, dig_in},
     process::{self, command_in},
     squid::SquidConfig,
@@ -22,16 +23,6 @@ use egress_tests::{
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
-
-/// The value of the kernel counter `name` (summed over CPUs).
-fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
-    stats
-        .counters
-        .iter()
-        .find(|(c, _)| c.name() == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no counter {name}"))
-}
 
 /// The standard cgroup world on 10.251.NET with dnsmasq on the node's address, answering
 /// [`NAME`] with the upstream's address, as the agent's `--dns-upstream`. (An answer with the

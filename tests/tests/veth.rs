@@ -99,7 +99,7 @@ fn veth_actor_dns_resolves_and_other_udp_is_dropped_and_counted() {
     let query = w.dns.wait_for_query(NAME, T);
     assert_eq!(
         query.source,
-        IpAddr::V4(w.node_v4()),
+        IpAddr::V4(w.node_uplink_v4()),
         "asked by the agent, not forwarded from the worker"
     );
 
