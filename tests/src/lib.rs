@@ -169,6 +169,16 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The value of the kernel counter `name` (summed over CPUs) in the agent's map stats.
+pub fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
+    stats
+        .counters
+        .iter()
+        .find(|(c, _)| c.name() == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,14 +203,4 @@ mod tests {
     fn unique_names_differ() {
         assert_ne!(unique_name("x"), unique_name("x"));
     }
-}
-
-/// The value of the kernel counter `name` (summed over CPUs) in the agent's map stats.
-pub fn counter(stats: &egress_agent::ebpf::MapStats, name: &str) -> u64 {
-    stats
-        .counters
-        .iter()
-        .find(|(c, _)| c.name() == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no counter {name}"))
 }
