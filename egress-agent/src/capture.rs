@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{config::Actor, ebpf, netns, proxy, socket};
+use crate::{config::Actor, dns, ebpf, netns, proxy, socket};
 
 /// Most queries of one DNS socket being answered at once; datagrams beyond it are dropped
 /// (the actor's resolver retries).
@@ -336,7 +336,7 @@ async fn dns_loop(
     let socket = Arc::new(socket);
     let in_flight = Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT));
     // One byte more than allowed: a datagram that fills it was larger (recv truncates).
-    let mut buf = vec![0u8; proxy::MAX_DNS_DATAGRAM + 1];
+    let mut buf = vec![0u8; dns::MAX_UDP_QUERY + 1];
     let mut dropped: u64 = 0;
     loop {
         let received = tokio::select! {
@@ -363,8 +363,8 @@ async fn dns_loop(
                 }
             },
         };
-        if n > proxy::MAX_DNS_DATAGRAM {
-            debug!(actor = %actor.id, client = %from, limit = proxy::MAX_DNS_DATAGRAM,
+        if n > dns::MAX_UDP_QUERY {
+            debug!(actor = %actor.id, client = %from, limit = dns::MAX_UDP_QUERY,
                 "DNS query larger than the limit dropped");
             continue;
         }

@@ -60,10 +60,14 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
 }
 
+/// Largest DNS datagram taken from an actor (the default of [`Limits::max_udp_query`]); the
+/// capture fronts drop larger ones before they reach the forwarder.
+pub const MAX_UDP_QUERY: usize = 4096;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_udp_query: 4096,
+            max_udp_query: MAX_UDP_QUERY,
             max_tcp_message: 65535,
             upstream_timeout: Duration::from_secs(2),
             max_in_flight: 1024,

@@ -16,7 +16,11 @@ use std::{
 
 use bytes::BytesMut;
 use egress_common::Record;
-use tokio::{net::TcpStream, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Semaphore,
+};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
@@ -40,9 +44,6 @@ pub const NODE_ADDRESSES_REFRESH: Duration = Duration::from_secs(10);
 
 /// Records older than this are not trusted: no connection waits that long to be accepted.
 pub const MAX_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Largest DNS datagram taken from an actor; larger ones are dropped.
-pub const MAX_DNS_DATAGRAM: usize = 4096;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
@@ -518,7 +519,7 @@ impl Context {
     /// The agent dials upstream itself and relays.
     async fn direct(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         template: &TemplatePolicy,
         dial: &direct::Dial,
         authority: Authority,
@@ -540,7 +541,7 @@ impl Context {
             (!d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied))
                 .then(|| d.rule.to_string())
         };
-        let (mut upstream, dialled) =
+        let (upstream, dialled) =
             match direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
                 .await
             {
@@ -556,39 +557,18 @@ impl Context {
                     return Closed::failed(outcome, Some(authority), None, &e);
                 }
             };
-        socket::arm_reset(&upstream);
-        let (bytes_up, bytes_down, result) = tunnel::relay(
-            &mut stream,
-            &mut upstream,
-            peeked,
-            &[],
-            self.config.relay_buffer,
-        )
-        .await;
-        if result.is_ok() {
-            socket::disarm_reset(&stream);
-            socket::disarm_reset(&upstream);
-        }
-        Closed {
-            outcome: if result.is_ok() {
-                Outcome::Direct
-            } else {
-                Outcome::RelayError
-            },
-            authority: Some(authority),
-            pep_status: None,
-            bytes_up,
-            bytes_down,
-            error: result.err().map(|e| e.to_string()),
-            rule: String::new(),
-            dialled: Some(dialled),
-        }
+        let mut closed = self
+            .relay(stream, upstream, |u| u, peeked, &[], Outcome::Direct)
+            .await;
+        closed.authority = Some(authority);
+        closed.dialled = Some(dialled);
+        closed
     }
 
     /// CONNECT through the PEP and relay.
     async fn tunnel(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         flow: &Flow,
         authority: Authority,
         peeked: &[u8],
@@ -633,30 +613,55 @@ impl Context {
                 return Closed::failed(outcome, Some(authority), status, &e);
             }
         };
-        let mut pep = tunnel.stream;
-        socket::arm_reset(pep.tcp());
+        let mut closed = self
+            .relay(
+                stream,
+                tunnel.stream,
+                tunnel::PepStream::tcp,
+                peeked,
+                &tunnel.leftover,
+                Outcome::Tunneled,
+            )
+            .await;
+        closed.authority = Some(authority);
+        closed.pep_status = Some(tunnel.status.as_u16());
+        closed
+    }
+
+    /// Relays between the actor and `upstream` (whose TCP socket `tcp` gives) until both are
+    /// done: `done` when it ends cleanly, `relay_error` otherwise. Both sockets are armed to
+    /// reset and disarmed only on a clean end: on a relay error one side failed mid-stream,
+    /// and the other must see a reset, not a clean end it could mistake for complete data.
+    async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: TcpStream,
+        mut upstream: U,
+        tcp: impl Fn(&U) -> &TcpStream,
+        peeked: &[u8],
+        leftover: &[u8],
+        done: Outcome,
+    ) -> Closed {
+        socket::arm_reset(tcp(&upstream));
         let (bytes_up, bytes_down, result) = tunnel::relay(
             &mut stream,
-            &mut pep,
+            &mut upstream,
             peeked,
-            &tunnel.leftover,
+            leftover,
             self.config.relay_buffer,
         )
         .await;
         if result.is_ok() {
             socket::disarm_reset(&stream);
-            socket::disarm_reset(pep.tcp());
+            socket::disarm_reset(tcp(&upstream));
         }
-        // On a relay error the sockets stay armed: one side failed mid-stream, and the other
-        // must see a reset, not a clean end it could mistake for complete data.
         Closed {
             outcome: if result.is_ok() {
-                Outcome::Tunneled
+                done
             } else {
                 Outcome::RelayError
             },
-            authority: Some(authority),
-            pep_status: Some(tunnel.status.as_u16()),
+            authority: None,
+            pep_status: None,
             bytes_up,
             bytes_down,
             error: result.err().map(|e| e.to_string()),

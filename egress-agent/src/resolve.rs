@@ -18,8 +18,10 @@ use hickory_resolver::{
     config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts},
     net::runtime::{RuntimeProvider, TokioRuntimeProvider, TokioTime, iocompat::AsyncIoTokioAsStd},
 };
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Type};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+
+use crate::socket::SocketFactory;
 
 /// Why a name could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +64,7 @@ impl Resolver {
     pub fn new(upstream: Option<SocketAddr>, mark: u32, timeout: Duration) -> Result<Self, Error> {
         let runtime = MarkedRuntime {
             inner: TokioRuntimeProvider::default(),
-            mark,
+            sockets: SocketFactory::new(mark),
         };
         let (config, mut opts) = match upstream {
             Some(addr) => {
@@ -118,22 +120,12 @@ impl Resolver {
     }
 }
 
-/// hickory's tokio runtime with the agent's `SO_MARK` on every socket it opens.
+/// hickory's tokio runtime with the agent's `SO_MARK` on every socket it opens (made by the
+/// agent's [`SocketFactory`]).
 #[derive(Clone)]
 struct MarkedRuntime {
     inner: TokioRuntimeProvider,
-    mark: u32,
-}
-
-impl MarkedRuntime {
-    fn socket(&self, addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
-        if self.mark != 0 {
-            socket.set_mark(self.mark)?;
-        }
-        socket.set_nonblocking(true)?;
-        Ok(socket)
-    }
+    sockets: SocketFactory,
 }
 
 type BoxIo<T> = Pin<Box<dyn Send + Future<Output = io::Result<T>>>>;
@@ -154,7 +146,9 @@ impl RuntimeProvider for MarkedRuntime {
         bind_addr: Option<SocketAddr>,
         timeout: Option<Duration>,
     ) -> BoxIo<Self::Tcp> {
-        let socket = self.socket(server_addr, Type::STREAM, Protocol::TCP);
+        let socket = self
+            .sockets
+            .socket(server_addr, Type::STREAM, Protocol::TCP);
         Box::pin(async move {
             let socket = socket?;
             if let Some(bind) = bind_addr {
@@ -174,7 +168,7 @@ impl RuntimeProvider for MarkedRuntime {
     }
 
     fn bind_udp(&self, local_addr: SocketAddr, _server_addr: SocketAddr) -> BoxIo<Self::Udp> {
-        let socket = self.socket(local_addr, Type::DGRAM, Protocol::UDP);
+        let socket = self.sockets.socket(local_addr, Type::DGRAM, Protocol::UDP);
         Box::pin(async move {
             let socket = socket?;
             socket.bind(&local_addr.into())?;

@@ -18,13 +18,20 @@ impl SocketFactory {
         SocketFactory { mark }
     }
 
-    /// Connects a marked TCP socket to `addr`.
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    /// A non-blocking socket of `ty`/`protocol` for `addr`'s family, carrying the mark: every
+    /// socket the agent opens starts here.
+    pub fn socket(&self, addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
         if self.mark != 0 {
             socket.set_mark(self.mark)?;
         }
         socket.set_nonblocking(true)?;
+        Ok(socket)
+    }
+
+    /// Connects a marked TCP socket to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = self.socket(addr, Type::STREAM, Protocol::TCP)?;
         socket.set_tcp_nodelay(true)?;
         let socket = TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
@@ -32,11 +39,7 @@ impl SocketFactory {
 
     /// A marked UDP socket connected to `addr`: it receives only `addr`'s datagrams.
     pub fn udp_connect(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if self.mark != 0 {
-            socket.set_mark(self.mark)?;
-        }
-        socket.set_nonblocking(true)?;
+        let socket = self.socket(addr, Type::DGRAM, Protocol::UDP)?;
         socket.connect(&addr.into())?;
         UdpSocket::from_std(socket.into())
     }
@@ -45,14 +48,10 @@ impl SocketFactory {
 /// A UDP socket bound to `addr` (IPv6 only for an IPv6 address), marked with `mark` (0:
 /// unmarked), non-blocking: the agent's DNS sockets in actors' and workers' namespaces.
 pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<std::net::UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let socket = SocketFactory::new(mark).socket(addr, Type::DGRAM, Protocol::UDP)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    if mark != 0 {
-        socket.set_mark(mark)?;
-    }
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
