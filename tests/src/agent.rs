@@ -2,6 +2,7 @@
 //! lines are collected for assertions.
 
 use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -645,6 +646,28 @@ impl Agent {
                     .filter_map(|l| ConnectionLog::from_line(&l))
                     .collect();
                 (conns.len() >= n).then_some(conns)
+            },
+        )
+    }
+
+    /// Waits for the `n`th (from 0) connection line whose original destination is `dst`.
+    pub fn wait_for_connection_to(
+        &mut self,
+        dst: SocketAddr,
+        n: usize,
+        timeout: Duration,
+    ) -> ConnectionLog {
+        let want = dst.to_string();
+        self.wait_until(
+            timeout,
+            &format!("connection line {n} for {want}"),
+            |lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| LogLine::parse(l))
+                    .filter_map(|l| ConnectionLog::from_line(&l))
+                    .filter(|c| c.original_dst.as_deref() == Some(want.as_str()))
+                    .nth(n)
             },
         )
     }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, LogLine, VethActorSpec},
+    agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, VethActorSpec},
     cgroup::Cgroup,
     client::curl_command,
     dns::Dns,
@@ -127,15 +127,7 @@ impl World {
 
     /// The agent's log line for the connection whose original destination is `dst`.
     pub fn agent_line(&mut self, dst: SocketAddr) -> ConnectionLog {
-        let want = dst.to_string();
-        self.agent
-            .wait_until(T, &format!("a connection line for {want}"), |lines| {
-                lines
-                    .iter()
-                    .filter_map(|l| LogLine::parse(l))
-                    .filter_map(|l| ConnectionLog::from_line(&l))
-                    .find(|c| c.original_dst.as_deref() == Some(want.as_str()))
-            })
+        self.agent.wait_for_connection_to(dst, 0, T)
     }
 }
 
@@ -473,16 +465,7 @@ impl PolicyWorld {
 
     /// The agent's line for the connection to `dst` (the `n`th such, from 0).
     pub fn line(&mut self, dst: SocketAddr, n: usize) -> ConnectionLog {
-        let want = dst.to_string();
-        self.agent
-            .wait_until(T, &format!("connection line {n} for {want}"), |lines| {
-                lines
-                    .iter()
-                    .filter_map(|l| LogLine::parse(l))
-                    .filter_map(|l| ConnectionLog::from_line(&l))
-                    .filter(|c| c.original_dst.as_deref() == Some(want.as_str()))
-                    .nth(n)
-            })
+        self.agent.wait_for_connection_to(dst, n, T)
     }
 
     /// Replaces the policy file (write and rename, as an editor or a ConfigMap update does)
