@@ -10,7 +10,7 @@ use egress_agent::{
     ebpf,
     net::nft::Inbound,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 /// Captures sandboxed actors' outbound TCP and tunnels it to a policy enforcement point.
 #[derive(Parser)]
@@ -249,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                     "PEP link"
                 );
             }
+            raise_open_files(config.max_connections);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(app::run(config, shutdown_signal()))?;
         }
@@ -353,6 +354,40 @@ fn status_line(s: &egress_agent::actors::Status) -> String {
         line += &format!(" dns=[{}]", dns.join(","));
     }
     line
+}
+
+/// Raises the soft open-file limit to the hard one: every tunnel holds two sockets, and the
+/// default soft limit (often 1,024) would refuse connections long before `--max-connections`.
+/// Warns when even the hard limit is too low for `max_connections`.
+fn raise_open_files(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write the struct we pass, nothing else.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    // Two sockets per tunnel, plus listeners, DNS sockets and the eBPF maps and links.
+    let needed = (max_connections as u64).saturating_mul(2).saturating_add(1024);
+    if !raised {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot raise the open-file limit (RLIMIT_NOFILE); connections beyond it are refused"
+        );
+    } else if limit.rlim_cur < needed {
+        warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "the open-file limit (RLIMIT_NOFILE hard limit) is below 2 x --max-connections; raise it \
+             (e.g. LimitNOFILE= or the container runtime's ulimit) or lower --max-connections"
+        );
+    } else {
+        info!(open_files = limit.rlim_cur, "open-file limit");
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -42,11 +42,13 @@
 //! ```
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod dns;
 pub mod gvisor;
 pub mod netns;
+pub mod nginx;
 pub mod pki;
 pub mod process;
 pub mod squid;

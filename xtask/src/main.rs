@@ -1,7 +1,9 @@
 //! `cargo xtask <task>`: the project's tasks. `setup` installs what the build and tests need
 //! on a fresh Debian machine; `build-ebpf` builds the kernel object (through egress-agent's
 //! build.rs, the one way it is built); `test` runs every test tier; `demo` shows a real actor's
-//! traffic captured end to end.
+//! traffic captured end to end; `bench` measures every capture path against direct connections
+//! and squid.
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -34,6 +36,13 @@ enum Task {
     },
     /// Capture a real actor's traffic end to end and show what each layer saw (needs root).
     Demo,
+    /// Measure every capture path against direct connections and squid (needs root).
+    /// Arguments after `--` go to the bench, e.g. `cargo xtask bench -- --quick`.
+    Bench {
+        /// Arguments for the bench binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { release } => build::build_ebpf(release).map(|_| ()),
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
+        Task::Bench { args } => bench::run(&args),
     }
 }

@@ -40,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // `dig`, to ask that DNS server directly (readiness checks and DNS assertions).
     "bind9-dnsutils",
+    // The bench's upstream (plain HTTP and HTTPS, sendfile); `-light` is the smallest build.
+    "nginx-light",
 ];
 
 /// bpf-linker release known to build against llvm-22 here.
@@ -94,9 +96,10 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
-        // The squid package may start a system squid; the tests start their own.
+        // The squid and nginx packages may start system services; the tests and the bench
+        // start their own, inside their namespaces.
         let _ = Command::new("sh")
-            .args(["-c", "command -v systemctl >/dev/null && systemctl disable --now squid 2>/dev/null; true"])
+            .args(["-c", "command -v systemctl >/dev/null && systemctl disable --now squid nginx 2>/dev/null; true"])
             .status();
     }
     if !which("rustup") {
