@@ -46,6 +46,7 @@ pub mod cgroup;
 pub mod client;
 pub mod dns;
 pub mod gvisor;
+pub mod load;
 pub mod netns;
 pub mod pki;
 pub mod process;
