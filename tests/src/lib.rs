@@ -47,6 +47,7 @@ pub mod cgroup;
 pub mod client;
 pub mod dns;
 pub mod gvisor;
+pub mod load;
 pub mod netns;
 pub mod nginx;
 pub mod pki;
