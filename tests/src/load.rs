@@ -634,7 +634,13 @@ impl Budget {
         stage: &'static str,
         step: impl Future<Output = T>,
     ) -> Result<T, OpError> {
-        let mut deadline = Instant::now() + self.io_timeout;
+        let now = Instant::now();
+        // timeout_at polls the step before its timer: a path that always has data ready
+        // would otherwise run past the run's end.
+        if self.run_deadline.is_some_and(|r| now >= r) {
+            return Err(OpError::Deadline);
+        }
+        let mut deadline = now + self.io_timeout;
         if let Some(op) = self.op_deadline {
             deadline = deadline.min(op);
         }
