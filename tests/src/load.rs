@@ -62,7 +62,8 @@ const MAX_HOST: usize = 253;
 /// Longest accepted `--path`.
 const MAX_PATH: usize = 2048;
 
-/// Something wrong before any traffic: arguments, the CA file, the open-file limit.
+/// Something wrong before any traffic: arguments, the CA file, the open-file limit. (Causes
+/// are in the message, not `source()`, so an `{:#}` chain does not repeat them.)
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The host name cannot go into a request head.
@@ -76,23 +77,23 @@ pub enum SetupError {
     )]
     BadPath(String),
     /// The CA file could not be read or parsed as PEM.
-    #[error("cannot read the CA file {path}: {source}")]
+    #[error("cannot read the CA file {path}: {cause}")]
     ReadCa {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: rustls::pki_types::pem::Error,
+        cause: rustls::pki_types::pem::Error,
     },
     /// The CA file holds no certificate.
     #[error("the CA file {0} holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)")]
     NoCa(PathBuf),
     /// rustls refused a certificate of the CA file as a trust anchor.
-    #[error("the CA file {path} holds a certificate rustls cannot use as a trust anchor: {source}")]
+    #[error("the CA file {path} holds a certificate rustls cannot use as a trust anchor: {cause}")]
     BadCa {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: rustls::Error,
+        cause: rustls::Error,
     },
     /// The host is not valid as a TLS server name (SNI).
     #[error("host {0:?} is not valid as a TLS server name")]
@@ -102,7 +103,7 @@ pub enum SetupError {
     Tls(rustls::Error),
     /// The open-file limit is too low for the connections asked for and cannot be raised.
     #[error(
-        "cannot raise the open-file limit (RLIMIT_NOFILE) to {needed} (now {soft}, hard limit {hard}): {source}; run as root, raise `ulimit -n`, or ask for fewer connections"
+        "cannot raise the open-file limit (RLIMIT_NOFILE) to {needed} (now {soft}, hard limit {hard}): {cause}; run as root, raise `ulimit -n`, or ask for fewer connections"
     )]
     Nofile {
         /// File descriptors needed.
@@ -112,7 +113,7 @@ pub enum SetupError {
         /// The hard limit in force.
         hard: u64,
         /// Why raising failed.
-        source: nix::Error,
+        cause: nix::Error,
     },
 }
 
@@ -482,17 +483,17 @@ impl Target {
     /// Speaks TLS to the target (inside the tunnel with a proxy), SNI = the host, trusting only
     /// the certificates in the PEM file `ca`.
     pub fn with_tls_ca_file(self, ca: &Path) -> Result<Target, SetupError> {
-        let read_err = |source| SetupError::ReadCa {
+        let read_err = |cause| SetupError::ReadCa {
             path: ca.to_path_buf(),
-            source,
+            cause,
         };
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).map_err(read_err)? {
             roots
                 .add(cert.map_err(read_err)?)
-                .map_err(|source| SetupError::BadCa {
+                .map_err(|cause| SetupError::BadCa {
                     path: ca.to_path_buf(),
-                    source,
+                    cause,
                 })?;
         }
         if roots.is_empty() {
@@ -634,7 +635,13 @@ impl Budget {
         stage: &'static str,
         step: impl Future<Output = T>,
     ) -> Result<T, OpError> {
-        let mut deadline = Instant::now() + self.io_timeout;
+        let now = Instant::now();
+        // timeout_at polls the step before its timer: a path that always has data ready
+        // would otherwise run past the run's end.
+        if self.run_deadline.is_some_and(|r| now >= r) {
+            return Err(OpError::Deadline);
+        }
+        let mut deadline = now + self.io_timeout;
         if let Some(op) = self.op_deadline {
             deadline = deadline.min(op);
         }
@@ -1278,21 +1285,21 @@ async fn idle_op(target: &Target, budget: &Budget, buf: &mut Buf) -> Result<Conn
 /// Raises the soft open-file limit to at least `needed` (and the hard one, which root may).
 pub fn raise_nofile(needed: u64) -> Result<(), SetupError> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|source| SetupError::Nofile {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|cause| SetupError::Nofile {
         needed,
         soft: 0,
         hard: 0,
-        source,
+        cause,
     })?;
     if soft >= needed {
         return Ok(());
     }
-    setrlimit(Resource::RLIMIT_NOFILE, needed, hard.max(needed)).map_err(|source| {
+    setrlimit(Resource::RLIMIT_NOFILE, needed, hard.max(needed)).map_err(|cause| {
         SetupError::Nofile {
             needed,
             soft,
             hard,
-            source,
+            cause,
         }
     })
 }
@@ -1853,6 +1860,17 @@ mod tests {
     #[test]
     fn nofile_already_enough() {
         raise_nofile(16).unwrap();
+    }
+
+    #[test]
+    fn nofile_beyond_the_kernel_maximum_says_so() {
+        // Above fs.nr_open (at most 2^30): refused even to root.
+        let e = raise_nofile(1 << 40).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot raise the open-file limit (RLIMIT_NOFILE) to 1099511627776"),
+            "{text}"
+        );
     }
 
     const SMALL: u64 = 1000;

@@ -5,8 +5,12 @@
 //! ```text
 //! egress-load bulk --target IP:PORT --host NAME [--proxy IP:PORT] [--tls --ca FILE] --path /bulk --streams N --seconds S [--verify] [--threads T]
 //! egress-load rate --target IP:PORT --host NAME [--proxy IP:PORT] [--tls --ca FILE] --path /small --concurrency C (--seconds S | --count N) [--verify] [--threads T]
-//! egress-load idle --target IP:PORT --host NAME [--proxy IP:PORT] [--tls --ca FILE] --path /small --count N [--concurrency C]
+//! egress-load idle --target IP:PORT --host NAME [--proxy IP:PORT] [--tls --ca FILE] --path /small --count N [--concurrency C] [--max-hold S]
+//! egress-load pattern --out FILE --bytes N     # the upstream's files, for --verify
 //! ```
+//!
+//! Every traffic mode also takes `--timeout S` (each I/O step, and a whole rate/idle
+//! operation; default 10).
 //!
 //! Prints exactly one JSON object on stdout when done and exits 0 if the run happened (failed
 //! operations are counted in it, not fatal); exits 2 with a message on stderr on bad arguments
@@ -38,6 +42,8 @@ enum Mode {
     Rate(RateArgs),
     /// Open N connections, one GET each, print, hold them until stdin reaches EOF.
     Idle(IdleArgs),
+    /// Write the first N bytes of the benchmark's pattern to a file (the upstream's files).
+    Pattern(PatternArgs),
 }
 
 /// Where to send requests, common to every mode.
@@ -118,6 +124,16 @@ struct IdleArgs {
     max_hold: Duration,
 }
 
+#[derive(Debug, Args)]
+struct PatternArgs {
+    /// File to create or truncate.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Its length in bytes.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
+    bytes: u64,
+}
+
 /// Seconds as a positive decimal, at most a day.
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -133,11 +149,13 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 const SPARE_FDS: u64 = 64;
 
 impl Mode {
-    fn common(&self) -> &Common {
+    /// Where to send requests (`None` for `pattern`, which sends nothing).
+    fn common(&self) -> Option<&Common> {
         match self {
-            Mode::Bulk(a) => &a.common,
-            Mode::Rate(a) => &a.common,
-            Mode::Idle(a) => &a.common,
+            Mode::Bulk(a) => Some(&a.common),
+            Mode::Rate(a) => Some(&a.common),
+            Mode::Idle(a) => Some(&a.common),
+            Mode::Pattern(_) => None,
         }
     }
 
@@ -147,13 +165,16 @@ impl Mode {
             Mode::Bulk(a) => a.streams.into(),
             Mode::Rate(a) => a.concurrency.into(),
             Mode::Idle(a) => a.count,
+            Mode::Pattern(_) => 0,
         }
     }
 }
 
 /// Everything that can fail before traffic: the target, the CA, the open-file limit.
 fn setup(mode: &Mode) -> anyhow::Result<Target> {
-    let c = mode.common();
+    let c = mode
+        .common()
+        .context("this mode sends no traffic: nothing to set up")?;
     let mut target = Target::new(c.target, &c.host, &c.path)?.io_timeout(c.timeout);
     if let Some(proxy) = c.proxy {
         target = target.via_proxy(proxy);
@@ -208,9 +229,20 @@ async fn run(
             drop(idle);
             return Ok(());
         }
+        Mode::Pattern(a) => pattern(a)?,
     };
     writeln!(out, "{report}")?;
     out.flush()
+}
+
+/// Writes the pattern file; its report.
+fn pattern(a: &PatternArgs) -> std::io::Result<serde_json::Value> {
+    load::write_pattern_file(&a.out, a.bytes)?;
+    Ok(serde_json::json!({
+        "mode": "pattern",
+        "out": a.out.display().to_string(),
+        "bytes": a.bytes,
+    }))
 }
 
 /// Resolves when stdin reaches EOF (or fails); read on a plain thread, which the process's
@@ -245,8 +277,21 @@ fn runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     // clap exits 2 on bad arguments (0 for --help).
     let cli = Cli::parse();
+    if let Mode::Pattern(a) = &cli.mode {
+        return match pattern(a) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("egress-load: cannot write {}: {e}", a.out.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     let started = setup(&cli.mode).and_then(|target| {
-        let rt = runtime(cli.mode.common().threads).context("start the tokio runtime")?;
+        let threads = cli.mode.common().map_or(1, |c| c.threads);
+        let rt = runtime(threads).context("start the tokio runtime")?;
         Ok((target, rt))
     });
     let (target, rt) = match started {
@@ -415,6 +460,22 @@ mod tests {
             (Some(5), Some(0)),
             "{v}"
         );
+    }
+
+    #[test]
+    fn pattern_mode_writes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bulk");
+        let cli = parse(&format!("pattern --out {} --bytes 100000", out.display())).unwrap();
+        let Mode::Pattern(a) = &cli.mode else {
+            panic!("{cli:?}")
+        };
+        let v = pattern(a).unwrap();
+        assert_eq!(v["bytes"], 100_000);
+        let data = std::fs::read(&out).unwrap();
+        assert_eq!(data.len(), 100_000);
+        assert_eq!(load::pattern_mismatch(0, &data), None);
+        assert!(setup(&cli.mode).is_err());
     }
 
     #[tokio::test]
