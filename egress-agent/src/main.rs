@@ -372,7 +372,9 @@ fn raise_open_files(max_connections: usize) {
         }
     };
     // Two sockets per tunnel, plus listeners, DNS sockets and the eBPF maps and links.
-    let needed = (max_connections as u64).saturating_mul(2).saturating_add(1024);
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(1024);
     if !raised {
         warn!(
             error = %std::io::Error::last_os_error(),

@@ -324,18 +324,37 @@ impl Results {
         median(self.samples.get(&(path, metric))?.iter().map(|s| s.value))
     }
 
-    fn median_of(&self, path: Path, metric: Metric, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    fn median_of(
+        &self,
+        path: Path,
+        metric: Metric,
+        f: impl Fn(&Sample) -> Option<f64>,
+    ) -> Option<f64> {
         median(self.samples.get(&(path, metric))?.iter().filter_map(f))
     }
 
     /// Median p50 latency (µs) of the concurrency-1 rate run.
     pub fn p50(&self, path: Path, tls: bool) -> Option<f64> {
-        self.median_of(path, Metric::Rate { tls, concurrency: 1 }, |s| s.p50_us)
+        self.median_of(
+            path,
+            Metric::Rate {
+                tls,
+                concurrency: 1,
+            },
+            |s| s.p50_us,
+        )
     }
 
     /// Median p99 latency (µs) of the concurrency-1 rate run.
     pub fn p99(&self, path: Path, tls: bool) -> Option<f64> {
-        self.median_of(path, Metric::Rate { tls, concurrency: 1 }, |s| s.p99_us)
+        self.median_of(
+            path,
+            Metric::Rate {
+                tls,
+                concurrency: 1,
+            },
+            |s| s.p99_us,
+        )
     }
 
     /// CPU seconds of the path's intermediaries per GB (10^9 bytes) of bulk body.
@@ -405,7 +424,17 @@ impl Bench {
     pub fn new(profile: Profile, bins: Bins) -> Bench {
         crate::require_root();
         crate::require_commands(&["squid", "nginx", "nft", "ip", "dnsmasq", "dig", "nsenter"]);
-        raise_nofile();
+        let nofile = raise_nofile();
+        let mut profile = profile;
+        if profile.idle > idle_capacity(nofile) {
+            eprintln!(
+                "bench: the open-file limit here is {nofile} (raising it needs CAP_SYS_RESOURCE): \
+                 {} idle connections instead of {}",
+                idle_capacity(nofile),
+                profile.idle
+            );
+            profile.idle = idle_capacity(nofile);
+        }
         let net = profile.net;
         let node = Netns::named("bnode");
         let upstream = Netns::named("bup");
@@ -469,7 +498,9 @@ impl Bench {
                 workers: 2,
             },
         );
-        let dns = Dns::start(&upstream, IpAddr::V4(up), &[(NAME, IpAddr::V4(up))]);
+        // A name with a TTL, as names out there have: with dnsmasq's default of 0 the agent's
+        // resolver would ask again for every connection.
+        let dns = Dns::start_with_ttl(&upstream, IpAddr::V4(up), &[(NAME, IpAddr::V4(up))], 300);
 
         // One squid: the PEP of agent B (127.0.0.1:3128), the explicit proxy (the node's
         // address on that actor's link, :3128) and the intercepting proxy (3129 HTTP, 3130 TLS).
@@ -599,12 +630,7 @@ impl Bench {
     /// Where the path's connections reach nginx from.
     fn expected_client(&self, path: Path) -> IpAddr {
         match path {
-            Path::Direct => IpAddr::V4(Ipv4Addr::new(
-                10,
-                240 + path.index(),
-                self.profile.net,
-                2,
-            )),
+            Path::Direct => IpAddr::V4(Ipv4Addr::new(10, 240 + path.index(), self.profile.net, 2)),
             // The agents and squid dial from the node's uplink address.
             _ => IpAddr::V4(Ipv4Addr::new(10, 250, self.profile.net, 1)),
         }
@@ -624,14 +650,32 @@ impl Bench {
                 let out = self.load(
                     path,
                     tls,
-                    &["rate", "--path", "/small", "--concurrency", "2", "--count", "6", "--verify"],
+                    &[
+                        "rate",
+                        "--path",
+                        "/small",
+                        "--concurrency",
+                        "2",
+                        "--count",
+                        "6",
+                        "--verify",
+                    ],
                 );
                 expect_clean(path, "check (rate)", &out);
                 requests += 6;
                 let out = self.load(
                     path,
                     tls,
-                    &["bulk", "--path", "/bulk", "--streams", "1", "--seconds", "0.2", "--verify"],
+                    &[
+                        "bulk",
+                        "--path",
+                        "/bulk",
+                        "--streams",
+                        "1",
+                        "--seconds",
+                        "0.2",
+                        "--verify",
+                    ],
                 );
                 expect_clean(path, "check (bulk)", &out);
                 requests += out["requests"].as_u64().unwrap_or(0) + 1;
@@ -651,7 +695,10 @@ impl Bench {
                 path.name()
             );
             if let Some(before) = before_agent {
-                let after = self.path_agent(path).map(|a| a.connection_lines().len()).unwrap_or(0);
+                let after = self
+                    .path_agent(path)
+                    .map(|a| a.connection_lines().len())
+                    .unwrap_or(0);
                 assert!(
                     after >= before + 12,
                     "path {}: the agent logged {} connections for 12+ made",
@@ -665,7 +712,11 @@ impl Bench {
                 Path::EgressPep | Path::SquidExplicit | Path::SquidIntercept
             );
             assert!(
-                if via_squid { squid_seen >= 4 } else { squid_seen == 0 },
+                if via_squid {
+                    squid_seen >= 4
+                } else {
+                    squid_seen == 0
+                },
                 "path {}: squid logged {squid_seen} requests",
                 path.name()
             );
@@ -727,7 +778,11 @@ impl Bench {
         }
         let line = out.stdout.lines().last().unwrap_or_default();
         serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!("egress-load on path {} printed no JSON ({e}): {}", path.name(), out.describe())
+            panic!(
+                "egress-load on path {} printed no JSON ({e}): {}",
+                path.name(),
+                out.describe()
+            )
         })
     }
 
@@ -765,7 +820,12 @@ impl Bench {
             }
         }
         if self.profile.idle > 0 {
-            for path in [Path::Egress, Path::EgressPep, Path::NftAgent, Path::SquidIntercept] {
+            for path in [
+                Path::Egress,
+                Path::EgressPep,
+                Path::NftAgent,
+                Path::SquidIntercept,
+            ] {
                 if !paths.contains(&path) {
                     continue;
                 }
@@ -799,9 +859,17 @@ impl Bench {
         let (tls, args): (bool, Vec<String>) = match metric {
             Metric::Bulk { tls, streams } => (
                 tls,
-                ["bulk", "--path", "/bulk", "--streams", &streams.to_string(), "--seconds", secs]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "bulk",
+                    "--path",
+                    "/bulk",
+                    "--streams",
+                    &streams.to_string(),
+                    "--seconds",
+                    secs,
+                ]
+                .map(String::from)
+                .to_vec(),
             ),
             Metric::Rate { tls, concurrency } => (
                 tls,
@@ -859,9 +927,19 @@ impl Bench {
         let mut cmd = self.load_command(
             path,
             false,
-            &["idle", "--path", "/small", "--count", &count, "--concurrency", "64"],
+            &[
+                "idle",
+                "--path",
+                "/small",
+                "--count",
+                &count,
+                "--concurrency",
+                "64",
+            ],
         );
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn egress-load idle: {e}"));
@@ -872,7 +950,10 @@ impl Bench {
         if read.is_err() || out.is_null() {
             let _ = child.kill();
             let status = child.wait();
-            panic!("egress-load idle on path {} printed no JSON ({status:?}): {line}", path.name());
+            panic!(
+                "egress-load idle on path {} printed no JSON ({status:?}): {line}",
+                path.name()
+            );
         }
         expect_clean(path, "idle", &out);
         settle();
@@ -909,7 +990,9 @@ impl Bench {
             args.push("--verify");
         }
         let mut cmd = self.load_command(Path::Egress, false, &args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn egress-load short: {e}"));
@@ -935,7 +1018,10 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(1000));
             rss.push(rss_kib(pid));
             if last_report.elapsed() > Duration::from_secs(15) {
-                progress(&format!("short: running, agent RSS {} KiB", rss[rss.len() - 1]));
+                progress(&format!(
+                    "short: running, agent RSS {} KiB",
+                    rss[rss.len() - 1]
+                ));
                 last_report = Instant::now();
             }
         }
@@ -1060,7 +1146,11 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
             let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
             let f: Vec<&str> = rest.split_whitespace().collect();
             // rest starts at field 3 (state): utime is field 14, stime 15.
-            let at = |i: usize| f.get(i - 3).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+            let at = |i: usize| {
+                f.get(i - 3)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
             (at(14) + at(15)) / ticks
         })
         .sum()
@@ -1076,21 +1166,40 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Raises this process's open-file limit (children inherit it): 10,000 idle connections
-/// through a proxy are 20,000 descriptors in the proxy and 10,000 in the client.
-fn raise_nofile() {
-    let limit = libc::rlimit {
-        rlim_cur: 1 << 20,
-        rlim_max: 1 << 20,
+/// Raises this process's soft open-file limit to the hard one (children inherit it) and
+/// returns it: 10,000 idle connections through a proxy are 20,000 descriptors in the proxy.
+/// Raising the hard limit itself needs CAP_SYS_RESOURCE, which some machines (containers,
+/// this project's CI VM) do not give root.
+pub fn raise_nofile() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        panic!(
-            "cannot raise RLIMIT_NOFILE to {}: {} (the bench needs it for its idle connections)",
-            1 << 20,
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: getrlimit/setrlimit read or write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        // Try for the kernel's ceiling first; fall back to the hard limit we have.
+        let want = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return 1 << 20;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return limit.rlim_cur.min(1024);
+        }
     }
+    limit.rlim_max
+}
+
+/// How many idle connections fit in `nofile` descriptors when a proxy holds two per
+/// connection, with room for everything else it has open.
+pub fn idle_capacity(nofile: u64) -> usize {
+    (nofile.saturating_sub(1_000) / 2) as usize
 }
 
 /// The ratio `a / b`, if both are known and `b` is not zero.
@@ -1119,7 +1228,9 @@ impl Target {
     pub fn verdict(&self) -> &'static str {
         match self.measured {
             None => "not measured",
-            Some(m) if (self.at_least && m >= self.bound) || (!self.at_least && m <= self.bound) => {
+            Some(m)
+                if (self.at_least && m >= self.bound) || (!self.at_least && m <= self.bound) =>
+            {
                 "met"
             }
             Some(_) => "NOT met",
@@ -1139,7 +1250,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
         })
     };
     for metric in Metric::ALL {
-        let Metric::Bulk { .. } = metric else { continue };
+        let Metric::Bulk { .. } = metric else {
+            continue;
+        };
         let e = r.median(Path::Egress, metric);
         push(
             format!("egress {} x direct >= 0.90", metric.name()),
@@ -1184,7 +1297,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
     }
     push(
         "egress RSS per idle tunnelled connection (KiB) <= 16".into(),
-        r.idle.get(&Path::Egress).map(|i| i.per_conn_bytes() / 1024.0),
+        r.idle
+            .get(&Path::Egress)
+            .map(|i| i.per_conn_bytes() / 1024.0),
         16.0,
         false,
     );
@@ -1208,7 +1323,8 @@ pub fn targets(r: &Results) -> Vec<Target> {
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "–".into())
 }
 
 /// The results as Markdown tables (printed by the bench and kept in docs/benchmarks.md).
@@ -1226,13 +1342,23 @@ pub fn markdown(r: &Results) -> String {
         let v = r.median(path, metric);
         format!(
             "{} ({} / {})",
-            fmt(v, if matches!(metric, Metric::Bulk { .. }) { 2 } else { 0 }),
+            fmt(
+                v,
+                if matches!(metric, Metric::Bulk { .. }) {
+                    2
+                } else {
+                    0
+                }
+            ),
             fmt(ratio(v, r.median(Path::Direct, metric)), 2),
             fmt(ratio(v, r.median(Path::SquidIntercept, metric)), 2)
         )
     };
     for (title, bulk) in [
-        ("Bulk throughput, Gbit/s (× direct / × squid-intercept)", true),
+        (
+            "Bulk throughput, Gbit/s (× direct / × squid-intercept)",
+            true,
+        ),
         (
             "New connections per second, `Connection: close` (× direct / × squid-intercept)",
             false,
@@ -1445,10 +1571,16 @@ mod tests {
             cpu_s: 0.5,
         };
         r.samples.insert((Path::Direct, bulk), vec![s(10.0, None)]);
-        r.samples.insert((Path::Egress, bulk), vec![s(9.5, None), s(9.0, None), s(9.2, None)]);
-        r.samples.insert((Path::SquidIntercept, bulk), vec![s(4.0, None)]);
-        r.samples.insert((Path::Direct, rate), vec![s(5000.0, Some(100.0))]);
-        r.samples.insert((Path::Egress, rate), vec![s(4000.0, Some(180.0))]);
+        r.samples.insert(
+            (Path::Egress, bulk),
+            vec![s(9.5, None), s(9.0, None), s(9.2, None)],
+        );
+        r.samples
+            .insert((Path::SquidIntercept, bulk), vec![s(4.0, None)]);
+        r.samples
+            .insert((Path::Direct, rate), vec![s(5000.0, Some(100.0))]);
+        r.samples
+            .insert((Path::Egress, rate), vec![s(4000.0, Some(180.0))]);
         let t = targets(&r);
         let find = |w: &str| t.iter().find(|t| t.what.starts_with(w)).unwrap();
         let direct = find("egress bulk-plain-1 x direct");

@@ -33,6 +33,17 @@ impl Dns {
     /// else (no upstream servers, no /etc/hosts, no /etc/resolv.conf), and waits until it
     /// answers. `listen` must already be configured on an interface in `netns`.
     pub fn start(netns: &Netns, listen: IpAddr, hosts: &[(&str, IpAddr)]) -> Dns {
+        Dns::start_with_ttl(netns, listen, hosts, 0)
+    }
+
+    /// Like [`Dns::start`], answering with a TTL of `ttl` seconds (dnsmasq's `--local-ttl`;
+    /// 0, its default, tells every resolver not to cache).
+    pub fn start_with_ttl(
+        netns: &Netns,
+        listen: IpAddr,
+        hosts: &[(&str, IpAddr)],
+        ttl: u32,
+    ) -> Dns {
         crate::require_commands(&["dnsmasq", "dig", "nsenter"]);
         // dnsmasq drops to `nobody` before reading the hosts file and writing its log.
         let dir = crate::pki::private_readable_dir("egress-test-dns-");
@@ -53,6 +64,7 @@ impl Dns {
             .arg("--bind-interfaces")
             .arg("--port=53")
             .arg("--log-queries")
+            .arg(format!("--local-ttl={ttl}"))
             .arg(format!(
                 "--log-facility={}",
                 dir.path().join("log").display()

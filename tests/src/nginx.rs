@@ -51,8 +51,10 @@ impl Nginx {
         }
         let conf = render(d, &www, &spec);
         std::fs::write(d.join("nginx.conf"), &conf).expect("write nginx.conf");
+        // `nginx -t` binds the listening addresses: test inside the namespace.
         let test = crate::process::run(
-            std::process::Command::new("nginx")
+            netns
+                .command("nginx")
                 .arg("-t")
                 .arg("-q")
                 .arg("-p")
@@ -82,7 +84,10 @@ impl Nginx {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("nginx exited during start-up ({status}):\n{}", self.errors());
+                panic!(
+                    "nginx exited during start-up ({status}):\n{}",
+                    self.errors()
+                );
             }
             let up = [80u16, 443].iter().all(|&port| {
                 let to = std::net::SocketAddr::new(addr, port);
@@ -108,8 +113,8 @@ impl Nginx {
         self.child.id()
     }
 
-    /// How many requests came from each client address, from the access log (flushed by
-    /// nginx within a second; call after a pause).
+    /// How many requests came from each client address, from the access log (unbuffered: a
+    /// request is there once nginx has finished it).
     pub fn requests_by_client(&self) -> std::collections::BTreeMap<IpAddr, u64> {
         let mut by = std::collections::BTreeMap::new();
         let log = std::fs::read_to_string(self.access_log()).unwrap_or_default();
@@ -166,15 +171,14 @@ fn render(dir: &Path, www: &Path, spec: &NginxSpec<'_>) -> String {
         "daemon off;
 master_process on;
 worker_processes {workers};
-worker_rlimit_nofile 100000;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{
-    worker_connections 40000;
+    worker_connections 16384;
 }}
 http {{
     log_format src '$remote_addr $server_port $status $body_bytes_sent';
-    access_log {d}/access.log src buffer=256k flush=1s;
+    access_log {d}/access.log src;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;

@@ -32,7 +32,12 @@ fn every_path_delivers_correct_bytes() {
             );
         }
     }
-    for path in [Path::Egress, Path::EgressPep, Path::NftAgent, Path::SquidIntercept] {
+    for path in [
+        Path::Egress,
+        Path::EgressPep,
+        Path::NftAgent,
+        Path::SquidIntercept,
+    ] {
         assert_eq!(r.idle[&path].open, profile.idle as u64, "{}", path.name());
     }
     let short = r.short.expect("short run");

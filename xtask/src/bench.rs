@@ -18,17 +18,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let built = build::build_ebpf(true)?;
     let cargo = env!("CARGO");
-    setup::run_cmd(Command::new(cargo).args([
-        "build",
-        "--release",
-        "--package",
-        "egress-tests",
-        "--bin",
-        "egress-bench",
-        "--bin",
-        "egress-load",
-    ]).env("EGRESS_EBPF_REQUIRED", "1")
-    .env("EGRESS_EBPF_TOOLCHAIN", &built.toolchain))?;
+    setup::run_cmd(
+        Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "egress-tests",
+                "--bin",
+                "egress-bench",
+                "--bin",
+                "egress-load",
+            ])
+            .env("EGRESS_EBPF_REQUIRED", "1")
+            .env("EGRESS_EBPF_TOOLCHAIN", &built.toolchain),
+    )?;
     let dir = built
         .agent
         .parent()

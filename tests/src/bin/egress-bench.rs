@@ -112,11 +112,15 @@ fn main() -> ExitCode {
                 .and_then(|p| p.parent().map(|d| d.join("egress-load")))
         });
     let Some(load) = load.filter(|p| p.exists()) else {
-        eprintln!("no egress-load binary: build it (cargo build -p egress-tests --bin egress-load) or pass --load");
+        eprintln!(
+            "no egress-load binary: build it (cargo build -p egress-tests --bin egress-load) or pass --load"
+        );
         return ExitCode::from(2);
     };
 
-    eprintln!("bench: setting up every path (namespaces, nginx, squid, three agents) and checking each one");
+    eprintln!(
+        "bench: setting up every path (namespaces, nginx, squid, three agents) and checking each one"
+    );
     let b = Bench::new(profile.clone(), Bins { load, agent });
     eprintln!("bench: {}", b.describe());
     let results = b.run(&mut |line| eprintln!("bench: {line}"));
