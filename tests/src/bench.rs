@@ -438,7 +438,7 @@ impl Bench {
         let net = profile.net;
         let node = Netns::named("bnode");
         let upstream = Netns::named("bup");
-        named_veth(
+        let upstream_link = named_veth(
             "bu",
             &node,
             &upstream,
@@ -498,9 +498,17 @@ impl Bench {
                 workers: 2,
             },
         );
-        // A name with a TTL, as names out there have: with dnsmasq's default of 0 the agent's
-        // resolver would ask again for every connection.
-        let dns = Dns::start_with_ttl(&upstream, IpAddr::V4(up), &[(NAME, IpAddr::V4(up))], 300);
+        // A name in a zone with TTLs, as names out there are: with dnsmasq's defaults (TTL 0,
+        // REFUSED for AAAA) the agent's resolver would ask twice for every connection.
+        let uplink_if = upstream_link.b_name.clone();
+        let dns = Dns::start_zone(
+            &upstream,
+            IpAddr::V4(up),
+            &[(NAME, IpAddr::V4(up))],
+            "egress.test",
+            &uplink_if,
+            300,
+        );
 
         // One squid: the PEP of agent B (127.0.0.1:3128), the explicit proxy (the node's
         // address on that actor's link, :3128) and the intercepting proxy (3129 HTTP, 3130 TLS).

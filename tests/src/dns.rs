@@ -33,16 +33,40 @@ impl Dns {
     /// else (no upstream servers, no /etc/hosts, no /etc/resolv.conf), and waits until it
     /// answers. `listen` must already be configured on an interface in `netns`.
     pub fn start(netns: &Netns, listen: IpAddr, hosts: &[(&str, IpAddr)]) -> Dns {
-        Dns::start_with_ttl(netns, listen, hosts, 0)
+        Dns::start_with(netns, listen, hosts, &[])
     }
 
-    /// Like [`Dns::start`], answering with a TTL of `ttl` seconds (dnsmasq's `--local-ttl`;
-    /// 0, its default, tells every resolver not to cache).
-    pub fn start_with_ttl(
+    /// Like [`Dns::start`], but as the authoritative server of `zone` for queries arriving on
+    /// `interface`, answering with a TTL of `ttl` seconds, the way a real zone answers: a
+    /// type it has no record of (AAAA for an IPv4-only name) gets an empty answer with the
+    /// zone's SOA, which resolvers cache, rather than REFUSED, which they ask again for
+    /// every lookup.
+    pub fn start_zone(
         netns: &Netns,
         listen: IpAddr,
         hosts: &[(&str, IpAddr)],
+        zone: &str,
+        interface: &str,
         ttl: u32,
+    ) -> Dns {
+        Dns::start_with(
+            netns,
+            listen,
+            hosts,
+            &[
+                format!("--auth-zone={zone}"),
+                format!("--auth-server=ns.{zone},{interface}"),
+                format!("--auth-ttl={ttl}"),
+                format!("--local-ttl={ttl}"),
+            ],
+        )
+    }
+
+    fn start_with(
+        netns: &Netns,
+        listen: IpAddr,
+        hosts: &[(&str, IpAddr)],
+        extra: &[String],
     ) -> Dns {
         crate::require_commands(&["dnsmasq", "dig", "nsenter"]);
         // dnsmasq drops to `nobody` before reading the hosts file and writing its log.
@@ -64,7 +88,7 @@ impl Dns {
             .arg("--bind-interfaces")
             .arg("--port=53")
             .arg("--log-queries")
-            .arg(format!("--local-ttl={ttl}"))
+            .args(extra)
             .arg(format!(
                 "--log-facility={}",
                 dir.path().join("log").display()
