@@ -226,6 +226,7 @@ fn main() -> anyhow::Result<()> {
                 peek_max_bytes = config.peek.max_bytes,
                 socket_mark = format!("{:#x}", config.socket_mark),
                 relay_buffer_bytes = config.relay_buffer,
+                relay = %config.relay,
                 max_connections = config.max_connections,
                 control_socket = %config.control_socket.display(),
                 state_dir = %config.state_dir.display(),

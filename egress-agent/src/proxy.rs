@@ -14,13 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use egress_common::Record;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-    sync::Semaphore,
-};
+use tokio::{net::TcpStream, sync::Semaphore};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
@@ -29,7 +25,7 @@ use crate::{
     config::{Actor, Capture, Config},
     direct, dns, ebpf, netns,
     policy::{self, RuleKind, TemplatePolicy},
-    resolve,
+    relay, resolve,
     route::{self, Route},
     socket::{self, SocketFactory},
     tunnel,
@@ -474,13 +470,13 @@ impl Context {
                 closed
             }
             Route::Pep { rule } => {
-                let mut closed = self.tunnel(stream, flow, authority, &peeked).await;
+                let mut closed = self.tunnel(stream, flow, authority, peeked.freeze()).await;
                 closed.rule = rule.unwrap_or_default();
                 closed
             }
             Route::Direct { rule, dial } => {
                 let mut closed = self
-                    .direct(stream, template, &dial, authority, &peeked, &denied)
+                    .direct(stream, template, &dial, authority, peeked.freeze(), &denied)
                     .await;
                 closed.rule = rule;
                 closed
@@ -523,7 +519,7 @@ impl Context {
         template: &TemplatePolicy,
         dial: &direct::Dial,
         authority: Authority,
-        peeked: &[u8],
+        peeked: Bytes,
         denied: &[IpAddr],
     ) -> Closed {
         let Some(resolver) = &self.resolver else {
@@ -558,7 +554,14 @@ impl Context {
                 }
             };
         let mut closed = self
-            .relay(stream, upstream, |u| u, peeked, &[], Outcome::Direct)
+            .relay(
+                stream,
+                upstream,
+                |u| u,
+                peeked,
+                Bytes::new(),
+                Outcome::Direct,
+            )
             .await;
         closed.authority = Some(authority);
         closed.dialled = Some(dialled);
@@ -571,7 +574,7 @@ impl Context {
         stream: TcpStream,
         flow: &Flow,
         authority: Authority,
-        peeked: &[u8],
+        peeked: Bytes,
     ) -> Closed {
         let Some(connector) = &self.connector else {
             return Closed::failed(
@@ -619,7 +622,7 @@ impl Context {
                 tunnel.stream,
                 tunnel::PepStream::tcp,
                 peeked,
-                &tunnel.leftover,
+                tunnel.leftover,
                 Outcome::Tunneled,
             )
             .await;
@@ -632,24 +635,27 @@ impl Context {
     /// done: `done` when it ends cleanly, `relay_error` otherwise. Both sockets are armed to
     /// reset and disarmed only on a clean end: on a relay error one side failed mid-stream,
     /// and the other must see a reset, not a clean end it could mistake for complete data.
-    async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
+    /// `peeked` and `leftover` are owned so that their memory goes once they are written.
+    async fn relay<U: relay::Peer>(
         &self,
         mut stream: TcpStream,
         mut upstream: U,
         tcp: impl Fn(&U) -> &TcpStream,
-        peeked: &[u8],
-        leftover: &[u8],
+        peeked: Bytes,
+        leftover: Bytes,
         done: Outcome,
     ) -> Closed {
         socket::arm_reset(tcp(&upstream));
-        let (bytes_up, bytes_down, result) = tunnel::relay(
-            &mut stream,
-            &mut upstream,
-            peeked,
-            leftover,
-            self.config.relay_buffer,
-        )
-        .await;
+        let settings = relay::Settings {
+            mode: self.config.relay,
+            max_buffer: self.config.relay_buffer,
+        };
+        let relay::Relayed {
+            bytes_up,
+            bytes_down,
+            engine,
+            result,
+        } = relay::relay(&mut stream, &mut upstream, peeked, leftover, settings).await;
         if result.is_ok() {
             socket::disarm_reset(&stream);
             socket::disarm_reset(tcp(&upstream));
@@ -667,6 +673,7 @@ impl Context {
             error: result.err().map(|e| e.to_string()),
             rule: String::new(),
             dialled: None,
+            relay: engine.as_str(),
         }
     }
 }
@@ -738,6 +745,8 @@ struct Closed {
     rule: String,
     /// The address a direct dial connected to.
     dialled: Option<SocketAddr>,
+    /// The relay engines that moved the bytes ("" when nothing was relayed).
+    relay: &'static str,
 }
 
 impl Closed {
@@ -757,6 +766,7 @@ impl Closed {
             error: Some(error.to_string()),
             rule: String::new(),
             dialled: None,
+            relay: "",
         }
     }
 
@@ -785,6 +795,7 @@ impl Closed {
                     pep_status,
                     rule,
                     dialled = %dialled,
+                    relay = self.relay,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,
                     duration_ms,
