@@ -426,15 +426,18 @@ impl Context {
         socket::arm_reset(&stream);
         let _ = stream.set_nodelay(true);
         if flow.original_dst.port() == 53 {
-            return self.serve_dns_tcp(stream, flow).await;
+            return Box::pin(self.serve_dns_tcp(stream, flow)).await;
         }
+        // The futures of the steps before the relay are boxed: they are freed when their step
+        // ends, instead of sizing the task (which lives as long as the tunnel) for the largest
+        // of them.
         let mut peeked = BytesMut::with_capacity(1024);
-        let mut authority = match classify::classify(
+        let mut authority = match Box::pin(classify::classify(
             &mut stream,
             &mut peeked,
             flow.original_dst,
             &self.config.peek,
-        )
+        ))
         .await
         {
             Ok(authority) => authority,
@@ -452,7 +455,7 @@ impl Context {
                 source: Source::Dns,
             };
         }
-        let denied = self.denied_addresses(&flow.actor).await;
+        let denied = Box::pin(self.denied_addresses(&flow.actor)).await;
         let policy = self.policy.current();
         let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
         let route = route::route(
@@ -537,22 +540,27 @@ impl Context {
             (!d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied))
                 .then(|| d.rule.to_string())
         };
-        let (upstream, dialled) =
-            match direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
-                .await
-            {
-                Ok(ok) => ok,
-                Err(e) => {
-                    let outcome = match &e {
-                        direct::Error::Denied { .. } => Outcome::Denied,
-                        direct::Error::Resolve(_) => Outcome::ResolveFailed,
-                        direct::Error::Unreachable { .. } | direct::Error::Timeout { .. } => {
-                            Outcome::UpstreamUnreachable
-                        }
-                    };
-                    return Closed::failed(outcome, Some(authority), None, &e);
-                }
-            };
+        let (upstream, dialled) = match Box::pin(direct::connect(
+            dial,
+            resolver,
+            &self.sockets,
+            DIRECT_CONNECT_TIMEOUT,
+            check,
+        ))
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                let outcome = match &e {
+                    direct::Error::Denied { .. } => Outcome::Denied,
+                    direct::Error::Resolve(_) => Outcome::ResolveFailed,
+                    direct::Error::Unreachable { .. } | direct::Error::Timeout { .. } => {
+                        Outcome::UpstreamUnreachable
+                    }
+                };
+                return Closed::failed(outcome, Some(authority), None, &e);
+            }
+        };
         let mut closed = self
             .relay(
                 stream,
@@ -593,7 +601,7 @@ impl Context {
             Ok(r) => r,
             Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
         };
-        let tunnel = match connector.open(request).await {
+        let tunnel = match Box::pin(connector.open(request)).await {
             Ok(t) => t,
             Err(e) => {
                 let outcome = match &e {
