@@ -10,7 +10,7 @@ use egress_agent::{
     ebpf,
     net::nft::Inbound,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 /// Captures sandboxed actors' outbound TCP and tunnels it to a policy enforcement point.
 #[derive(Parser)]
@@ -250,6 +250,7 @@ fn main() -> anyhow::Result<()> {
                     "PEP link"
                 );
             }
+            raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(app::run(config, shutdown_signal()))?;
         }
@@ -381,5 +382,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// Most open files the agent asks for when its hard limit is unlimited (Linux's default
+/// `fs.nr_open`).
+const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft open-files limit to the hard one: each tunnel holds two sockets (and a pipe
+/// per direction while splicing), so the usual soft limit of 1,024 would cap the agent at a
+/// few hundred connections.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let want = hard.min(MAX_OPEN_FILES);
+            if soft >= want {
+                return;
+            }
+            match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                Ok(()) => info!(from = soft, to = want, "open-files limit raised"),
+                Err(e) => warn!(soft, hard, error = %e,
+                    "could not raise the open-files limit: connections beyond it are refused \
+                     (raise LimitNOFILE / ulimit -n)"),
+            }
+        }
+        Err(e) => warn!(error = %e, "reading the open-files limit"),
     }
 }
