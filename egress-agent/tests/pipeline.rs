@@ -719,7 +719,7 @@ async fn idle_tunnel_memory() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut apps = Vec::with_capacity(n + 500);
-    let mut open = async || {
+    let open = async || {
         let mut app = TcpStream::connect(addr).await.unwrap();
         let (server, peer) = listener.accept().await.unwrap();
         let flow = Flow {
