@@ -627,7 +627,9 @@ impl Drop for Splicer {
     }
 }
 
-/// `splice(2)` of up to `len` bytes, moving pages where it can and never blocking.
+/// `splice(2)` of up to `len` bytes, moving pages where it can and never blocking. Into a
+/// socket whose peer is gone it fails with `EPIPE` (the kernel also raises `SIGPIPE`, which
+/// Rust programs ignore).
 fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     loop {
         match nix::fcntl::splice(
