@@ -473,6 +473,8 @@ impl Context {
                 closed
             }
             Route::Pep { rule } => {
+                // Not needed past the decision: not kept for the tunnel's life.
+                drop(denied);
                 let mut closed = self.tunnel(stream, flow, authority, peeked.freeze()).await;
                 closed.rule = rule.unwrap_or_default();
                 closed
