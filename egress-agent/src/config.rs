@@ -15,6 +15,7 @@ use crate::{
     classify, ebpf,
     net::{nft::Inbound, veth::Pool},
     pep::{self, Pep, PepArgs, PepFile},
+    relay,
 };
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -61,6 +62,12 @@ pub enum Error {
     /// A setting that must be above zero is zero.
     #[error("--{0} must be above zero")]
     Zero(&'static str),
+    /// A relay buffer so large that a few thousand busy tunnels would exhaust memory.
+    #[error(
+        "--relay-buffer-bytes {0} is above {max}: each tunnel may hold twice that while busy",
+        max = relay::MAX_BUFFER
+    )]
+    RelayBufferTooLarge(usize),
     /// The two listener ports are equal.
     #[error(
         "--listen-port and --veth-listen-port are both {0}: a namespace with cgroup actors and \
@@ -370,8 +377,11 @@ pub struct Config {
     pub peek: classify::Limits,
     /// `SO_MARK` of the agent's own sockets (exempt from capture).
     pub socket_mark: u32,
-    /// Size of each of the two relay buffers of a tunnel.
+    /// The most bytes a tunnel's relay holds per direction: the size its copy buffer grows to
+    /// with traffic (from 1 KiB), and its splice pipe's size (at most 1 MiB).
     pub relay_buffer: usize,
+    /// The relay engine where both ends are plain TCP (`--relay`).
+    pub relay: relay::Mode,
     /// Most connections served at once; more are reset.
     pub max_connections: usize,
 }
@@ -392,7 +402,8 @@ impl Default for Config {
             listen_port: 15001,
             peek: classify::Limits::default(),
             socket_mark: DEFAULT_SOCKET_MARK,
-            relay_buffer: 16 * 1024,
+            relay_buffer: relay::DEFAULT_MAX_BUFFER,
+            relay: relay::Mode::default(),
             max_connections: 65_536,
         }
     }
@@ -459,9 +470,17 @@ pub struct RunArgs {
     /// SO_MARK of the agent's own sockets, which capture leaves alone (decimal or 0x hex).
     #[arg(long, env = "EGRESS_SOCKET_MARK", default_value = "0x65670000", value_parser = parse_u32)]
     pub socket_mark: u32,
-    /// Size of each of a tunnel's two relay buffers, in bytes.
-    #[arg(long, env = "EGRESS_RELAY_BUFFER_BYTES", default_value_t = 16 * 1024)]
+    /// The most bytes a tunnel's relay holds per direction: a copy buffer starts at 1 KiB and
+    /// grows to this only as reads fill it (an idle tunnel holds none); a splice pipe is this
+    /// size (at most 1 MiB).
+    #[arg(long, env = "EGRESS_RELAY_BUFFER_BYTES", default_value_t = relay::DEFAULT_MAX_BUFFER)]
     pub relay_buffer_bytes: usize,
+    /// How tunnels whose two ends are plain TCP (a direct dial, a plain-TCP PEP link) are
+    /// relayed: `splice` (splice(2) through a pipe per direction, bytes never copied to user
+    /// space) or `copy` (a user-space buffer). A TLS PEP link is always relayed with `copy`.
+    /// Default: `relay` in the config file, else splice.
+    #[arg(long, env = "EGRESS_RELAY", value_enum)]
+    pub relay: Option<relay::Mode>,
     /// Most connections served at once; connections beyond it are reset.
     #[arg(long, env = "EGRESS_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
@@ -541,6 +560,8 @@ pub struct File {
     pub pep: Option<PepFile>,
     /// The policy file (`--policy` wins).
     pub policy: Option<PathBuf>,
+    /// The relay engine for plain TCP tunnels: "splice" or "copy" (`--relay` wins).
+    pub relay: Option<relay::Mode>,
     /// Actors captured from the start.
     #[serde(default, rename = "actor")]
     pub actors: Vec<ActorSpec>,
@@ -613,6 +634,9 @@ impl RunArgs {
                 return Err(Error::Zero(flag));
             }
         }
+        if self.relay_buffer_bytes > relay::MAX_BUFFER {
+            return Err(Error::RelayBufferTooLarge(self.relay_buffer_bytes));
+        }
         if self.listen_port == self.veth_listen_port {
             return Err(Error::SamePorts(self.listen_port));
         }
@@ -652,6 +676,7 @@ impl RunArgs {
             },
             socket_mark: self.socket_mark,
             relay_buffer: self.relay_buffer_bytes,
+            relay: self.relay.or(file.relay).unwrap_or_default(),
             max_connections: self.max_connections,
         })
     }
@@ -1053,6 +1078,38 @@ mod tests {
         assert!(matches!(
             t.run.into_config(),
             Err(Error::Zero("veth-dns-port"))
+        ));
+    }
+
+    #[test]
+    fn relay_engine_from_flag_or_file() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("egress.toml");
+        fs::write(&file, "relay = \"copy\"\n").unwrap();
+        let config = |flags: &[&str]| {
+            let mut argv = vec!["t", "--config", file.to_str().unwrap()];
+            argv.extend_from_slice(flags);
+            T::try_parse_from(argv).unwrap().run.into_config()
+        };
+        assert_eq!(config(&[]).unwrap().relay, relay::Mode::Copy);
+        assert_eq!(
+            config(&["--relay", "splice"]).unwrap().relay,
+            relay::Mode::Splice,
+            "the flag wins"
+        );
+        let defaults = T::try_parse_from(["t"]).unwrap().run.into_config().unwrap();
+        assert_eq!(defaults.relay, relay::Mode::Splice);
+        assert_eq!(defaults.relay_buffer, relay::DEFAULT_MAX_BUFFER);
+        assert!(T::try_parse_from(["t", "--relay", "sendfile"]).is_err());
+        assert!(matches!(
+            config(&["--relay-buffer-bytes", "1073741824"]),
+            Err(Error::RelayBufferTooLarge(_))
         ));
     }
 

@@ -3,7 +3,7 @@
 //! The path of a connection: [`ebpf`] programs redirect an actor's connect to a [`capture`]
 //! listener in the actor's network namespace and record where it was going; the listener
 //! takes the record; [`proxy`] classifies the first bytes ([`classify`]), opens a CONNECT
-//! tunnel through the PEP ([`tunnel`], over the link [`pep`] configures) and relays. Where no PEP decides, [`policy`] does.
+//! tunnel through the PEP ([`tunnel`], over the link [`pep`] configures) and relays ([`relay`]). Where no PEP decides, [`policy`] does.
 pub mod actors;
 pub mod app;
 pub mod capture;
@@ -18,6 +18,7 @@ pub mod netns;
 pub mod pep;
 pub mod policy;
 pub mod proxy;
+pub mod relay;
 pub mod resolve;
 pub mod route;
 pub mod socket;

@@ -226,6 +226,7 @@ fn main() -> anyhow::Result<()> {
                 peek_max_bytes = config.peek.max_bytes,
                 socket_mark = format!("{:#x}", config.socket_mark),
                 relay_buffer_bytes = config.relay_buffer,
+                relay = %config.relay,
                 max_connections = config.max_connections,
                 control_socket = %config.control_socket.display(),
                 state_dir = %config.state_dir.display(),
@@ -249,7 +250,7 @@ fn main() -> anyhow::Result<()> {
                     "PEP link"
                 );
             }
-            raise_open_files(config.max_connections);
+            raise_open_files_limit(config.max_connections);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(app::run(config, shutdown_signal()))?;
         }
@@ -356,42 +357,6 @@ fn status_line(s: &egress_agent::actors::Status) -> String {
     line
 }
 
-/// Raises the soft open-file limit to the hard one: every tunnel holds two sockets, and the
-/// default soft limit (often 1,024) would refuse connections long before `--max-connections`.
-/// Warns when even the hard limit is too low for `max_connections`.
-fn raise_open_files(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read or write the struct we pass, nothing else.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-        }
-    };
-    // Two sockets per tunnel, plus listeners, DNS sockets and the eBPF maps and links.
-    let needed = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(1024);
-    if !raised {
-        warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot raise the open-file limit (RLIMIT_NOFILE); connections beyond it are refused"
-        );
-    } else if limit.rlim_cur < needed {
-        warn!(
-            open_files = limit.rlim_cur,
-            needed,
-            "the open-file limit (RLIMIT_NOFILE hard limit) is below 2 x --max-connections; raise it \
-             (e.g. LimitNOFILE= or the container runtime's ulimit) or lower --max-connections"
-        );
-    } else {
-        info!(open_files = limit.rlim_cur, "open-file limit");
-    }
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -417,5 +382,54 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// Most open files the agent asks for when its hard limit is unlimited (Linux's default
+/// `fs.nr_open`).
+const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft open-files limit to the hard one: each tunnel holds two sockets (and a pipe
+/// per direction while splicing), so the usual soft limit of 1,024 would cap the agent at a
+/// few hundred connections. Warns when even the hard limit is short of `--max-connections`.
+fn raise_open_files_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let want = hard.min(MAX_OPEN_FILES);
+            if soft >= want {
+                soft
+            } else {
+                match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                    Ok(()) => {
+                        info!(from = soft, to = want, "open-files limit raised");
+                        want
+                    }
+                    Err(e) => {
+                        warn!(soft, hard, error = %e,
+                            "could not raise the open-files limit: connections beyond it are refused \
+                             (raise LimitNOFILE / ulimit -n)");
+                        soft
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "reading the open-files limit");
+            return;
+        }
+    };
+    // Two sockets per tunnel, plus listeners, DNS sockets, pipes and the eBPF maps and links.
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(1024);
+    if limit < needed {
+        warn!(
+            open_files = limit,
+            needed,
+            "the open-files limit is below 2 x --max-connections: past it, connections are \
+             refused; raise the hard limit (LimitNOFILE=, the container runtime's ulimit) or \
+             lower --max-connections"
+        );
     }
 }

@@ -14,13 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use egress_common::Record;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-    sync::Semaphore,
-};
+use tokio::{net::TcpStream, sync::Semaphore};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
@@ -29,7 +25,7 @@ use crate::{
     config::{Actor, Capture, Config},
     direct, dns, ebpf, netns,
     policy::{self, RuleKind, TemplatePolicy},
-    resolve,
+    relay, resolve,
     route::{self, Route},
     socket::{self, SocketFactory},
     tunnel,
@@ -430,15 +426,18 @@ impl Context {
         socket::arm_reset(&stream);
         let _ = stream.set_nodelay(true);
         if flow.original_dst.port() == 53 {
-            return self.serve_dns_tcp(stream, flow).await;
+            return Box::pin(self.serve_dns_tcp(stream, flow)).await;
         }
+        // The futures of the steps before the relay are boxed: they are freed when their step
+        // ends, instead of sizing the task (which lives as long as the tunnel) for the largest
+        // of them.
         let mut peeked = BytesMut::with_capacity(1024);
-        let mut authority = match classify::classify(
+        let mut authority = match Box::pin(classify::classify(
             &mut stream,
             &mut peeked,
             flow.original_dst,
             &self.config.peek,
-        )
+        ))
         .await
         {
             Ok(authority) => authority,
@@ -456,7 +455,7 @@ impl Context {
                 source: Source::Dns,
             };
         }
-        let denied = self.denied_addresses(&flow.actor).await;
+        let denied = Box::pin(self.denied_addresses(&flow.actor)).await;
         let policy = self.policy.current();
         let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
         let route = route::route(
@@ -474,13 +473,15 @@ impl Context {
                 closed
             }
             Route::Pep { rule } => {
-                let mut closed = self.tunnel(stream, flow, authority, &peeked).await;
+                // Not needed past the decision: not kept for the tunnel's life.
+                drop(denied);
+                let mut closed = self.tunnel(stream, flow, authority, peeked.freeze()).await;
                 closed.rule = rule.unwrap_or_default();
                 closed
             }
             Route::Direct { rule, dial } => {
                 let mut closed = self
-                    .direct(stream, template, &dial, authority, &peeked, &denied)
+                    .direct(stream, template, &dial, authority, peeked.freeze(), &denied)
                     .await;
                 closed.rule = rule;
                 closed
@@ -523,7 +524,7 @@ impl Context {
         template: &TemplatePolicy,
         dial: &direct::Dial,
         authority: Authority,
-        peeked: &[u8],
+        peeked: Bytes,
         denied: &[IpAddr],
     ) -> Closed {
         let Some(resolver) = &self.resolver else {
@@ -541,24 +542,36 @@ impl Context {
             (!d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied))
                 .then(|| d.rule.to_string())
         };
-        let (upstream, dialled) =
-            match direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
-                .await
-            {
-                Ok(ok) => ok,
-                Err(e) => {
-                    let outcome = match &e {
-                        direct::Error::Denied { .. } => Outcome::Denied,
-                        direct::Error::Resolve(_) => Outcome::ResolveFailed,
-                        direct::Error::Unreachable { .. } | direct::Error::Timeout { .. } => {
-                            Outcome::UpstreamUnreachable
-                        }
-                    };
-                    return Closed::failed(outcome, Some(authority), None, &e);
-                }
-            };
+        let (upstream, dialled) = match Box::pin(direct::connect(
+            dial,
+            resolver,
+            &self.sockets,
+            DIRECT_CONNECT_TIMEOUT,
+            check,
+        ))
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                let outcome = match &e {
+                    direct::Error::Denied { .. } => Outcome::Denied,
+                    direct::Error::Resolve(_) => Outcome::ResolveFailed,
+                    direct::Error::Unreachable { .. } | direct::Error::Timeout { .. } => {
+                        Outcome::UpstreamUnreachable
+                    }
+                };
+                return Closed::failed(outcome, Some(authority), None, &e);
+            }
+        };
         let mut closed = self
-            .relay(stream, upstream, |u| u, peeked, &[], Outcome::Direct)
+            .relay(
+                stream,
+                upstream,
+                |u| u,
+                peeked,
+                Bytes::new(),
+                Outcome::Direct,
+            )
             .await;
         closed.authority = Some(authority);
         closed.dialled = Some(dialled);
@@ -571,7 +584,7 @@ impl Context {
         stream: TcpStream,
         flow: &Flow,
         authority: Authority,
-        peeked: &[u8],
+        peeked: Bytes,
     ) -> Closed {
         let Some(connector) = &self.connector else {
             return Closed::failed(
@@ -590,7 +603,7 @@ impl Context {
             Ok(r) => r,
             Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
         };
-        let tunnel = match connector.open(request).await {
+        let tunnel = match Box::pin(connector.open(request)).await {
             Ok(t) => t,
             Err(e) => {
                 let outcome = match &e {
@@ -619,7 +632,7 @@ impl Context {
                 tunnel.stream,
                 tunnel::PepStream::tcp,
                 peeked,
-                &tunnel.leftover,
+                tunnel.leftover,
                 Outcome::Tunneled,
             )
             .await;
@@ -632,24 +645,27 @@ impl Context {
     /// done: `done` when it ends cleanly, `relay_error` otherwise. Both sockets are armed to
     /// reset and disarmed only on a clean end: on a relay error one side failed mid-stream,
     /// and the other must see a reset, not a clean end it could mistake for complete data.
-    async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
+    /// `peeked` and `leftover` are owned so that their memory goes once they are written.
+    async fn relay<U: relay::Peer>(
         &self,
         mut stream: TcpStream,
         mut upstream: U,
         tcp: impl Fn(&U) -> &TcpStream,
-        peeked: &[u8],
-        leftover: &[u8],
+        peeked: Bytes,
+        leftover: Bytes,
         done: Outcome,
     ) -> Closed {
         socket::arm_reset(tcp(&upstream));
-        let (bytes_up, bytes_down, result) = tunnel::relay(
-            &mut stream,
-            &mut upstream,
-            peeked,
-            leftover,
-            self.config.relay_buffer,
-        )
-        .await;
+        let settings = relay::Settings {
+            mode: self.config.relay,
+            max_buffer: self.config.relay_buffer,
+        };
+        let relay::Relayed {
+            bytes_up,
+            bytes_down,
+            engine,
+            result,
+        } = relay::relay(&mut stream, &mut upstream, peeked, leftover, settings).await;
         if result.is_ok() {
             socket::disarm_reset(&stream);
             socket::disarm_reset(tcp(&upstream));
@@ -667,6 +683,7 @@ impl Context {
             error: result.err().map(|e| e.to_string()),
             rule: String::new(),
             dialled: None,
+            relay: engine.as_str(),
         }
     }
 }
@@ -738,6 +755,8 @@ struct Closed {
     rule: String,
     /// The address a direct dial connected to.
     dialled: Option<SocketAddr>,
+    /// The relay engines that moved the bytes ("" when nothing was relayed).
+    relay: &'static str,
 }
 
 impl Closed {
@@ -757,6 +776,7 @@ impl Closed {
             error: Some(error.to_string()),
             rule: String::new(),
             dialled: None,
+            relay: "",
         }
     }
 
@@ -785,6 +805,7 @@ impl Closed {
                     pep_status,
                     rule,
                     dialled = %dialled,
+                    relay = self.relay,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,
                     duration_ms,

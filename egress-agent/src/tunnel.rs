@@ -1,5 +1,5 @@
 //! The PEP link: an HTTP/1.1 CONNECT (hyper) carrying the actor's identity, over plain TCP
-//! or TLS, then a plain byte relay over the same connection. Connects are bounded: at most
+//! or TLS, then a byte relay ([`crate::relay`]) over the same connection. Connects are bounded: at most
 //! `max_connecting` in progress, at most `max_waiting` waiting for one of those slots.
 use std::{
     io,
@@ -15,7 +15,7 @@ use http::{Method, Request, StatusCode, header::HOST, header::PROXY_AUTHORIZATIO
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, copy_bidirectional_with_sizes},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::{Semaphore, SemaphorePermit},
 };
@@ -445,40 +445,6 @@ async fn exchange(stream: PepStream, request: Request<Empty<Bytes>>) -> Result<T
         leftover: parts.read_buf,
         status,
     })
-}
-
-/// Relays bytes both ways until both directions are done: first the `peeked` client bytes to
-/// the PEP and the `leftover` PEP bytes to the client, then everything else through two
-/// buffers of `buffer` bytes. A half-close on one side is passed on to the other.
-/// Returns (bytes client -> PEP, bytes PEP -> client).
-pub async fn relay<P>(
-    client: &mut TcpStream,
-    pep: &mut P,
-    peeked: &[u8],
-    leftover: &[u8],
-    buffer: usize,
-) -> (u64, u64, io::Result<()>)
-where
-    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let mut up = 0u64;
-    let mut down = 0u64;
-    if !peeked.is_empty() {
-        if let Err(e) = pep.write_all(peeked).await {
-            return (up, down, Err(e));
-        }
-        up += peeked.len() as u64;
-    }
-    if !leftover.is_empty() {
-        if let Err(e) = client.write_all(leftover).await {
-            return (up, down, Err(e));
-        }
-        down += leftover.len() as u64;
-    }
-    match copy_bidirectional_with_sizes(client, pep, buffer, buffer).await {
-        Ok((a, b)) => (up + a, down + b, Ok(())),
-        Err(e) => (up, down, Err(e)),
-    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,12 @@ fn https_on_443_and_8443_goes_through_squid_with_identity() {
         assert_eq!(conn.actor.as_deref(), Some("actor-11"));
         assert_eq!(conn.outcome.as_deref(), Some("tunneled"));
         assert!(conn.bytes_up.unwrap_or(0) > 0 && conn.bytes_down.unwrap_or(0) > 0);
+        assert_eq!(
+            conn.line.field_str("relay").as_deref(),
+            Some("splice"),
+            "a plain-TCP PEP link is spliced: {:?}",
+            conn.line
+        );
         let seen = w.upstream.seen_on(original);
         assert_eq!(
             seen.len(),

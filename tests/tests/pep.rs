@@ -110,6 +110,12 @@ fn tls_to_squid_carries_the_identity() {
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("tunneled"), "{:?}", conn.line);
     assert_eq!(conn.pep_status, Some(200));
+    assert_eq!(
+        conn.line.field_str("relay").as_deref(),
+        Some("copy"),
+        "a TLS PEP link is relayed with a copy buffer: {:?}",
+        conn.line
+    );
     assert_eq!(w.upstream.seen_on(original).len(), 1);
 }
 

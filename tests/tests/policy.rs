@@ -81,6 +81,7 @@ allow = [ { host = "*.egress.test", ports = ["8000-8999"] } ]
         line.line
     );
     assert_eq!(field(&line, "dialled"), w.web(8443).to_string());
+    assert_eq!(field(&line, "relay"), "splice", "{:?}", line.line);
 
     let denied = w.curl(NAME, ip, 443, "/");
     assert!(!denied.success(), "port 443 is outside the rule's range");
