@@ -219,7 +219,7 @@ impl Profile {
     /// The full run of `cargo xtask bench`.
     pub fn full() -> Profile {
         Profile {
-            seconds: 2.0,
+            seconds: 1.5,
             reps: 3,
             idle: 10_000,
             short: 1_000_000,
