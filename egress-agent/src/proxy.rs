@@ -475,14 +475,35 @@ impl Context {
             Route::Pep { rule } => {
                 // Not needed past the decision: not kept for the tunnel's life.
                 drop(denied);
+                drop(policy);
                 let mut closed = self.tunnel(stream, flow, authority, peeked.freeze()).await;
                 closed.rule = rule.unwrap_or_default();
                 closed
             }
             Route::Direct { rule, dial } => {
-                let mut closed = self
-                    .direct(stream, template, &dial, authority, peeked.freeze(), &denied)
-                    .await;
+                let dialled = Box::pin(self.dial(template, &dial, &authority, &denied)).await;
+                // Not needed past the dial: neither the address list nor this policy version
+                // is kept for the tunnel's life (a reload frees the old one).
+                drop(denied);
+                drop(policy);
+                let mut closed = match dialled {
+                    Ok((upstream, dialled)) => {
+                        let mut closed = self
+                            .relay(
+                                stream,
+                                upstream,
+                                |u| u,
+                                peeked.freeze(),
+                                Bytes::new(),
+                                Outcome::Direct,
+                            )
+                            .await;
+                        closed.dialled = Some(dialled);
+                        closed
+                    }
+                    Err(closed) => closed,
+                };
+                closed.authority = Some(authority);
                 closed.rule = rule;
                 closed
             }
@@ -517,23 +538,23 @@ impl Context {
         }
     }
 
-    /// The agent dials upstream itself and relays.
-    async fn direct(
+    /// The agent dials upstream itself: the name as its resolver answers it (or the address),
+    /// every address checked against the always-denied and deny rules. A failure is the
+    /// connection's end, as logged.
+    async fn dial(
         &self,
-        stream: TcpStream,
         template: &TemplatePolicy,
         dial: &direct::Dial,
-        authority: Authority,
-        peeked: Bytes,
+        authority: &Authority,
         denied: &[IpAddr],
-    ) -> Closed {
+    ) -> Result<(TcpStream, SocketAddr), Closed> {
         let Some(resolver) = &self.resolver else {
-            return Closed::failed(
+            return Err(Closed::failed(
                 Outcome::ResolveFailed,
-                Some(authority),
+                Some(authority.clone()),
                 None,
                 &"the agent has no resolver: pass --dns-upstream",
-            );
+            ));
         };
         // Each address the name resolves to: always-denied (unless an exact rule names it)
         // and the template's deny rules apply; allow rules are the name's business.
@@ -542,17 +563,9 @@ impl Context {
             (!d.allowed && matches!(d.rule.kind(), RuleKind::Deny | RuleKind::AlwaysDenied))
                 .then(|| d.rule.to_string())
         };
-        let (upstream, dialled) = match Box::pin(direct::connect(
-            dial,
-            resolver,
-            &self.sockets,
-            DIRECT_CONNECT_TIMEOUT,
-            check,
-        ))
-        .await
-        {
-            Ok(ok) => ok,
-            Err(e) => {
+        direct::connect(dial, resolver, &self.sockets, DIRECT_CONNECT_TIMEOUT, check)
+            .await
+            .map_err(|e| {
                 let outcome = match &e {
                     direct::Error::Denied { .. } => Outcome::Denied,
                     direct::Error::Resolve(_) => Outcome::ResolveFailed,
@@ -560,22 +573,8 @@ impl Context {
                         Outcome::UpstreamUnreachable
                     }
                 };
-                return Closed::failed(outcome, Some(authority), None, &e);
-            }
-        };
-        let mut closed = self
-            .relay(
-                stream,
-                upstream,
-                |u| u,
-                peeked,
-                Bytes::new(),
-                Outcome::Direct,
-            )
-            .await;
-        closed.authority = Some(authority);
-        closed.dialled = Some(dialled);
-        closed
+                Closed::failed(outcome, Some(authority.clone()), None, &e)
+            })
     }
 
     /// CONNECT through the PEP and relay.

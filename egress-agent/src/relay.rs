@@ -36,7 +36,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, Interest},
     net::TcpStream,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::tunnel::PepStream;
 
@@ -390,6 +390,13 @@ impl Direction {
                                     self.way = Way::Copy(CopyBuf::new(self.max_buffer));
                                     self.fell_back = true;
                                 }
+                                Spliced::Urgent => {
+                                    debug!(
+                                        "urgent data (MSG_OOB) in a spliced stream: relaying it with a copy buffer"
+                                    );
+                                    self.way = Way::Copy(CopyBuf::new(self.max_buffer));
+                                    self.fell_back = true;
+                                }
                             }
                         }
                     }
@@ -513,6 +520,11 @@ enum Spliced {
     /// No pipe could be had (or the socket cannot splice): go on with a copy buffer. Nothing
     /// is lost: this happens only with an empty pipe.
     NoPipe(io::Error),
+    /// The source is at a TCP urgent mark (the peer sent `MSG_OOB`): splice(2) stops there
+    /// for good, while recv(2) steps over the urgent byte, so the direction goes on with a
+    /// copy buffer (the pipe is empty). Without this the direction would hang until the
+    /// peer's FIN and then drop everything after the mark.
+    Urgent,
 }
 
 /// The splice engine's state for one direction.
@@ -597,6 +609,14 @@ impl Splicer {
             };
             let read = src.try_io(Interest::READABLE, || splice(src, &pipe.write, pipe.size));
             self.pipe = Some(pipe);
+            // Nothing read although the socket was readable (or "EOF"): at an urgent mark
+            // splice neither reads nor skips, and only recv(2) can go on.
+            let stuck = matches!(&read, Ok(0))
+                || matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if stuck && at_urgent_mark(src) {
+                self.release();
+                return Poll::Ready(Ok(Spliced::Urgent));
+            }
             match read {
                 Ok(0) => self.read_done = true,
                 Ok(n) => {
@@ -625,6 +645,22 @@ impl Drop for Splicer {
             self.release();
         }
     }
+}
+
+/// Whether the next byte to read from `socket` is a TCP urgent mark (`SIOCATMARK`).
+fn at_urgent_mark(socket: &TcpStream) -> bool {
+    // SIOCATMARK from asm-generic/sockios.h (the libc crate does not export it).
+    const SIOCATMARK: libc::c_ulong = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int into `at`, which lives for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            SIOCATMARK as _,
+            &mut at,
+        )
+    };
+    rc == 0 && at != 0
 }
 
 /// `splice(2)` of up to `len` bytes, moving pages where it can and never blocking. Into a

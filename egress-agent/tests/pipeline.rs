@@ -641,7 +641,10 @@ async fn a_connection_task_stays_small() {
     };
     let serve = ctx.serve(server, flow);
     let size = std::mem::size_of_val(&serve);
-    assert!(size <= 2560, "a connection's task is {size} bytes");
+    // 1.6 KiB with rustc 1.95 (3.9 KiB before the one-shot steps were boxed); the bound has
+    // room for a compiler that lays futures out a little differently, and still catches an
+    // unboxed step coming back.
+    assert!(size <= 3072, "a connection's task is {size} bytes");
 }
 
 /// The answer of [`answering_pep`]'s upstream to any request.

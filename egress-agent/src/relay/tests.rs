@@ -183,6 +183,65 @@ async fn half_close(mode: Mode, client_first: bool) {
     assert_eq!((relayed.bytes_up, relayed.bytes_down), (up, down), "{mode}");
 }
 
+/// A peer that sends urgent data (`MSG_OOB`): splice(2) stops at the urgent mark, so the
+/// relay must step over it as recv(2) does (the urgent byte is not part of the stream) and
+/// deliver everything after it, in both engines.
+async fn urgent_data(mode: Mode) {
+    let Rig {
+        app,
+        mut client,
+        mut upstream,
+        mut server,
+    } = rig().await;
+    let relay = tokio::spawn(async move {
+        relay(
+            &mut client,
+            &mut upstream,
+            Bytes::new(),
+            Bytes::new(),
+            settings(mode),
+        )
+        .await
+    });
+    let app = app.into_std().unwrap();
+    app.set_nonblocking(false).unwrap();
+    let send = |bytes: &[u8], flags| {
+        // SAFETY: send(2) reads `bytes` for the call.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&app),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                flags,
+            )
+        };
+        assert_eq!(n, bytes.len() as isize, "{mode}: send");
+    };
+    send(b"abc", 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send(b"X", libc::MSG_OOB);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send(b"def", 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    app.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
+        .await
+        .expect("the relay delivered up to the client's EOF")
+        .unwrap();
+    assert_eq!(got, b"abcdef", "{mode}: every byte after the urgent mark");
+    server.shutdown().await.unwrap();
+    let relayed = relay.await.unwrap();
+    relayed.result.expect("clean end");
+    assert_eq!(relayed.bytes_up, 6, "{mode}");
+}
+
+#[tokio::test]
+async fn urgent_data_is_stepped_over_not_a_stall() {
+    urgent_data(Mode::Copy).await;
+    urgent_data(Mode::Splice).await;
+}
+
 #[tokio::test]
 async fn half_close_from_the_client_is_passed_on() {
     for mode in MODES {
