@@ -241,9 +241,21 @@ impl Profile {
             idle: 200,
             short: 2_000,
             verify: true,
-            bulk_len: 8 << 20,
+            // Small enough that each of 8 streams finishes responses in 0.3 s in a debug build.
+            bulk_len: 1 << 20,
             ..Profile::full()
         }
+    }
+}
+
+/// Set (by `egress-bench` on SIGINT or SIGTERM) to stop the run: the next step panics, and
+/// unwinding drops the [`Bench`], which stops every process and removes the namespaces, the
+/// cgroups, the pins and the files.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn check_interrupted() {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        panic!("interrupted: cleaning up");
     }
 }
 
@@ -653,8 +665,9 @@ impl Bench {
     /// one it names would be worse than none.
     fn check_paths(&self) {
         for path in self.paths() {
-            let before_nginx = self.nginx.requests_by_client();
-            let before_squid = squid_lines(&self.squid);
+            // nginx and squid log a request when it ends, and a bulk request cut at the
+            // deadline ends when they see the close: wait for the previous path's lines.
+            let (before_nginx, before_squid) = self.settled_logs();
             let before_agent = self.path_agent(path).map(|a| a.connection_lines().len());
             let mut requests = 0;
             for tls in [false, true] {
@@ -691,10 +704,7 @@ impl Bench {
                 expect_clean(path, "check (bulk)", &out);
                 requests += out["requests"].as_u64().unwrap_or(0) + 1;
             }
-            // Bulk runs stop mid-body at their deadline: nginx logs those requests when the
-            // connection closes, a moment later.
-            std::thread::sleep(Duration::from_millis(300));
-            let after = self.nginx.requests_by_client();
+            let (after, squid_after) = self.settled_logs();
             let from = |m: &BTreeMap<IpAddr, u64>, ip| m.get(&ip).copied().unwrap_or(0);
             let client = self.expected_client(path);
             let got = from(&after, client) - from(&before_nginx, client);
@@ -717,7 +727,7 @@ impl Bench {
                     after - before
                 );
             }
-            let squid_seen = squid_lines(&self.squid) - before_squid;
+            let squid_seen = squid_after - before_squid;
             let via_squid = matches!(
                 path,
                 Path::EgressPep | Path::SquidExplicit | Path::SquidIntercept
@@ -732,6 +742,26 @@ impl Bench {
                 path.name()
             );
         }
+    }
+
+    /// nginx's requests by client and squid's line count, once neither has changed for half a
+    /// second (at most 10 s): a polled wait, not a fixed sleep.
+    fn settled_logs(&self) -> (BTreeMap<IpAddr, u64>, usize) {
+        let read = || (self.nginx.requests_by_client(), squid_lines(&self.squid));
+        let mut last = read();
+        let mut stable_since = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now != last {
+                last = now;
+                stable_since = Instant::now();
+            } else if stable_since.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+        }
+        last
     }
 
     fn path_agent(&self, path: Path) -> Option<&Agent> {
@@ -782,6 +812,7 @@ impl Bench {
     }
 
     fn load(&self, path: Path, tls: bool, args: &[&str]) -> Value {
+        check_interrupted();
         let mut cmd = self.load_command(path, tls, args);
         let out = crate::process::run(&mut cmd, Duration::from_secs(900));
         if !out.success() {
@@ -803,6 +834,32 @@ impl Bench {
         let mut results = Results::default();
         let paths = self.paths();
         let secs = format!("{}", self.profile.seconds);
+        // Idle memory first, while every process is as fresh as a deployed one (only the
+        // checks have run through it): after bulk runs, freed heap would be reused by the new
+        // connections and hide their cost. Squid's path before `egress+pep`, which also
+        // goes through squid.
+        if self.profile.idle > 0 {
+            for path in [
+                Path::SquidIntercept,
+                Path::Egress,
+                Path::EgressPep,
+                Path::NftAgent,
+            ] {
+                if !paths.contains(&path) {
+                    continue;
+                }
+                let idle = self.idle(path);
+                progress(&format!(
+                    "idle {:<15} {} connections: RSS {} -> {} KiB, {:.0} B per connection",
+                    path.name(),
+                    idle.open,
+                    idle.rss_before_kib,
+                    idle.rss_open_kib,
+                    idle.per_conn_bytes()
+                ));
+                results.idle.insert(path, idle);
+            }
+        }
         for rep in 0..self.profile.reps {
             for metric in &self.profile.metrics {
                 // Start each repetition at another path, so no path always runs first.
@@ -828,28 +885,6 @@ impl Bench {
                         .or_default()
                         .push(sample);
                 }
-            }
-        }
-        if self.profile.idle > 0 {
-            for path in [
-                Path::Egress,
-                Path::EgressPep,
-                Path::NftAgent,
-                Path::SquidIntercept,
-            ] {
-                if !paths.contains(&path) {
-                    continue;
-                }
-                let idle = self.idle(path);
-                progress(&format!(
-                    "idle {:<15} {} connections: RSS {} -> {} KiB, {:.0} B per connection",
-                    path.name(),
-                    idle.open,
-                    idle.rss_before_kib,
-                    idle.rss_open_kib,
-                    idle.per_conn_bytes()
-                ));
-                results.idle.insert(path, idle);
             }
         }
         if self.profile.short > 0 && paths.contains(&Path::Egress) {
@@ -909,8 +944,19 @@ impl Bench {
         expect_clean(path, &metric.name(), &out);
         let seconds = out["seconds"].as_f64().unwrap_or(f64::NAN);
         match metric {
-            Metric::Bulk { .. } => {
+            Metric::Bulk { streams, .. } => {
                 let bytes = out["bytes"].as_f64().unwrap_or(0.0);
+                // A stream that stalls is cut by the deadline like one still busy: with every
+                // byte checked (the short run), each stream must also have finished a response.
+                let requests = out["requests"].as_u64().unwrap_or(0);
+                if verify && requests < u64::from(streams) {
+                    panic!(
+                        "path {} {}: {requests} complete responses on {streams} streams: a stream \
+                         stalled ({out})",
+                        path.name(),
+                        metric.name()
+                    );
+                }
                 Sample {
                     value: bytes * 8.0 / seconds / 1e9,
                     units: bytes,
@@ -931,6 +977,7 @@ impl Bench {
     /// Holds `profile.idle` keep-alive connections open through `path` (each after one small
     /// request) and reads the RSS of the path's main intermediary before and while they are open.
     fn idle(&self, path: Path) -> IdleResult {
+        check_interrupted();
         let pid = self.intermediaries(path)[0];
         settle();
         let before = rss_kib(pid);
@@ -1019,10 +1066,13 @@ impl Bench {
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {}
+                Ok(None)
+                    if Instant::now() < deadline
+                        && !INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {}
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
+                    check_interrupted();
                     panic!("egress-load short did not finish in time");
                 }
             }
@@ -1100,7 +1150,7 @@ impl Bench {
         v
     }
 
-    /// Keeps the namespaces' names reachable for a debugging operator (`--keep`).
+    /// The namespaces and processes, for an operator looking at a run in progress.
     pub fn describe(&self) -> String {
         format!(
             "node {} upstream {} (nginx pid {}) squid pid {} agents {} {} {}",

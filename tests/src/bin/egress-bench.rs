@@ -118,6 +118,23 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
 
+    // Ctrl-C or SIGTERM: the run stops at its next step and unwinds, and dropping the bench
+    // removes everything it made (the default action would kill this process and leave the
+    // namespaces, cgroups, pins and squid behind).
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
+            eprintln!("bench: cannot handle signal {sig}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    std::thread::spawn(move || {
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("\nbench: interrupted; stopping at the next step and cleaning up");
+        bench::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
     eprintln!(
         "bench: setting up every path (namespaces, nginx, squid, three agents) and checking each one"
     );
