@@ -438,7 +438,12 @@ impl Shared {
                     ""
                 },
             );
-            if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&body).await.is_err() {
+            // Flushed: a TLS stream may keep the last record buffered after write_all, and a
+            // keep-alive client would then wait for it forever.
+            if s.write_all(head.as_bytes()).await.is_err()
+                || s.write_all(&body).await.is_err()
+                || s.flush().await.is_err()
+            {
                 return;
             }
             if req.close {
