@@ -243,6 +243,14 @@ async fn read_to_end_or_error(stream: &mut TcpStream) -> std::io::Result<Vec<u8>
     Ok(out)
 }
 
+/// Reads until the agent resets `stream`; panics on a clean end or any other error.
+async fn expect_reset(stream: &mut TcpStream) {
+    let err = read_to_end_or_error(stream)
+        .await
+        .expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
 #[tokio::test]
 async fn sni_authority_all_headers_and_byte_exact_replay() {
     let proxy = recording_proxy(Behaviour::Answer {
@@ -437,10 +445,7 @@ async fn pep_down_resets_the_actor() {
         .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
         .await
         .unwrap();
-    let err = read_to_end_or_error(&mut client)
-        .await
-        .expect_err("reset expected");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    expect_reset(&mut client).await;
     assert_eq!(task.await.unwrap(), Outcome::PepUnreachable);
 }
 
@@ -455,11 +460,8 @@ async fn silent_pep_resets_the_actor_after_the_timeout() {
         .write_all(b"GET / HTTP/1.1\r\nHost: slow.example.test\r\n\r\n")
         .await
         .unwrap();
-    let err = read_to_end_or_error(&mut client)
-        .await
-        .expect_err("reset expected");
+    expect_reset(&mut client).await;
     let elapsed = start.elapsed();
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert_eq!(task.await.unwrap(), Outcome::PepTimeout);
     // Not a timing assertion on speed: only that the configured bound, not something else
     // (the proxy holds the connection for 30 s), ended it.
@@ -559,10 +561,7 @@ async fn pep_certificate_from_another_ca_resets_the_actor() {
         .write_all(b"GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
         .await
         .unwrap();
-    let err = read_to_end_or_error(&mut client)
-        .await
-        .expect_err("reset expected");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    expect_reset(&mut client).await;
     assert_eq!(task.await.unwrap(), Outcome::PepTls);
     // The server learns of the failure from the agent's alert, a moment after the agent.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -602,20 +601,14 @@ async fn connections_beyond_the_waiting_bound_are_reset_at_once() {
         .write_all(b"GET / HTTP/1.1\r\nHost: b.example.test\r\n\r\n")
         .await
         .unwrap();
-    let err = read_to_end_or_error(&mut second)
-        .await
-        .expect_err("reset expected");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    expect_reset(&mut second).await;
     assert_eq!(second_task.await.unwrap(), Outcome::Overloaded);
     assert!(
         start.elapsed() < Duration::from_secs(1),
         "reset at once, not after the first one's connect timeout"
     );
     // The first one ends at its connect timeout.
-    let err = read_to_end_or_error(&mut first)
-        .await
-        .expect_err("reset expected");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    expect_reset(&mut first).await;
     assert_eq!(first_task.await.unwrap(), Outcome::PepTimeout);
 }
 

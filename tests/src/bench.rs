@@ -481,22 +481,7 @@ impl Bench {
             actors.insert(path, (ns, veth));
         }
         // The nft+agent path: a worker namespace the agent gives a veth actor to.
-        let worker = Netns::named("bworker");
-        named_veth(
-            "bw",
-            &node,
-            &worker,
-            &[&format!("10.252.{net}.1/24")],
-            &[&format!("10.252.{net}.2/24")],
-        );
-        worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
-        node.ip(&[
-            "route",
-            "add",
-            "10.200.0.0/24",
-            "via",
-            &format!("10.252.{net}.2"),
-        ]);
+        let worker = crate::world::worker_behind(&node, "bworker", "bw", net);
         let veth_actor = Netns::named("bvactor");
         widen_ports(&veth_actor);
 
@@ -1242,29 +1227,17 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Raising the hard limit itself needs CAP_SYS_RESOURCE, which some machines (containers,
 /// this project's CI VM) do not give root.
 pub fn raise_nofile() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read or write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        // Try for the kernel's ceiling first; fall back to the hard limit we have.
-        let want = libc::rlimit {
-            rlim_cur: 1 << 20,
-            rlim_max: 1 << 20,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-            return 1 << 20;
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            return limit.rlim_cur.min(1024);
-        }
+    use nix::sys::resource::{Resource, getrlimit};
+    // The kernel's usual ceiling first (hard limit included); then as far as the hard limit.
+    const WANT: u64 = 1 << 20;
+    if crate::load::raise_nofile(WANT).is_ok() {
+        return WANT;
     }
-    limit.rlim_max
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    match crate::load::raise_nofile(hard) {
+        Ok(()) => hard,
+        Err(_) => soft,
+    }
 }
 
 /// How many idle connections fit in `nofile` descriptors when a proxy holds two per

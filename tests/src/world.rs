@@ -181,16 +181,9 @@ impl VethWorld {
         crate::require_root();
         crate::require_commands(&["squid", "curl", "openssl", "ip", "nft", "dnsmasq", "dig"]);
         let node = Netns::named("node");
-        let worker = Netns::named("worker");
         let upstream_netns = Netns::named("upstream");
         let actor = Netns::named("actor");
-        named_veth(
-            "wk",
-            &node,
-            &worker,
-            &[&format!("10.252.{net}.1/24")],
-            &[&format!("10.252.{net}.2/24")],
-        );
+        let worker = worker_behind(&node, "worker", "wk", net);
         named_veth(
             "up",
             &node,
@@ -198,21 +191,8 @@ impl VethWorld {
             &[&format!("10.249.{net}.1/24")],
             &[&format!("10.249.{net}.2/24")],
         );
-        worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
         upstream_netns.ip(&["route", "add", "default", "via", &format!("10.249.{net}.1")]);
-        // The node routes between the worker and the upstream, like a real node, and knows the
-        // agent's pool (10.200.0.0/24, its default) is behind the worker: were an actor's
-        // packet to leave the worker unmasqueraded (the capture missed it), the upstream's
-        // answer would find its way back, the connection would complete, and a test asserting
-        // that nothing reached the upstream directly would see it.
         node.sysctl("net/ipv4/ip_forward", "1");
-        node.ip(&[
-            "route",
-            "add",
-            "10.200.0.0/24",
-            "via",
-            &format!("10.252.{net}.2"),
-        ]);
         let up_v4 = Ipv4Addr::new(10, 249, net, 2);
         let ca = TestCa::new();
         let at = |port| SocketAddr::new(IpAddr::V4(up_v4), port);
@@ -308,6 +288,32 @@ impl VethWorld {
         out.expect_success("nft list tables in the worker");
         out.stdout
     }
+}
+
+/// A worker namespace (named by `role`) behind `node`, for veth actors: linked by a veth
+/// (`tag…`) on `10.252.NET.0/24` (node `.1`, worker `.2`), its default route via the node, and
+/// the node's route to the agent's pool (10.200.0.0/24, its default) via the worker. The node
+/// routes like a real node: were an actor's packet to leave the worker unmasqueraded (the
+/// capture missed it), the upstream's answer would find its way back, the connection would
+/// complete, and a test asserting that nothing reached the upstream directly would see it.
+pub fn worker_behind(node: &Netns, role: &str, tag: &str, net: u8) -> Netns {
+    let worker = Netns::named(role);
+    named_veth(
+        tag,
+        node,
+        &worker,
+        &[&format!("10.252.{net}.1/24")],
+        &[&format!("10.252.{net}.2/24")],
+    );
+    worker.ip(&["route", "add", "default", "via", &format!("10.252.{net}.1")]);
+    node.ip(&[
+        "route",
+        "add",
+        "10.200.0.0/24",
+        "via",
+        &format!("10.252.{net}.2"),
+    ]);
+    worker
 }
 
 /// The name the policy never allows (an NXDOMAIN from the agent, and a denied connect).
