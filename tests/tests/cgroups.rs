@@ -245,3 +245,60 @@ fn missing_pod_is_a_clear_error() {
     );
     assert!(msg.contains("--cgroup-root"), "{msg}");
 }
+
+/// What `/proc/<pid>/cgroup` of `pid` reads in a cgroup namespace rooted at `ns_root` (as an
+/// agent in a pod of its own, with a private cgroup namespace, sees other pods).
+fn cgroup_file_seen_from(ns_root: &Path, pid: u32) -> String {
+    let script = format!(
+        "echo 0 > '{}' && exec unshare --cgroup cat /proc/{pid}/cgroup",
+        ns_root.join("cgroup.procs").display()
+    );
+    let out = egress_tests::process::run(
+        std::process::Command::new("sh").args(["-c", &script]),
+        std::time::Duration::from_secs(10),
+    );
+    out.expect_success("unshare --cgroup cat");
+    out.stdout
+}
+
+#[test]
+fn pod_cgroup_of_pid_from_a_cgroup_namespace() {
+    egress_tests::require_root();
+    egress_tests::require_commands(&["ip", "sleep", "sh", "unshare", "cat"]);
+    let root = Cgroup::new();
+    let netns = Netns::named("pod");
+    for driver in [Driver::Systemd, Driver::Cgroupfs] {
+        let agent_pod = mkdir(
+            &root
+                .path()
+                .join(pod_rel(driver, Qos::Burstable, &pod_uid())),
+        );
+        let agent_dir =
+            mkdir(&agent_pod.join(container_rel(driver, Runtime::Containerd, &container_id())));
+        for qos in Qos::ALL {
+            let uid = pod_uid();
+            let pod = mkdir(&root.path().join(pod_rel(driver, qos, &uid)));
+            let dir = mkdir(&pod.join(container_rel(driver, Runtime::Containerd, &container_id())));
+            let child = sleeper(Some(&netns), &dir);
+            let text = cgroup_file_seen_from(&agent_dir, child.pid());
+            let case = format!("{driver} {qos}: {}", text.trim());
+            assert!(
+                text.contains("0::/../"),
+                "{case}: not a cgroup namespace view"
+            );
+
+            // The kernel's text, served from a procfs of the test's own.
+            let proc_root = tempfile::tempdir().expect("tempdir");
+            let pid_dir = mkdir(&proc_root.path().join(child.pid().to_string()));
+            std::fs::write(pid_dir.join("cgroup"), &text).expect("write cgroup file");
+            let layout = Layout {
+                cgroup_root: root.path().to_path_buf(),
+                proc_root: proc_root.path().to_path_buf(),
+            };
+            let got = layout
+                .pod_cgroup_of_pid(child.pid())
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(got, Some(pod), "{case}");
+        }
+    }
+}
