@@ -257,6 +257,8 @@ impl Layout {
     /// set `qosClass` may have been guessed. `containers` are the pod's app containers: a
     /// process of the sandbox (the pause container, the one container not listed) is
     /// preferred, as it lives as long as the pod's network namespace.
+    ///
+    /// Blocking (bounded file system reads): from async code, call it in `spawn_blocking`.
     pub fn resolve(
         &self,
         pod_uid: &str,
@@ -288,7 +290,8 @@ impl Layout {
     /// `Ok(None)` when the process is not in a pod. The agent may run in a cgroup namespace of
     /// its own, where other pods' paths read `/../../kubepods-besteffort.slice/...`: such a path
     /// is mapped back below the cgroup root through the pod's part of it (the systemd slice
-    /// name spells out its ancestors; a cgroupfs `pod<uid>` is probed for).
+    /// name spells out its ancestors; a cgroupfs `pod<uid>` is probed for). Blocking, like
+    /// [`Layout::resolve`].
     pub fn pod_cgroup_of_pid(&self, pid: u32) -> Result<Option<PathBuf>, Error> {
         let dir = self.proc_root.join(pid.to_string());
         let path = dir.join("cgroup");
