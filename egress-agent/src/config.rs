@@ -738,7 +738,14 @@ pub fn cgroup2_mount() -> std::io::Result<Option<PathBuf>> {
         .map(PathBuf::from))
 }
 
-/// The cgroup v2 id of the calling process (from /proc/self/cgroup and the cgroup2 mount).
+/// The cgroup v2 id of the calling process (from /proc/self/cgroup and a cgroup2 mount of
+/// the agent's own cgroup namespace root).
+///
+/// `/proc/self/cgroup` gives the path relative to the caller's cgroup namespace, so it can only
+/// be joined to a mount whose root is that namespace's root (`/` in mountinfo's root field) and
+/// that is not covered by a later mount. In a container with a private cgroup namespace, a
+/// hostPath mount of the host's hierarchy over `/sys/fs/cgroup` is neither: joining `/` to it
+/// would name the host's root cgroup.
 pub fn own_cgroup_id() -> Result<u64, Error> {
     let err = |e: String| Error::OwnCgroup(e);
     let cgroups = fs::read_to_string("/proc/self/cgroup")
@@ -747,12 +754,48 @@ pub fn own_cgroup_id() -> Result<u64, Error> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| err("no cgroup v2 entry (0::) in /proc/self/cgroup".into()))?;
-    let path = cgroup2_mount()
-        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?
-        .ok_or_else(|| err("no cgroup2 mount in /proc/self/mountinfo".into()))?
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?;
+    let path = namespace_root_mount(&mountinfo)
+        .ok_or_else(|| {
+            err(
+                "no visible cgroup2 mount of this cgroup namespace's root in \
+                 /proc/self/mountinfo; in a container, keep the runtime's own /sys/fs/cgroup and \
+                 mount the host's hierarchy elsewhere (e.g. /host/sys/fs/cgroup, with \
+                 --cgroup-root)"
+                    .into(),
+            )
+        })?
         .join(relative.trim_start_matches('/'));
     let meta = fs::metadata(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     Ok(meta.ino())
+}
+
+/// The mount point of the last cgroup2 mount in `mountinfo` whose root is the cgroup
+/// namespace's root and that no later mount covers at the same mount point.
+fn namespace_root_mount(mountinfo: &str) -> Option<PathBuf> {
+    // mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER".
+    let mounts: Vec<(&str, &str, bool)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let root = fields.nth(3)?;
+            let point = fields.next()?;
+            let cgroup2 = l
+                .split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "));
+            Some((root, point, cgroup2))
+        })
+        .collect();
+    mounts
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(i, (root, point, cgroup2))| {
+            *cgroup2 && *root == "/" && !mounts[i + 1..].iter().any(|(_, p, _)| p == point)
+        })
+        .map(|(_, (_, point, _))| PathBuf::from(point))
 }
 
 fn check_netns(path: &Path) -> Result<(), String> {
@@ -1111,6 +1154,38 @@ mod tests {
             config(&["--relay-buffer-bytes", "1073741824"]),
             Err(Error::RelayBufferTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn own_cgroup_mount_is_the_namespace_root_and_visible() {
+        // A container: the runtime's cgroup2 at /sys/fs/cgroup (root `/` of its namespace),
+        // then the host's hierarchy bind-mounted over it (root outside the namespace).
+        let covered = "\
+30 20 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup rw
+31 20 0:26 /../../.. /sys/fs/cgroup rw,nosuid - cgroup2 cgroup rw
+32 20 0:26 /../../.. /host/sys/fs/cgroup rw,nosuid - cgroup2 cgroup rw
+";
+        assert_eq!(namespace_root_mount(covered), None);
+        let kept = "\
+22 1 0:21 / /sys rw - sysfs sysfs rw
+30 20 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup rw
+32 20 0:26 /../../.. /host/sys/fs/cgroup rw,nosuid - cgroup2 cgroup rw
+";
+        assert_eq!(
+            namespace_root_mount(kept),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        // A hybrid host: cgroup v1 controllers and the unified hierarchy.
+        let hybrid = "\
+25 22 0:22 / /sys/fs/cgroup ro - tmpfs tmpfs ro
+26 25 0:23 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+27 25 0:24 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            namespace_root_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(namespace_root_mount("garbage\n\n1 2"), None);
     }
 
     #[test]
