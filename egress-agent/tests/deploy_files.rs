@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use egress_agent::{config, policy::Policy};
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 fn parse_config(text: &str) -> config::File {
@@ -51,7 +53,10 @@ fn the_commented_pep_examples_parse_when_uncommented() {
         .take_while(|l| l.starts_with("# ") && !l[2..].starts_with(' '))
         .map(|l| &l[2..])
         .collect();
-    assert!(table.len() >= 3, "base/config.toml has a `# [pep]` example: {table:?}");
+    assert!(
+        table.len() >= 3,
+        "base/config.toml has a `# [pep]` example: {table:?}"
+    );
     let table_form = parse_config(&format!("{text}\n{}\n", table.join("\n")));
     let pep = table_form.pep.expect("[pep] parsed");
     assert!(pep.address.is_some() && pep.tls.is_some());
@@ -65,6 +70,12 @@ fn the_configmaps_policies_parse() {
         let coder = policy.template("team-a", "coder");
         assert!(coder.decide_name("api.github.com", 443).allowed, "{path}");
         assert!(!coder.decide_name("api.github.com", 80).allowed, "{path}");
-        assert!(!policy.template("other", "x").decide_name("github.com", 443).allowed, "{path}");
+        assert!(
+            !policy
+                .template("other", "x")
+                .decide_name("github.com", 443)
+                .allowed,
+            "{path}"
+        );
     }
 }
