@@ -83,6 +83,22 @@ pub fn run(engine: Option<Engine>, keep: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// The `LOGFORMAT` of tests/src/squid.rs, its Rust escapes and line continuations undone.
+    fn tests_logformat() -> String {
+        let source =
+            std::fs::read_to_string(image::repo_root().join("tests/src/squid.rs")).unwrap();
+        let marker = "const LOGFORMAT: &str = \"";
+        let start = source.find(marker).unwrap() + marker.len();
+        let literal = &source[start..start + source[start..].find("\";").unwrap()];
+        let mut out = String::new();
+        let mut lines = literal.split("\\\n");
+        out.push_str(lines.next().unwrap());
+        for continued in lines {
+            out.push_str(continued.trim_start());
+        }
+        out.replace("\\t", "\t")
+    }
+
     #[test]
     fn without_an_engine_it_says_it_cannot_run_here() {
         let no_daemon = |e: Engine| match e {
@@ -135,6 +151,25 @@ mod tests {
             );
         }
         assert!(actor.contains("egress.dev/capture: \"true\""));
+        // squid logs what the script's awk reads: the integration tests' logformat, exactly.
+        let squid = std::fs::read_to_string(root.join("deploy/overlays/kind/squid.yaml")).unwrap();
+        let logformat = squid
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("logformat egress "))
+            .expect("squid.yaml defines logformat egress");
+        assert_eq!(logformat, tests_logformat());
+        let fields: Vec<&str> = logformat.split('\t').collect();
+        assert_eq!(
+            (fields[2], fields[3], fields[6], fields[7], fields[8]),
+            (
+                "%rm",
+                "%ru",
+                "%{x-ate-actor-id}>h",
+                "%{x-ate-actor-template}>h",
+                "%{x-ate-actor-template-namespace}>h"
+            ),
+            "the script's awk reads $3 $4 $7 $8 $9"
+        );
         // The cluster is deleted on every exit.
         assert!(script.contains("trap cleanup EXIT"));
         assert!(script.contains("kind delete cluster --name \"$CLUSTER\""));
