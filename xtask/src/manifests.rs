@@ -153,6 +153,9 @@ pub fn validator() -> Option<PathBuf> {
 /// The validator, installing it into target/manifest-venv first when it is missing or its pins
 /// changed (needs python3 with venv, and PyPI).
 pub fn ensure_validator() -> anyhow::Result<PathBuf> {
+    // One installer at a time (the unit tests run on several threads).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(bin) = validator() {
         return Ok(bin);
     }
@@ -528,11 +531,11 @@ mod tests {
 
     fn tools() -> (PathBuf, PathBuf) {
         let kubectl = kubectl().unwrap_or_else(|e| panic!("{e:#}"));
-        let validator = validator().unwrap_or_else(|| {
+        // Installed on first use (python3 with venv, and PyPI); without them the test fails.
+        let validator = ensure_validator().unwrap_or_else(|e| {
             panic!(
-                "kubernetes-validate is not installed in target/manifest-venv: run `cargo xtask \
-                 setup` (or `cargo xtask check-manifests`, which installs it); these tests do \
-                 not pass without it"
+                "kubernetes-validate cannot be installed in target/manifest-venv: {e:#}; these \
+                 tests do not pass without it"
             )
         });
         (kubectl, validator)
