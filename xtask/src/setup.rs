@@ -42,10 +42,18 @@ const PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // The bench's upstream (plain HTTP and HTTPS, sendfile); `-light` is the smallest build.
     "nginx-light",
+    // The deployment's checks (cargo xtask check-manifests): the kind harness's lint, and the
+    // venv kubernetes-validate is installed into.
+    "shellcheck",
+    "python3-venv",
 ];
 
+/// Renders the kustomizations offline where no kubectl is on PATH (Debian's kubectl 1.20; its
+/// old kustomize is enough for deploy/).
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
 /// bpf-linker release known to build against llvm-22 here.
-const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// The rustup toolchain name given to Debian's rustc-web.
 pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
@@ -54,17 +62,21 @@ pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
 pub fn run() -> anyhow::Result<()> {
     let toolchain = ensure_toolchain()?;
     ensure_bpffs()?;
+    crate::manifests::ensure_validator()?;
     println!("setup: done (eBPF toolchain: {toolchain})");
     Ok(())
 }
 
 /// Installs what is missing and returns the rustup toolchain that builds the eBPF crate.
 pub fn ensure_toolchain() -> anyhow::Result<String> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
+    if !which("kubectl") {
+        missing.push(KUBECTL_PACKAGE);
+    }
     let apt = Path::new("/usr/bin/apt-get").exists();
     if !missing.is_empty() {
         if !apt {
@@ -76,7 +88,8 @@ pub fn ensure_toolchain() -> anyhow::Result<String> {
                 "this is not a Debian machine (no apt-get) and rustup's nightly has no rust-src.\n\
                  Install: `rustup toolchain install nightly --component rust-src` and \
                  `cargo install bpf-linker`, plus squid (with OpenSSL), curl, openssl, iproute2, \
-                 nftables, bpftool, runsc (gVisor), dnsmasq and dig from your distribution; \
+                 nftables, bpftool, runsc (gVisor), dnsmasq, dig, shellcheck, python3 with venv and \
+                 kubectl from your distribution; \
                  then run this again."
             );
         }

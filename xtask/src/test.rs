@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{build, setup};
+use crate::{build, manifests, setup};
 
 /// Runs setup, lints, unit and in-process tests, then the privileged integration tests.
 pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
@@ -42,6 +42,11 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
             ])
             .env("EGRESS_EBPF_REQUIRED", "1"),
     )?;
+
+    println!(
+        "\n== deploy: manifests rendered and validated offline, invariants, kind harness lint"
+    );
+    manifests::check(Some(&built.agent))?;
 
     println!("\n== tiers 1-2: unit and in-process tests");
     setup::run_cmd(
