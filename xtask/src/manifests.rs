@@ -344,7 +344,7 @@ pub fn invariants(objects: &[Value]) -> Vec<String> {
         .unwrap_or_default();
     for (volume, path, propagation) in [
         ("bpffs", "/sys/fs/bpf", Some("Bidirectional")),
-        ("cgroup", "/sys/fs/cgroup", None),
+        ("cgroup", "/host/sys/fs/cgroup", None),
         ("proc", "/host/proc", None),
         ("netns", "/run/netns", Some("HostToContainer")),
         ("run", "/run/egress-agent", None),
