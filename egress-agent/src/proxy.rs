@@ -601,8 +601,9 @@ impl Context {
         async move {
             let start = Instant::now();
             let closed = self.pipeline(stream, &flow).await;
-            closed.log(&flow, start);
+            // Counted before the log line: whoever sees the line finds it counted.
             self.record(&closed, &flow, start);
+            closed.log(&flow, start);
             closed.outcome
         }
         .instrument(span)
