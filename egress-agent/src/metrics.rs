@@ -489,7 +489,10 @@ impl Metrics {
 
     /// Counts the end of one connection of an actor: `egress_connections_total`, its bytes,
     /// the PEP's status, the setup latency and, when it ended in error, `egress_errors_total`.
-    pub fn connection_closed(&self, end: &ConnectionEnd<'_>) {
+    /// `registered` says whether the actor is still registered; it is asked only for an actor
+    /// not seen yet (one not added through [`Metrics::actor_added`]): a connection that ends
+    /// after its actor was removed must not bring the actor's series back.
+    pub fn connection_closed(&self, end: &ConnectionEnd<'_>, registered: &dyn Fn() -> bool) {
         if let Some(status) = end.pep_status {
             self.pep_responses
                 .get_or_create(&StatusLabels { status })
@@ -503,7 +506,7 @@ impl Metrics {
         if end.error {
             self.error(ErrorKind::Connection(end.outcome));
         }
-        self.with_actor(end.actor, |actor| {
+        self.with_actor(end.actor, registered, |actor| {
             self.connections
                 .get_or_create(&ConnectionLabels {
                     actor: actor.clone(),
@@ -540,10 +543,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Runs `f` with the shared label value of actor `id`, holding the read lock (see
-    /// `actors_seen`); an id not seen yet is added first. Only ids of registered actors reach
-    /// here: their series are removed with [`Metrics::actor_removed`].
-    fn with_actor(&self, id: &str, f: impl FnOnce(&Arc<str>)) {
+    /// Runs `f` with the shared label value of actor `id`, holding the lock (see
+    /// `actors_seen`). An id not seen yet is added first if `registered()` (asked under the
+    /// write lock, so a removal cannot slip between the check and the increment); else `f`
+    /// does not run.
+    fn with_actor(&self, id: &str, registered: &dyn Fn() -> bool, f: impl FnOnce(&Arc<str>)) {
         {
             let seen = self.actors_seen.read().unwrap_or_else(|e| e.into_inner());
             if let Some(actor) = seen.get(id) {
@@ -551,10 +555,14 @@ impl Metrics {
             }
         }
         let mut seen = self.actors_seen.write().unwrap_or_else(|e| e.into_inner());
-        let actor = seen
-            .entry(id.to_string())
-            .or_insert_with(|| Arc::from(id))
-            .clone();
+        if let Some(actor) = seen.get(id) {
+            return f(actor);
+        }
+        if !registered() {
+            return;
+        }
+        let actor: Arc<str> = Arc::from(id);
+        seen.insert(id.to_string(), actor.clone());
         f(&actor);
     }
 
@@ -662,17 +670,20 @@ mod tests {
     fn encodes_the_expected_series() {
         let m = Metrics::new();
         m.actor_added("a1", "cgroup", "config");
-        m.connection_closed(&end("a1", Outcome::Tunneled));
-        m.connection_closed(&end("a1", Outcome::Tunneled));
-        m.connection_closed(&ConnectionEnd {
-            pep_status: Some(403),
-            setup: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            error: true,
-            classification: Classification::Host,
-            ..end("a1", Outcome::PepRefused)
-        });
+        m.connection_closed(&end("a1", Outcome::Tunneled), &|| true);
+        m.connection_closed(&end("a1", Outcome::Tunneled), &|| true);
+        m.connection_closed(
+            &ConnectionEnd {
+                pep_status: Some(403),
+                setup: None,
+                bytes_up: 0,
+                bytes_down: 0,
+                error: true,
+                classification: Classification::Host,
+                ..end("a1", Outcome::PepRefused)
+            },
+            &|| true,
+        );
         m.connection_rejected(Outcome::NoRecord);
         m.policy_decision(Decision::Pep);
         m.dns_query(DnsOutcome::Denied);
@@ -722,18 +733,27 @@ mod tests {
         m.actor_added("a1", "veth", "runtime");
         m.actor_added("a2", "veth", "runtime");
         for outcome in OUTCOMES {
-            m.connection_closed(&end("a1", outcome));
+            m.connection_closed(&end("a1", outcome), &|| true);
         }
-        m.connection_closed(&ConnectionEnd {
-            classification: Classification::Dns,
-            ..end("a1", Outcome::Direct)
-        });
-        m.connection_closed(&end("a2", Outcome::Tunneled));
+        m.connection_closed(
+            &ConnectionEnd {
+                classification: Classification::Dns,
+                ..end("a1", Outcome::Direct)
+            },
+            &|| true,
+        );
+        m.connection_closed(&end("a2", Outcome::Tunneled), &|| true);
         assert_eq!(connection_series(&m), OUTCOMES.len() + 2);
         m.actor_removed("a1", "veth", "runtime");
         assert_eq!(connection_series(&m), 1);
+        // A connection of the removed actor that ends now does not bring its series back;
+        // one of an actor registered some other way than `actor_added` is counted.
+        m.connection_closed(&end("a1", Outcome::Tunneled), &|| false);
+        m.connection_closed(&end("a3", Outcome::Tunneled), &|| true);
+        assert_eq!(connection_series(&m), 2);
         let text = encoded(&m);
         assert!(!text.contains(r#"actor="a1""#), "{text}");
+        assert!(text.contains(r#"actor="a3""#), "{text}");
         assert!(text.contains(r#"actor="a2""#), "{text}");
         assert!(
             text.lines()

@@ -262,16 +262,19 @@ impl Context {
         error: &str,
     ) {
         match actor {
-            Some(flow) => self.metrics.connection_closed(&ConnectionEnd {
-                actor: &flow.actor.id,
-                outcome,
-                classification: Classification::None,
-                bytes_up: 0,
-                bytes_down: 0,
-                pep_status: None,
-                setup: None,
-                error: true,
-            }),
+            Some(flow) => self.metrics.connection_closed(
+                &ConnectionEnd {
+                    actor: &flow.actor.id,
+                    outcome,
+                    classification: Classification::None,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    pep_status: None,
+                    setup: None,
+                    error: true,
+                },
+                &|| self.actors.contains(&flow.actor.id, &flow.actor),
+            ),
             None => self.metrics.connection_rejected(outcome),
         }
         if let Some(log) = &self.access_log {
@@ -312,16 +315,19 @@ impl Context {
             "direct" => RouteKind::Direct,
             _ => RouteKind::Pep,
         };
-        self.metrics.connection_closed(&ConnectionEnd {
-            actor: &flow.actor.id,
-            outcome: closed.outcome,
-            classification,
-            bytes_up: closed.bytes_up,
-            bytes_down: closed.bytes_down,
-            pep_status: closed.pep_status,
-            setup: setup.map(|s| (route_kind, s)),
-            error: closed.error.is_some() && closed.outcome != Outcome::Denied,
-        });
+        self.metrics.connection_closed(
+            &ConnectionEnd {
+                actor: &flow.actor.id,
+                outcome: closed.outcome,
+                classification,
+                bytes_up: closed.bytes_up,
+                bytes_down: closed.bytes_down,
+                pep_status: closed.pep_status,
+                setup: setup.map(|s| (route_kind, s)),
+                error: closed.error.is_some() && closed.outcome != Outcome::Denied,
+            },
+            &|| self.actors.contains(&flow.actor.id, &flow.actor),
+        );
         if let Some(log) = &self.access_log {
             let time = access_log::now_rfc3339();
             let authority = closed
