@@ -18,6 +18,7 @@ use crate::{
     capture::{self, DnsSocket, Front, Listener},
     config::{Actor, ActorSpec, Capture, Config, Veth},
     ebpf,
+    metrics::{ErrorKind, Front as MetricFront, Metrics},
     net::{nft, veth},
     proxy,
 };
@@ -261,10 +262,11 @@ struct ServedDns {
 }
 
 impl ServedDns {
-    fn close(self) {
+    fn close(self, metrics: &Metrics) {
         for task in self.tasks {
             task.abort();
         }
+        metrics.listener_closed(MetricFront::Dns);
     }
 }
 
@@ -359,7 +361,24 @@ impl Manager {
             );
         }
         manager.save_state();
+        manager.ctx.health().set_actors_started();
+        manager.update_health();
         Ok(manager)
+    }
+
+    /// Tells the readiness which registered actors are not served (no listener or no DNS
+    /// socket: their connects or DNS are refused).
+    fn update_health(&self) {
+        let unserved = self
+            .actors
+            .iter()
+            .filter(|(_, e)| match e.actor.capture {
+                Capture::Cgroup { .. } => e.listener.is_none() || e.dns.is_none(),
+                Capture::Veth(_) => e.listener.is_none(),
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.ctx.health().set_unserved(unserved);
     }
 
     /// Veth actors the previous agent had from its config file that this one's config no longer
@@ -472,9 +491,13 @@ impl Manager {
             self.unuse_listener(key);
         }
         if let Some(dns) = entry.dns {
-            dns.close();
+            dns.close(self.ctx.metrics());
         }
         info!(actor = %id, capture = %status.capture, "actor removed");
+        self.ctx
+            .metrics()
+            .actor_removed(id, capture_name(&entry.actor), entry.source.as_str());
+        self.update_health();
         self.save_state();
         Ok(status)
     }
@@ -529,15 +552,16 @@ impl Manager {
 
     /// Stops every listener and DNS socket (capture itself stays in force).
     pub fn shutdown(&mut self) {
-        for served in self.listeners.values() {
+        for ((front, _), served) in &self.listeners {
             for task in &served.tasks {
                 task.abort();
             }
+            listener_gauge(self.ctx.metrics(), *front, false);
         }
         self.listeners.clear();
         for entry in self.actors.values_mut() {
             if let Some(dns) = entry.dns.take() {
-                dns.close();
+                dns.close(self.ctx.metrics());
             }
         }
     }
@@ -609,7 +633,11 @@ impl Manager {
                 "actor captured"
             ),
         }
+        self.ctx
+            .metrics()
+            .actor_added(&actor.id, capture_name(&actor), source.as_str());
         self.actors.insert(actor.id.clone(), entry);
+        self.update_health();
         Ok(status)
     }
 
@@ -628,6 +656,7 @@ impl Manager {
             Ok(key) => Some(key),
             Err(e) => {
                 error!(actor = %actor.id, error = %e, "the actor stays captured but unserved: its connects are refused");
+                self.ctx.metrics().error(ErrorKind::Listener);
                 None
             }
         };
@@ -638,6 +667,7 @@ impl Manager {
                 Ok(dns) => Some(dns),
                 Err(e) => {
                     error!(actor = %actor.id, error = %e, "the actor's DNS is refused");
+                    self.ctx.metrics().error(ErrorKind::Listener);
                     None
                 }
             },
@@ -663,7 +693,7 @@ impl Manager {
                 self.unuse_listener(key);
             }
             if let Some(dns) = dns {
-                dns.close();
+                dns.close(self.ctx.metrics());
             }
             return Err(e.into());
         }
@@ -697,6 +727,7 @@ impl Manager {
             socket.spawn(actor.clone(), self.ctx.clone(), self.shutdown.clone())?
         };
         info!(actor = %actor.id, dns = ?addrs, "DNS socket open");
+        self.ctx.metrics().listener_opened(MetricFront::Dns);
         Ok((port, v6, ServedDns { addrs, tasks }))
     }
 
@@ -875,6 +906,7 @@ impl Manager {
         };
         info!(front = ?front, netns = %crate::netns::label(netns),
             listeners = ?addrs, "listening");
+        listener_gauge(self.ctx.metrics(), front, true);
         self.listeners.insert(
             key,
             Served {
@@ -898,6 +930,7 @@ impl Manager {
             for task in served.tasks {
                 task.abort();
             }
+            listener_gauge(self.ctx.metrics(), key.0, false);
             info!(front = ?key.0, listeners = ?served.addrs, "listener closed: no actor left in its namespace");
         }
     }
@@ -1003,6 +1036,30 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// `cgroup` or `veth`: the `capture` label of `egress_actors`.
+fn capture_name(actor: &Actor) -> &'static str {
+    match actor.capture {
+        Capture::Cgroup { .. } => "cgroup",
+        Capture::Veth(_) => "veth",
+    }
+}
+
+/// Counts a listener of `front` opened (`up`) or closed; a NAT listener comes with its
+/// worker namespace's DNS socket.
+fn listener_gauge(metrics: &Metrics, front: Front, up: bool) {
+    let fronts: &[MetricFront] = match front {
+        Front::Ebpf => &[MetricFront::Cgroup],
+        Front::Nat => &[MetricFront::Veth, MetricFront::Dns],
+    };
+    for &f in fronts {
+        if up {
+            metrics.listener_opened(f);
+        } else {
+            metrics.listener_closed(f);
+        }
     }
 }
 

@@ -11,9 +11,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    actors, capture,
+    access_log::{self, AccessLog},
+    actors,
+    admin::{self, Health},
+    capture,
     config::{self, Config},
-    control, ebpf, netns, proxy,
+    control, ebpf,
+    metrics::Metrics,
+    netns, proxy,
 };
 
 /// Errors that stop the agent.
@@ -48,6 +53,12 @@ pub enum Error {
     /// The policy file is unusable.
     #[error("{0}; fix the file (docs/policy.md) or leave --policy out (deny all)")]
     Policy(#[from] crate::policy::Error),
+    /// The admin listener could not be opened.
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+    /// The access log could not be opened.
+    #[error(transparent)]
+    AccessLog(#[from] access_log::Error),
 }
 
 impl From<actors::Error> for Error {
@@ -63,6 +74,27 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     // The control socket first: a second agent on the same socket stops here, before it
     // touches anything the first one owns.
     let control = control::Server::bind(&config.control_socket)?;
+    // The admin listener next, before capture is loaded: /healthz answers and /readyz says
+    // what is not ready yet while the agent starts.
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let admin::Listen::Addr(addr) = config.admin_listen {
+        let server = admin::Server::bind(addr).await?;
+        let mut stopped = stopped.clone();
+        tasks.push(tokio::spawn(server.run(
+            metrics.clone(),
+            health.clone(),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )));
+    }
+    let access_log = AccessLog::open(&config.access_log, metrics.clone())?;
+    if let Some(log) = &access_log {
+        log.reopen_on_sighup();
+    }
     let own_cookie = netns::own_cookie().map_err(|source| Error::Netns {
         path: "(the agent's own)".into(),
         source,
@@ -75,6 +107,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         agent_mark: config.socket_mark,
         _pad: 0,
     })?;
+    health.set_programs_attached(true);
 
     if config.dns_upstream.is_none() {
         warn!(
@@ -86,13 +119,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     info!(policy = %policy.current().summary(), "policy loaded");
     crate::policy::spawn_reloader(policy.clone());
     let registry = Arc::new(actors::Registry::default());
-    let ctx = Arc::new(proxy::Context::new(
-        config.clone(),
-        registry.clone(),
-        policy,
-    ));
+    let ctx = Arc::new(
+        proxy::Context::new(config.clone(), registry.clone(), policy)
+            .with_metrics(metrics.clone())
+            .with_health(health.clone())
+            .with_access_log(access_log),
+    );
     ctx.spawn_refresh();
-    let (stop, stopped) = watch::channel(false);
     // Netlink and nft block while the configured actors are set up.
     let manager = tokio::task::block_in_place(|| {
         actors::Manager::start(
@@ -107,7 +140,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let actors = manager.list().len();
     let manager = Arc::new(Mutex::new(manager));
 
-    let mut tasks = vec![tokio::spawn(control.run(manager.clone(), stopped.clone()))];
+    tasks.push(tokio::spawn(control.run(manager.clone(), stopped.clone())));
     if let Some(logger) = logger {
         tasks.push(tokio::spawn(kernel_logs(logger, stopped.clone())));
     }
@@ -120,6 +153,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         veth_dns_port = config.veth_dns_port,
         dns_upstream = %config.dns_upstream.map_or("(none)".into(), |r| r.to_string()),
         control_socket = %config.control_socket.display(),
+        admin = %config.admin_listen,
+        access_log = %config.access_log,
         "ready"
     );
     shutdown.await;

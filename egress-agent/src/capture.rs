@@ -366,12 +366,14 @@ async fn dns_loop(
         if n > dns::MAX_UDP_QUERY {
             debug!(actor = %actor.id, client = %from, limit = dns::MAX_UDP_QUERY,
                 "DNS query larger than the limit dropped");
+            ctx.metrics().dns_query(crate::metrics::DnsOutcome::Dropped);
             continue;
         }
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             dropped += 1;
             debug!(actor = %actor.id, client = %from, limit = MAX_DNS_IN_FLIGHT, dropped,
                 "DNS query dropped: too many in flight on this socket");
+            ctx.metrics().dns_query(crate::metrics::DnsOutcome::Dropped);
             continue;
         };
         let query = buf[..n].to_vec();
@@ -435,6 +437,7 @@ async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
                 warn!(error = %e, "accept failed");
+                ctx.metrics().error(crate::metrics::ErrorKind::Accept);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

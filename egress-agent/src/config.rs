@@ -384,6 +384,10 @@ pub struct Config {
     pub relay: relay::Mode,
     /// Most connections served at once; more are reset.
     pub max_connections: usize,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: crate::admin::Listen,
+    /// Where one JSON line per connection goes.
+    pub access_log: crate::access_log::Target,
 }
 
 impl Default for Config {
@@ -405,6 +409,10 @@ impl Default for Config {
             relay_buffer: relay::DEFAULT_MAX_BUFFER,
             relay: relay::Mode::default(),
             max_connections: 65_536,
+            // Off in embedded use and tests (the flag's default is 127.0.0.1:15090): two
+            // contexts in one process would race for the port.
+            admin_listen: crate::admin::Listen::Off,
+            access_log: crate::access_log::Target::Off,
         }
     }
 }
@@ -508,6 +516,14 @@ pub struct RunArgs {
     /// the agent's own network namespace. Default: the first `nameserver` of /etc/resolv.conf.
     #[arg(long, env = "EGRESS_DNS_UPSTREAM", value_parser = parse_dns_upstream)]
     pub dns_upstream: Option<SocketAddr>,
+    /// Admin HTTP listener, IP:PORT or `off`: /metrics (OpenMetrics), /healthz, /readyz.
+    /// Keep it on loopback: metrics name the actors.
+    #[arg(long, env = "EGRESS_ADMIN_LISTEN", default_value = crate::admin::DEFAULT_LISTEN)]
+    pub admin_listen: crate::admin::Listen,
+    /// Access log: `off`, `stdout`, `stderr` or a file path (appended, created 0600, reopened
+    /// on SIGHUP): one JSON line per connection.
+    #[arg(long, env = "EGRESS_ACCESS_LOG", default_value = "off")]
+    pub access_log: crate::access_log::Target,
 }
 
 /// `IP:PORT`, or a bare IP for port 53.
@@ -678,6 +694,8 @@ impl RunArgs {
             relay_buffer: self.relay_buffer_bytes,
             relay: self.relay.or(file.relay).unwrap_or_default(),
             max_connections: self.max_connections,
+            admin_listen: self.admin_listen,
+            access_log: self.access_log,
         })
     }
 }

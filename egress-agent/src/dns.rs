@@ -31,7 +31,10 @@ use tracing::{debug, info, warn};
 
 pub use answers::Answers;
 
-use crate::socket::SocketFactory;
+use crate::{
+    metrics::{DnsOutcome, Metrics},
+    socket::SocketFactory,
+};
 
 /// Bounds on the forwarder's work; the defaults suit a node resolver and ordinary clients.
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +178,7 @@ pub struct Forwarder {
     in_flight: Semaphore,
     answers: Answers,
     address_filter: Option<Box<AddressFilter>>,
+    metrics: Option<std::sync::Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -198,6 +202,19 @@ impl Forwarder {
             in_flight: Semaphore::new(limits.max_in_flight.min(Semaphore::MAX_PERMITS)),
             answers: Answers::new(limits.max_answers_per_actor),
             address_filter: None,
+            metrics: None,
+        }
+    }
+
+    /// The same forwarder counting each query's outcome in `egress_dns_queries_total`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, outcome: DnsOutcome) {
+        if let Some(metrics) = &self.metrics {
+            metrics.dns_query(outcome);
         }
     }
 
@@ -310,10 +327,12 @@ impl Forwarder {
         let started = Instant::now();
         let Some(header) = message::header(query) else {
             debug!(actor = %actor_id, bytes = query.len(), transport = transport.as_str(), "dns: not a DNS message, dropped");
+            self.count(DnsOutcome::Dropped);
             return None;
         };
         if header.metadata.message_type != MessageType::Query {
             debug!(actor = %actor_id, transport = transport.as_str(), "dns: a response sent to the forwarder, dropped");
+            self.count(DnsOutcome::Dropped);
             return None;
         }
         let max = match transport {
@@ -362,11 +381,13 @@ impl Forwarder {
         let qtype = question.query_type();
         let Some(name) = message::hostname(question.name()) else {
             info!(actor = %actor_id, name = %question.name(), qtype = %qtype, "dns refused: the name is not a hostname");
+            self.count(DnsOutcome::Refused);
             let reply = message::reply_to(&request, ResponseCode::Refused);
             return self.finish(actor_id, "-", question, reply, 0, started, transport);
         };
         if let NameVerdict::Deny { reason } = verdict(&name) {
             info!(actor = %actor_id, name = %name, qtype = %qtype, reason = %reason, "dns denied");
+            self.count(DnsOutcome::Denied);
             let reply = message::reply_to(&request, ResponseCode::NXDomain);
             return self.finish(actor_id, &name, question, reply, 0, started, transport);
         }
@@ -379,6 +400,7 @@ impl Forwarder {
             ),
             Err(e) => {
                 warn!(actor = %actor_id, name = %name, qtype = %qtype, error = %e, "dns: answering SERVFAIL");
+                self.count(DnsOutcome::Servfail);
                 let reply = message::reply_to(&request, ResponseCode::ServFail);
                 self.finish(actor_id, &name, question, reply, 0, started, transport)
             }
@@ -427,6 +449,7 @@ impl Forwarder {
                     .collect();
                 if before > 0 && addresses.is_empty() {
                     info!(actor = %actor_id, name = %name, qtype = %question.query_type(), reasons = ?reasons, "dns answer denied: every address is filtered");
+                    self.count(DnsOutcome::Denied);
                     return Ok((
                         Reply::Built(message::reply_to(request, ResponseCode::NXDomain)),
                         0,
@@ -447,6 +470,7 @@ impl Forwarder {
                 .map(|&(ip, ttl)| (ip, self.limits.clamp_ttl(ttl))),
         );
         let recorded = addresses.len();
+        self.count(DnsOutcome::Answered);
         if rebuilt {
             reply.metadata.id = request.metadata.id;
             return Ok((Reply::Built(reply), recorded));
@@ -539,6 +563,7 @@ impl Forwarder {
         transport: Transport,
     ) -> Option<Vec<u8>> {
         debug!(actor = %actor_id, rcode = %rcode, reason = why, transport = transport.as_str(), "dns query refused");
+        self.count(DnsOutcome::Refused);
         encode(&message::reply_to_header(header, rcode))
     }
 

@@ -305,6 +305,8 @@ fn remove_present<T: BorrowMut<MapData>, K: Pod, V: Pod>(
 ) -> Result<(), MapError> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        // aya 0.14 reports a missing key as the syscall's ENOENT.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
     }
 }

@@ -4,7 +4,9 @@
 //! listener in the actor's network namespace and record where it was going; the listener
 //! takes the record; [`proxy`] classifies the first bytes ([`classify`]), opens a CONNECT
 //! tunnel through the PEP ([`tunnel`], over the link [`pep`] configures) and relays ([`relay`]). Where no PEP decides, [`policy`] does.
+pub mod access_log;
 pub mod actors;
+pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod classify;
@@ -14,6 +16,7 @@ pub mod direct;
 pub mod discovery;
 pub mod dns;
 pub mod ebpf;
+pub mod metrics;
 pub mod net;
 pub mod netns;
 pub mod pep;

@@ -20,10 +20,14 @@ use tokio::{net::TcpStream, sync::Semaphore};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
+    access_log::{self, AccessLog},
     actors::Registry,
+    admin::Health,
     classify::{self, Authority, Host, Source},
     config::{Actor, Capture, Config},
-    direct, dns, ebpf, netns,
+    direct, dns, ebpf,
+    metrics::{self, Classification, ConnectionEnd, Decision, Metrics, RouteKind},
+    netns,
     policy::{self, RuleKind, TemplatePolicy},
     relay, resolve,
     route::{self, Route},
@@ -49,7 +53,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// How a connection ended, as logged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Tunnelled through the PEP and relayed to the end.
     Tunneled,
@@ -162,6 +166,9 @@ pub struct Context {
     actor_addresses: Mutex<HashMap<String, ActorAddresses>>,
     limit: Arc<Semaphore>,
     next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    access_log: Option<AccessLog>,
 }
 
 impl Context {
@@ -208,6 +215,150 @@ impl Context {
             actors,
             config,
             next_id: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+            access_log: None,
+        }
+    }
+
+    /// The same context counting into `metrics` (its own, unserved ones otherwise).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.dns = self.dns.map(|d| d.with_metrics(metrics.clone()));
+        self.metrics = metrics;
+        self
+    }
+
+    /// The same context reporting readiness to `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// The same context writing one access log line per connection to `log`.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
+    }
+
+    /// The metrics connections are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The readiness the actors' listeners are reported to.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Counts (and access-logs) a connection reset before it was served: no actor, or
+    /// (`actor` given) too many connections.
+    fn rejected(
+        &self,
+        id: u64,
+        client: SocketAddr,
+        actor: Option<&Flow>,
+        original_dst: Option<SocketAddr>,
+        outcome: Outcome,
+        error: &str,
+    ) {
+        match actor {
+            Some(flow) => self.metrics.connection_closed(
+                &ConnectionEnd {
+                    actor: &flow.actor.id,
+                    outcome,
+                    classification: Classification::None,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    pep_status: None,
+                    setup: None,
+                    error: true,
+                },
+                &|| self.actors.contains(&flow.actor.id, &flow.actor),
+            ),
+            None => self.metrics.connection_rejected(outcome),
+        }
+        if let Some(log) = &self.access_log {
+            let time = access_log::now_rfc3339();
+            log.write(&access_log::Entry {
+                time: &time,
+                id,
+                actor: actor.map_or("", |f| &f.actor.id),
+                template: actor.map_or("", |f| &f.actor.template),
+                namespace: actor.map_or("", |f| &f.actor.template_namespace),
+                pid: actor.map_or(0, |f| f.pid),
+                client: client.to_string(),
+                original_dst: original_dst.map(|d| d.to_string()).unwrap_or_default(),
+                authority: "",
+                classification: Classification::None.as_str(),
+                route: "",
+                pep_status: 0,
+                outcome: outcome.as_str(),
+                rule: "",
+                dialled: "",
+                relay: "",
+                bytes_up: 0,
+                bytes_down: 0,
+                duration_ms: 0,
+                setup_us: 0,
+                error: Some(error),
+            });
+        }
+    }
+
+    /// Counts the end of a served connection and writes its access log line.
+    fn record(&self, closed: &Closed, flow: &Flow, start: Instant) {
+        let classification = Classification::from(closed.authority.as_ref().map(|a| a.source));
+        let setup = closed
+            .relay_started
+            .map(|t| t.saturating_duration_since(start));
+        let route_kind = match closed.route {
+            "direct" => RouteKind::Direct,
+            _ => RouteKind::Pep,
+        };
+        self.metrics.connection_closed(
+            &ConnectionEnd {
+                actor: &flow.actor.id,
+                outcome: closed.outcome,
+                classification,
+                bytes_up: closed.bytes_up,
+                bytes_down: closed.bytes_down,
+                pep_status: closed.pep_status,
+                setup: setup.map(|s| (route_kind, s)),
+                error: closed.error.is_some() && closed.outcome != Outcome::Denied,
+            },
+            &|| self.actors.contains(&flow.actor.id, &flow.actor),
+        );
+        if let Some(log) = &self.access_log {
+            let time = access_log::now_rfc3339();
+            let authority = closed
+                .authority
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let dialled = closed.dialled.map(|d| d.to_string()).unwrap_or_default();
+            log.write(&access_log::Entry {
+                time: &time,
+                id: flow.id,
+                actor: &flow.actor.id,
+                template: &flow.actor.template,
+                namespace: &flow.actor.template_namespace,
+                pid: flow.pid,
+                client: flow.client.to_string(),
+                original_dst: flow.original_dst.to_string(),
+                authority: &authority,
+                classification: classification.as_str(),
+                route: closed.route,
+                pep_status: closed.pep_status.unwrap_or(0),
+                outcome: closed.outcome.as_str(),
+                rule: &closed.rule,
+                dialled: &dialled,
+                relay: closed.relay,
+                bytes_up: closed.bytes_up,
+                bytes_down: closed.bytes_down,
+                duration_ms: start.elapsed().as_millis() as u64,
+                setup_us: setup.map_or(0, |s| s.as_micros() as u64),
+                error: closed.error.as_deref(),
+            });
         }
     }
 
@@ -242,6 +393,7 @@ impl Context {
         if let Some(dns) = &self.dns {
             dns.answers().forget_actor(id);
         }
+        // Its series go with it (bounded cardinality); the manager counted it out.
         if let Ok(mut cache) = self.actor_addresses.lock() {
             cache.remove(id);
         }
@@ -296,6 +448,7 @@ impl Context {
     pub async fn dns_query(&self, actor: Arc<Actor>, query: Vec<u8>) -> Option<Vec<u8>> {
         let Some(forwarder) = &self.dns else {
             debug!(actor = %actor.id, "DNS query dropped: no --dns-upstream");
+            self.metrics.dns_query(metrics::DnsOutcome::Dropped);
             return None;
         };
         let policy = self.policy.current();
@@ -322,6 +475,14 @@ impl Context {
             warn!(id, actor = %flow.actor.id, pid = flow.pid, original_dst = %flow.original_dst,
                 limit = self.config.max_connections, outcome = Outcome::Overloaded.as_str(),
                 "connection closed");
+            self.rejected(
+                id,
+                client,
+                Some(&flow),
+                Some(flow.original_dst),
+                Outcome::Overloaded,
+                "too many connections (--max-connections)",
+            );
             return socket::reset(stream);
         };
         let ctx = self.clone();
@@ -345,10 +506,19 @@ impl Context {
                 // A process that connected to the listener directly, or a record lost to the
                 // LRU bound: there is no identity to vouch for, so it does not go out.
                 warn!(id, client = %client, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                self.rejected(
+                    id,
+                    client,
+                    None,
+                    None,
+                    Outcome::NoRecord,
+                    "no capture record",
+                );
                 return None;
             }
             Err(e) => {
                 warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                self.rejected(id, client, None, None, Outcome::NoRecord, &e.to_string());
                 return None;
             }
         };
@@ -358,12 +528,28 @@ impl Context {
             // connection that published nothing, e.g. one from outside the actor's cgroup.
             warn!(id, client = %client, age_ms = age / 1_000_000, original_dst = %record.destination(),
                 outcome = Outcome::StaleRecord.as_str(), "connection closed");
+            self.rejected(
+                id,
+                client,
+                None,
+                Some(record.destination()),
+                Outcome::StaleRecord,
+                "stale capture record",
+            );
             return None;
         }
         let Some(actor) = self.actors.by_cgroup(record.actor_cgroup) else {
             warn!(id, client = %client, cgroup_id = record.actor_cgroup, pid = record.pid,
                 original_dst = %record.destination(), outcome = Outcome::UnknownActor.as_str(),
                 "connection closed");
+            self.rejected(
+                id,
+                client,
+                None,
+                Some(record.destination()),
+                Outcome::UnknownActor,
+                "the record's cgroup is no registered actor",
+            );
             return None;
         };
         Some(Flow {
@@ -389,12 +575,21 @@ impl Context {
             Err(e) => {
                 // Made to the listener directly, not redirected: no destination to vouch for.
                 warn!(id, client = %client, error = %e, outcome = Outcome::NoRecord.as_str(), "connection closed");
+                self.rejected(id, client, None, None, Outcome::NoRecord, &e.to_string());
                 return None;
             }
         };
         let Some(actor) = self.actors.by_addr(netns, client.ip()) else {
             warn!(id, client = %client, original_dst = %original_dst,
                 outcome = Outcome::UnknownActor.as_str(), "connection closed");
+            self.rejected(
+                id,
+                client,
+                None,
+                Some(original_dst),
+                Outcome::UnknownActor,
+                "the source address is no veth actor of this worker",
+            );
             return None;
         };
         Some(Flow {
@@ -412,6 +607,8 @@ impl Context {
         async move {
             let start = Instant::now();
             let closed = self.pipeline(stream, &flow).await;
+            // Counted before the log line: whoever sees the line finds it counted.
+            self.record(&closed, &flow, start);
             closed.log(&flow, start);
             closed.outcome
         }
@@ -465,11 +662,17 @@ impl Context {
             flow.original_dst,
             &denied,
         );
+        self.metrics.policy_decision(match route {
+            Route::Deny { .. } => Decision::Deny,
+            Route::Pep { .. } => Decision::Pep,
+            Route::Direct { .. } => Decision::Allow,
+        });
         match route {
             Route::Deny { rule } => {
                 let mut closed =
                     Closed::failed(Outcome::Denied, Some(authority), None, &"denied by policy");
                 closed.rule = rule;
+                closed.route = "deny";
                 closed
             }
             Route::Pep { rule } => {
@@ -478,6 +681,7 @@ impl Context {
                 drop(policy);
                 let mut closed = self.tunnel(stream, flow, authority, peeked.freeze()).await;
                 closed.rule = rule.unwrap_or_default();
+                closed.route = "pep";
                 closed
             }
             Route::Direct { rule, dial } => {
@@ -505,6 +709,7 @@ impl Context {
                 };
                 closed.authority = Some(authority);
                 closed.rule = rule;
+                closed.route = "direct";
                 closed
             }
         }
@@ -655,6 +860,7 @@ impl Context {
         done: Outcome,
     ) -> Closed {
         socket::arm_reset(tcp(&upstream));
+        let relay_started = Some(Instant::now());
         let settings = relay::Settings {
             mode: self.config.relay,
             max_buffer: self.config.relay_buffer,
@@ -683,6 +889,8 @@ impl Context {
             rule: String::new(),
             dialled: None,
             relay: engine.as_str(),
+            route: "",
+            relay_started,
         }
     }
 }
@@ -756,6 +964,10 @@ struct Closed {
     dialled: Option<SocketAddr>,
     /// The relay engines that moved the bytes ("" when nothing was relayed).
     relay: &'static str,
+    /// pep, direct or deny ("" when it ended before the decision).
+    route: &'static str,
+    /// When the relay started (`None`: it never did).
+    relay_started: Option<Instant>,
 }
 
 impl Closed {
@@ -776,6 +988,8 @@ impl Closed {
             rule: String::new(),
             dialled: None,
             relay: "",
+            route: "",
+            relay_started: None,
         }
     }
 

@@ -812,3 +812,88 @@ async fn short_connection_rss() {
         }
     }
 }
+
+#[tokio::test]
+async fn connection_ends_are_counted_and_access_logged() {
+    let ok = recording_proxy(Behaviour::Answer {
+        reply: b"hello from upstream",
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.json");
+    let metrics = Arc::new(egress_agent::metrics::Metrics::new());
+    // The manager does this when it registers the actor.
+    metrics.actor_added("actor-7", "cgroup", "config");
+    let log = egress_agent::access_log::AccessLog::open(
+        &egress_agent::access_log::Target::File(log_path.clone()),
+        metrics.clone(),
+    )
+    .unwrap();
+    let with = |ctx: Arc<Context>| {
+        Arc::new(
+            Arc::into_inner(ctx)
+                .unwrap()
+                .with_metrics(metrics.clone())
+                .with_access_log(log.clone()),
+        )
+    };
+    let ctx = with(context(ok.addr, Duration::from_secs(5)));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:8443").await;
+    client.write_all(CURL_CLIENT_HELLO).await.unwrap();
+    client.shutdown().await.unwrap();
+    read_to_end_or_error(&mut client).await.unwrap();
+    assert_eq!(task.await.unwrap(), Outcome::Tunneled);
+
+    let deny = recording_proxy(Behaviour::Status(403)).await;
+    let ctx = with(context(deny.addr, Duration::from_secs(5)));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:8080").await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    expect_reset(&mut client).await;
+    assert_eq!(task.await.unwrap(), Outcome::PepRefused);
+
+    let mut text = String::new();
+    metrics.encode(&mut text).unwrap();
+    let up = CURL_CLIENT_HELLO.len();
+    let down = b"hello from upstream".len();
+    for line in [
+        r#"egress_connections_total{actor="actor-7",outcome="tunneled",classification="sni"} 1"#.to_string(),
+        r#"egress_connections_total{actor="actor-7",outcome="pep_refused",classification="host"} 1"#.into(),
+        format!(r#"egress_bytes_total{{actor="actor-7",direction="up"}} {up}"#),
+        format!(r#"egress_bytes_total{{actor="actor-7",direction="down"}} {down}"#),
+        r#"egress_pep_responses_total{status="200"} 1"#.into(),
+        r#"egress_pep_responses_total{status="403"} 1"#.into(),
+        r#"egress_tunnel_setup_seconds_count{route="pep"} 1"#.into(),
+        r#"egress_policy_decisions_total{decision="pep"} 2"#.into(),
+        r#"egress_errors_total{kind="pep_refused"} 1"#.into(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+    }
+
+    drop((ctx, log));
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        lines = text.lines().map(str::to_string).collect();
+        if lines.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let json: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(json[0]["outcome"], "tunneled");
+    assert_eq!(json[0]["authority"], format!("{CURL_SNI}:8443"));
+    assert_eq!(json[0]["bytes_up"], up);
+    assert_eq!(json[0]["pep_status"], 200);
+    assert_eq!(json[0]["pid"], 4242);
+    assert_eq!(json[1]["outcome"], "pep_refused");
+    assert_eq!(json[1]["classification"], "host");
+    assert_eq!(json[1]["pep_status"], 403);
+    assert_eq!(json[1]["setup_us"], 0);
+}

@@ -818,6 +818,63 @@ fn collect(
     })
 }
 
+/// One `GET path` on the agent's admin listener at `addr` inside `netns` (raw HTTP/1.1; the
+/// agent closes after each answer): the status code and the body. Panics with the cause if the
+/// exchange fails.
+pub fn admin_get(netns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+    try_admin_get(netns, addr, path).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+/// Like [`admin_get`], the failure returned.
+pub fn try_admin_get(
+    netns: &Netns,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::Write as _;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    netns.run(move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no head: {text:?}"),
+            )
+        })?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("no status: {head:?}"),
+                )
+            })?;
+        Ok((status, body.to_string()))
+    })
+}
+
+/// Polls `GET /readyz` until it answers 200; panics with the last answer after `timeout`.
+pub fn wait_admin_ready(netns: &Netns, addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = try_admin_get(netns, addr, "/readyz");
+        if matches!(&last, Ok((200, _))) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("/readyz on {addr} not 200 within {timeout:?}: {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

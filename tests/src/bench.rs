@@ -573,6 +573,8 @@ impl Bench {
             let mut o = AgentOptions::new(pep);
             o.dns_upstream = dns_upstream;
             o.extra_args = profile.agent_args.clone();
+            // Three agents share the node namespace: one admin port is not enough.
+            o.env.push(("EGRESS_ADMIN_LISTEN".into(), "off".into()));
             o
         };
         let start = |opts: AgentOptions| {
