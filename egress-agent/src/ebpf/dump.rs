@@ -106,7 +106,8 @@ fn map_open_err(path: &Path, e: MapError) -> Error {
 
 /// `NotRoot` for a permission error, else the I/O error with the path.
 fn io_or_root(path: &Path, e: io::Error) -> Error {
-    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+    // EPERM and EACCES both: the pin's mode, or a missing CAP_BPF / CAP_SYS_ADMIN.
+    if e.kind() == io::ErrorKind::PermissionDenied {
         return Error::NotRoot {
             path: path.to_path_buf(),
         };
@@ -789,6 +790,22 @@ mod tests {
         fs::create_dir(dir.path().join(MAPS_DIR)).unwrap();
         let err = dump_maps(dir.path(), None, 10).unwrap_err().to_string();
         assert!(err.contains("no pinned maps under"), "{err}");
+    }
+
+    #[test]
+    fn permission_errors_say_to_run_as_root() {
+        for errno in [libc::EPERM, libc::EACCES] {
+            let err = io_or_root(
+                Path::new("/sys/fs/bpf/x"),
+                io::Error::from_raw_os_error(errno),
+            );
+            assert!(
+                matches!(err, Error::NotRoot { .. }) && err.to_string().contains("run as root"),
+                "{err}"
+            );
+        }
+        let err = io_or_root(Path::new("/x"), io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(err, Error::Io { .. }), "{err}");
     }
 
     #[test]
