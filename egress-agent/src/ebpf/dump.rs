@@ -122,7 +122,11 @@ fn io_or_root(path: &Path, e: io::Error) -> Error {
 fn count_entries(data: &MapData, info: &MapInfo) -> io::Result<u32> {
     let key_size = info.key_size() as usize;
     let capacity = info.max_entries();
-    if key_size == 0 || key_size > MAX_KEY_SIZE {
+    if key_size == 0 {
+        // Not a keyed map (a ring buffer, say): nothing to count.
+        return Ok(0);
+    }
+    if key_size > MAX_KEY_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("key size {key_size} is not one of a map this agent makes"),
