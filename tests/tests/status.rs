@@ -431,3 +431,80 @@ fn maps_without_pins_says_where_it_looked() {
         out.describe()
     );
 }
+
+#[test]
+fn a_removed_actor_cgroup_shows_as_gone_and_the_agent_not_ready() {
+    let w = World::new(91, "status-91", SquidConfig::default(), |o| o);
+    let cgroup = egress_tests::cgroup::Cgroup::new();
+    let id = cgroup.id();
+    let path = cgroup.path().display().to_string();
+    let netns = w.topo.actor.path().display().to_string();
+    w.agent
+        .control(&[
+            "actor", "add", "--id", "gone-91", "--cgroup", &path, "--netns", &netns,
+        ])
+        .expect_success("actor add");
+    let report = |what: &str| -> Report {
+        let out = w.agent.control(&["status", "--json"]);
+        out.expect_success(what);
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not a report: {e}\n{}", out.describe()))
+    };
+    let r = report("status with two actors");
+    assert!(r.ready.ready, "{:?}", r.ready);
+    let ids: Vec<(u64, Option<&str>, Option<bool>)> = r
+        .attachments
+        .iter()
+        .map(|a| (a.cgroup_id, a.actor.as_deref(), a.cgroup_exists))
+        .collect();
+    let mut expected = vec![
+        (w.cgroup.id(), Some("status-91"), Some(true)),
+        (id, Some("gone-91"), Some(true)),
+    ];
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    // The cgroup is removed behind the agent's back: the kernel detaches its links once the
+    // cgroup is released, and status says so.
+    drop(cgroup);
+    let deadline = std::time::Instant::now() + T;
+    let r = loop {
+        let r = report("status after the cgroup went");
+        let gone = r
+            .attachments
+            .iter()
+            .find(|a| a.cgroup_id == id)
+            .is_some_and(|a| a.cgroup_exists == Some(false));
+        if gone {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed cgroup still shows as existing: {:?}",
+            r.attachments
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!r.ready.ready);
+    assert_eq!(
+        r.ready.not_ready,
+        [format!("actor gone-91: its cgroup {id} is gone")]
+    );
+    let gone = r.attachments.iter().find(|a| a.cgroup_id == id).unwrap();
+    assert_eq!(gone.programs.len(), 10);
+    assert!(
+        gone.programs
+            .iter()
+            .all(|p| p.error.as_deref() == Some("detached: the cgroup is gone")),
+        "{gone:?}"
+    );
+    let out = w.agent.control(&["status"]);
+    out.expect_success("status");
+    assert!(
+        out.stdout.contains(&format!(
+            "ready     no\n          - actor gone-91: its cgroup {id} is gone\n"
+        )),
+        "{}",
+        out.stdout
+    );
+}
