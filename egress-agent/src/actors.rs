@@ -283,6 +283,8 @@ pub struct Manager {
     actors: BTreeMap<String, Entry>,
     /// Slots freed by removed veth actors, oldest first: reused last.
     freed: Vec<((u64, u64), u32)>,
+    /// When the manager took over capture (the agent's uptime in `status`).
+    started: std::time::Instant,
 }
 
 /// Most freed slots remembered.
@@ -310,6 +312,7 @@ impl Manager {
             listeners: HashMap::new(),
             actors: BTreeMap::new(),
             freed: Vec::new(),
+            started: std::time::Instant::now(),
         };
         let state = manager.load_state();
         let slot_of = |id: &str| {
@@ -548,6 +551,53 @@ impl Manager {
                 status
             })
             .collect()
+    }
+
+    /// The agent's status (`egress-agent status`): [`list`] plus the listeners, the
+    /// attachments and map sizes read back from the pins, the PEP, the policy and readiness.
+    ///
+    /// [`list`]: Manager::list
+    pub fn report(&self) -> crate::status::Report {
+        use crate::status;
+        let actors = self.list();
+        let mut listeners: Vec<status::ListenerStatus> = self
+            .listeners
+            .iter()
+            .map(|(key, served)| status::ListenerStatus {
+                front: match key.0 {
+                    Front::Ebpf => "ebpf",
+                    Front::Nat => "nat",
+                }
+                .into(),
+                netns_cookie: served.cookie,
+                addresses: served.addrs.clone(),
+                actors: self
+                    .actors
+                    .values()
+                    .filter(|e| e.listener == Some(*key))
+                    .map(|e| e.actor.id.clone())
+                    .collect(),
+            })
+            .collect();
+        listeners.sort_by(|a, b| (&a.front, a.netns_cookie).cmp(&(&b.front, b.netns_cookie)));
+        let (attachments, maps, maps_error) = status::pins(self.capture.dir(), &actors);
+        let policy = self.ctx.policy();
+        status::Report {
+            version: status::Version::current(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            bpffs_dir: self.capture.dir().to_path_buf(),
+            pep: self.config.pep.as_ref().map(status::PepSummary::new),
+            policy: status::PolicySummary {
+                file: policy.path().map(Path::to_path_buf),
+                summary: policy.current().summary(),
+            },
+            ready: status::Readiness::from_problems(status::actor_problems(&actors, &attachments)),
+            actors,
+            listeners,
+            attachments,
+            maps,
+            maps_error,
+        }
     }
 
     /// Stops every listener and DNS socket (capture itself stays in force).

@@ -11,10 +11,16 @@
 //! {"remove":{"id":"a1"}}
 //! {"reapply":{"id":"a2"}}
 //! "list"
+//! "status"
 //! ```
 //!
 //! Response: `{"ok":true,"actors":[STATUS...]}` (the actor concerned, or all for `list`) or
-//! `{"ok":false,"error":"what went wrong and what to do"}`.
+//! `{"ok":false,"error":"what went wrong and what to do"}`. `status` answers
+//! `{"ok":true,"actors":[],"status":REPORT}`, REPORT being [`crate::status::Report`]:
+//! `version` (`agent`, `git`, `kernel`), `uptime_seconds`, `bpffs_dir`, `pep`, `policy`,
+//! `ready` (`ready`, `not_ready`), `actors`, `listeners` (`front`, `netns_cookie`,
+//! `addresses`, `actors`), `attachments` (`cgroup_id`, `actor`, `cgroup_exists`, `programs`,
+//! `missing`) and `maps` (`name`, `entries`, `capacity`).
 use std::{
     io::{self, BufRead as _, Write as _},
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -101,6 +107,8 @@ pub enum Request {
     },
     /// Every actor.
     List,
+    /// The agent's whole status ([`crate::status::Report`]).
+    Status,
 }
 
 /// One answer.
@@ -114,6 +122,9 @@ pub struct Response {
     /// The actor concerned, or every actor for `list`.
     #[serde(default)]
     pub actors: Vec<Status>,
+    /// The answer to `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<crate::status::Report>>,
 }
 
 impl Response {
@@ -121,7 +132,7 @@ impl Response {
         Response {
             ok: false,
             error: Some(error.to_string()),
-            actors: Vec::new(),
+            ..Response::default()
         }
     }
 }
@@ -263,12 +274,19 @@ async fn handle(stream: &mut UnixStream, manager: Arc<Mutex<Manager>>) -> Result
             Request::Remove { id } => manager.remove(id).map(|s| vec![s]),
             Request::Reapply { id } => manager.reapply(id).map(|s| vec![s]),
             Request::List => Ok(manager.list()),
+            Request::Status => {
+                return Response {
+                    ok: true,
+                    status: Some(Box::new(manager.report())),
+                    ..Response::default()
+                };
+            }
         };
         match result {
             Ok(actors) => Response {
                 ok: true,
-                error: None,
                 actors,
+                ..Response::default()
             },
             Err(e) => {
                 warn!(request = ?request, error = %e, "control request failed");
@@ -328,6 +346,10 @@ mod tests {
         assert!(matches!(
             serde_json::from_str::<Request>(r#""list""#).unwrap(),
             Request::List
+        ));
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#""status""#).unwrap(),
+            Request::Status
         ));
         assert!(matches!(
             serde_json::from_str::<Request>(r#"{"remove":{"id":"a1"}}"#).unwrap(),

@@ -11,8 +11,12 @@
 //! and keep redirecting to the (now closed) listener, so actors' connects are refused instead
 //! of going out directly. A restarted agent re-uses the pinned maps and swaps its freshly
 //! loaded programs into the pinned links with `BPF_LINK_UPDATE`, without a gap.
-//! `egress-agent detach` removes the pins, which detaches everything.
+//! `egress-agent detach` removes the pins, which detaches everything. [`dump`] reads the pins
+//! without loading anything (`egress-agent maps`, the map sizes of `status` and the metrics).
+pub mod dump;
 mod link;
+
+pub use dump::{MapSize, map_sizes};
 
 use std::{
     borrow::BorrowMut,
@@ -98,6 +102,44 @@ pub enum Error {
     Map {
         /// Map name.
         name: &'static str,
+        /// The cause.
+        source: MapError,
+    },
+    /// Nothing is pinned under the directory.
+    #[error(
+        "no pinned maps under {}: is the agent (or a previous one) running with this \
+         --bpffs-dir?",
+        dir.display()
+    )]
+    NoPins {
+        /// The directory asked for.
+        dir: PathBuf,
+    },
+    /// The pins cannot be read without privileges.
+    #[error(
+        "permission denied reading {}: the pins are root's (bpffs is mode 0700 and opening a \
+         map needs CAP_BPF and CAP_SYS_ADMIN); run as root, e.g. with sudo",
+        path.display()
+    )]
+    NotRoot {
+        /// What could not be read.
+        path: PathBuf,
+    },
+    /// `--map` named no pinned map.
+    #[error("no map {name:?} is pinned under {}; there are: {known}", dir.display())]
+    NoSuchMap {
+        /// The name asked for.
+        name: String,
+        /// The directory.
+        dir: PathBuf,
+        /// The pinned maps' names.
+        known: String,
+    },
+    /// A pinned map could not be opened or read.
+    #[error("pinned map {}: {source}", path.display())]
+    PinnedMap {
+        /// Pin path.
+        path: PathBuf,
         /// The cause.
         source: MapError,
     },

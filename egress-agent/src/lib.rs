@@ -26,4 +26,5 @@ pub mod relay;
 pub mod resolve;
 pub mod route;
 pub mod socket;
+pub mod status;
 pub mod tunnel;

@@ -55,6 +55,27 @@ enum Command {
         #[command(subcommand)]
         command: ActorCommand,
     },
+    /// What the running agent is doing: versions, uptime, PEP, policy, readiness, actors,
+    /// listeners, attached programs and map sizes (over its control socket).
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Decoded contents of the pinned maps, read from bpffs directly (no agent needed).
+    Maps {
+        /// bpffs directory of the pins.
+        #[arg(long, env = "EGRESS_BPFFS_DIR", default_value = ebpf::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+        /// Only this map (e.g. `EGRESS_ACTORS`).
+        #[arg(long)]
+        map: Option<String>,
+        /// Most entries shown per map.
+        #[arg(long, default_value_t = ebpf::dump::DEFAULT_LIMIT)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Veth mode (gVisor, microVM actors): `up` adds a veth actor, `down` removes it,
     /// `reapply` restores its side after the runtime cleared it. Same as `actor add|remove|reapply`.
     Veth {
@@ -279,6 +300,40 @@ fn main() -> anyhow::Result<()> {
                 ActorCommand::Reapply { id } => Request::Reapply { id },
             };
             send(&control, &request)?;
+        }
+        Command::Status { control } => {
+            let response =
+                egress_agent::control::request(&control.control_socket, &Request::Status)?;
+            let report = match (response.ok, response.status) {
+                (true, Some(report)) => report,
+                (true, None) => anyhow::bail!(
+                    "the agent at {} does not know the `status` request: it is older than this \
+                     binary; use `egress-agent actor list`",
+                    control.control_socket.display()
+                ),
+                (false, _) => anyhow::bail!(
+                    "{}",
+                    response.error.unwrap_or_else(|| "the agent refused".into())
+                ),
+            };
+            if control.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", egress_agent::status::render(&report));
+            }
+        }
+        Command::Maps {
+            bpffs_dir,
+            map,
+            limit,
+            json,
+        } => {
+            let dumps = ebpf::dump::dump_maps(&bpffs_dir, map.as_deref(), limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dumps)?);
+            } else {
+                print!("{}", ebpf::dump::render(&dumps));
+            }
         }
         Command::Veth { control, command } => {
             let request = match command {

@@ -387,6 +387,11 @@ impl Context {
         });
     }
 
+    /// The policy in force (and its file).
+    pub fn policy(&self) -> &policy::Shared {
+        &self.policy
+    }
+
     /// Drops what the agent learned about actor `id` (its DNS answers, its addresses): it was
     /// removed.
     pub fn forget_actor(&self, id: &str) {

@@ -62,6 +62,11 @@ impl ConnKey {
             _pad: [0; 3],
         }
     }
+
+    /// The client address the key was made from.
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(words_to_ip(self.ip), self.port)
+    }
 }
 
 impl ActorEntry {
@@ -176,6 +181,14 @@ mod tests {
             connect_ns: 0,
         };
         assert_eq!(r.destination().to_string(), "[fd00::2]:8443");
+    }
+
+    #[test]
+    fn conn_key_gives_back_its_client() {
+        for client in ["10.1.2.3:40000", "[fd00::2]:443"] {
+            let client: SocketAddr = client.parse().unwrap();
+            assert_eq!(ConnKey::new(7, client).client(), client);
+        }
     }
 
     #[test]
