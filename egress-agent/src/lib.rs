@@ -11,6 +11,7 @@ pub mod classify;
 pub mod config;
 pub mod control;
 pub mod direct;
+pub mod discovery;
 pub mod dns;
 pub mod ebpf;
 pub mod net;
