@@ -164,17 +164,33 @@ pub fn map(pod: &Pod, veth_runtime_classes: &[String]) -> Mapping {
         .filter_map(|c| c.container_id.as_deref())
         .filter_map(ContainerId::parse)
         .collect();
+    let id = annotation(ANNOTATION_ACTOR_ID)
+        .map(String::from)
+        .unwrap_or_else(|| format!("{namespace}/{name}"));
+    let template = annotation(ANNOTATION_TEMPLATE).unwrap_or_default();
+    let template_namespace = annotation(ANNOTATION_TEMPLATE_NAMESPACE).unwrap_or_default();
+    for (what, value) in [
+        (ANNOTATION_ACTOR_ID, id.as_str()),
+        (ANNOTATION_TEMPLATE, template),
+        (ANNOTATION_TEMPLATE_NAMESPACE, template_namespace),
+    ] {
+        if value.len() > 253
+            || !value.bytes().all(|b| (0x20..0x7f).contains(&b))
+            || (what == ANNOTATION_ACTOR_ID && value.is_empty())
+        {
+            return Mapping::Unsupported(format!(
+                "{what} {value:?} cannot be sent in an HTTP header: use printable ASCII, at \
+                 most 253 bytes (and a non-empty actor id)"
+            ));
+        }
+    }
     Mapping::Actor(PodActor {
         uid: uid.clone(),
         namespace: namespace.clone(),
         name: name.clone(),
-        id: annotation(ANNOTATION_ACTOR_ID)
-            .map(String::from)
-            .unwrap_or_else(|| format!("{namespace}/{name}")),
-        template: annotation(ANNOTATION_TEMPLATE).unwrap_or_default().into(),
-        template_namespace: annotation(ANNOTATION_TEMPLATE_NAMESPACE)
-            .unwrap_or_default()
-            .into(),
+        id,
+        template: template.into(),
+        template_namespace: template_namespace.into(),
         qos,
         containers,
         capture,
@@ -355,6 +371,13 @@ mod tests {
         let mut pod = fixture("pod-containerd.json");
         pod.status.as_mut().unwrap().phase = Some("Failed".into());
         assert_eq!(map(&pod, &classes()), Mapping::Ignored);
+        let mut pod = fixture("pod-containerd.json");
+        pod.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ANNOTATION_TEMPLATE.into(), "a\r\nx-evil: 1".into());
+        assert!(matches!(map(&pod, &classes()), Mapping::Unsupported(_)));
         let mut pod = fixture("pod-containerd.json");
         pod.metadata.uid = None;
         assert!(matches!(map(&pod, &classes()), Mapping::Unsupported(_)));
