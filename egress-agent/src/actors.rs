@@ -337,7 +337,7 @@ impl Manager {
                 .actor
                 .validate()
                 .map_err(Error::from)
-                .and_then(|actor| manager.add_actor(actor, Source::Runtime, saved.slot));
+                .and_then(|actor| manager.add_actor(actor, saved.source, saved.slot));
             match added {
                 Ok(_) => {
                     info!(actor = %saved.actor.id, source = saved.source.as_str(),

@@ -386,7 +386,9 @@ struct Tracked {
 
 /// What one registration attempt came to.
 enum Outcome {
-    Captured(ActorSpec),
+    /// Registered now (`false`), or found registered already (`true`: this pod's, or a
+    /// previous agent's from the state file).
+    Captured(ActorSpec, bool),
     /// Not yet; whether an earlier registration of the pod was removed on the way.
     Retry(ErrorKind, String, bool),
     Refused(String),
@@ -620,7 +622,17 @@ impl<R: Registrar> Reconciler<R> {
         };
         let now = Instant::now();
         match outcome {
-            Outcome::Captured(spec) => {
+            Outcome::Captured(spec, true) => {
+                if t.registered.as_ref() != Some(&spec) {
+                    info!(pod = %t.name, uid = %uid, actor = %spec.id,
+                        cgroup = %spec.cgroup.as_deref().map_or(String::new(), |c| c.display().to_string()),
+                        "discovery: pod's actor was registered already (adopted)");
+                }
+                t.state = PodState::Captured;
+                t.registered = Some(spec);
+                t.reason = None;
+            }
+            Outcome::Captured(spec, false) => {
                 if t.registered.as_ref() != Some(&spec) {
                     info!(pod = %t.name, uid = %uid, actor = %spec.id,
                         cgroup = %spec.cgroup.as_deref().map_or(String::new(), |c| c.display().to_string()),
@@ -894,7 +906,7 @@ fn register<R: Registrar>(
         }
         if same_capture(&existing, &spec) {
             // Ours already (a previous agent's, adopted from the state file, or this pod's).
-            return Outcome::Captured(existing);
+            return Outcome::Captured(existing, true);
         }
         // This pod's, or a previous agent's for this pod, capturing something else now (a
         // new sandbox): replaced.
@@ -905,7 +917,7 @@ fn register<R: Registrar>(
         }
     }
     match registrar.add(&spec) {
-        Ok(()) => Outcome::Captured(spec),
+        Ok(()) => Outcome::Captured(spec, false),
         Err(e @ actors::Error::Conflict { .. }) => Outcome::Refused(e.to_string()),
         Err(e) => Outcome::Retry(ErrorKind::Register, e.to_string(), true),
     }

@@ -309,6 +309,20 @@ fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<
     stream.flush()
 }
 
+/// Whether the client closed its end (a killed agent's watch must not take the events
+/// queued for the next agent's).
+fn gone(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let closed = match stream.peek(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    closed || stream.set_nonblocking(false).is_err()
+}
+
 /// Streams queued watch steps as chunks until a `Close` step, the server stops or the
 /// client goes.
 fn watch(mut stream: TcpStream, shared: &Shared) {
@@ -322,7 +336,7 @@ fn watch(mut stream: TcpStream, shared: &Shared) {
         let step = {
             let mut state = shared.lock();
             loop {
-                if state.stopped {
+                if state.stopped || gone(&stream) {
                     return;
                 }
                 if let Some(step) = state.watch.pop_front() {
