@@ -509,6 +509,12 @@ impl<R: Registrar> Reconciler<R> {
         match pod::map(pod, &self.veth_classes) {
             Mapping::Ignored => self.forget(&uid).await,
             Mapping::Unsupported(why) => {
+                if !self.pods.contains_key(&uid) && self.pods.len() >= MAX_PODS {
+                    self.stats.error(ErrorKind::Register);
+                    error!(pod = %name, uid = %uid, max = MAX_PODS,
+                        "discovery: too many selected pods on this node; this one is not tracked");
+                    return;
+                }
                 self.unregister(&uid).await;
                 if self.pods.get(&uid).and_then(|t| t.reason.as_ref()) != Some(&why) {
                     warn!(pod = %name, uid = %uid, reason = %why,
@@ -613,10 +619,23 @@ impl<R: Registrar> Reconciler<R> {
             .filter_map(|(_, t)| t.registered.as_ref().map(|s| s.id.clone()))
             .collect();
         let resolver = self.resolver.clone();
-        let outcome = self
-            .with_registrar(move |r| register(r, &*resolver, &actor, &others))
-            .await
-            .unwrap_or_else(|e| Outcome::Retry(ErrorKind::Register, e, false));
+        let registrar = self.registrar.clone();
+        // The file system first, without the manager's lock (control requests wait on it).
+        let outcome = tokio::task::spawn_blocking(move || match spec_for(&*resolver, &actor) {
+            Ok(spec) => {
+                let mut r = registrar.lock().unwrap_or_else(|e| e.into_inner());
+                register(&mut *r, spec, &others)
+            }
+            Err(why) => Outcome::Retry(ErrorKind::Resolve, why, false),
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Outcome::Retry(
+                ErrorKind::Register,
+                format!("the registration task failed: {e}"),
+                false,
+            )
+        });
         let Some(t) = self.pods.get_mut(uid) else {
             return;
         };
@@ -836,13 +855,9 @@ fn same_identity(a: &PodActor, b: &PodActor) -> bool {
 }
 
 /// Resolves and registers one pod (blocking).
-fn register<R: Registrar>(
-    registrar: &mut R,
-    resolver: &dyn Resolve,
-    actor: &PodActor,
-    others: &HashSet<String>,
-) -> Outcome {
-    let spec = match &actor.capture {
+/// The actor spec of a pod: its cgroup and netns resolved (blocking), or why not yet.
+fn spec_for(resolver: &dyn Resolve, actor: &PodActor) -> Result<ActorSpec, String> {
+    Ok(match &actor.capture {
         PodCapture::Veth {
             netns,
             worker_netns,
@@ -860,18 +875,14 @@ fn register<R: Registrar>(
         PodCapture::Cgroup => {
             let resolved = match resolver.resolve(actor) {
                 Ok(r) => r,
-                Err(e) => return Outcome::Retry(ErrorKind::Resolve, e.to_string(), false),
+                Err(e) => return Err(e.to_string()),
             };
             let Some(netns) = resolved.netns else {
-                return Outcome::Retry(
-                    ErrorKind::Resolve,
-                    Error::NoNetns {
-                        uid: actor.uid.clone(),
-                        cgroup: resolved.cgroup,
-                    }
-                    .to_string(),
-                    false,
-                );
+                return Err(Error::NoNetns {
+                    uid: actor.uid.clone(),
+                    cgroup: resolved.cgroup,
+                }
+                .to_string());
             };
             ActorSpec {
                 id: actor.id.clone(),
@@ -882,7 +893,11 @@ fn register<R: Registrar>(
                 veth: None,
             }
         }
-    };
+    })
+}
+
+/// Registers a pod's actor unless its id is another's (blocking, under the manager's lock).
+fn register<R: Registrar>(registrar: &mut R, spec: ActorSpec, others: &HashSet<String>) -> Outcome {
     if others.contains(&spec.id) {
         return Outcome::Refused(format!(
             "actor id {:?} is already another pod's: give this pod its own {} annotation",
