@@ -180,6 +180,9 @@ pub enum Source {
     Config,
     /// `egress-agent actor add` (kept in the state file across restarts).
     Runtime,
+    /// Discovery (a Kubernetes pod); kept in the state file like `Runtime` until the first
+    /// complete list of pods says the pod is gone.
+    Kubernetes,
 }
 
 impl Source {
@@ -188,6 +191,7 @@ impl Source {
         match self {
             Source::Config => "config",
             Source::Runtime => "runtime",
+            Source::Kubernetes => "kubernetes",
         }
     }
 }
@@ -327,7 +331,7 @@ impl Manager {
             manager.add_actor(actor.clone(), Source::Config, slot)?;
         }
         for saved in &state.actors {
-            if saved.source != Source::Runtime {
+            if saved.source == Source::Config {
                 continue;
             }
             if manager.actors.contains_key(&saved.actor.id) {
@@ -338,10 +342,11 @@ impl Manager {
                 .actor
                 .validate()
                 .map_err(Error::from)
-                .and_then(|actor| manager.add_actor(actor, Source::Runtime, saved.slot));
+                .and_then(|actor| manager.add_actor(actor, saved.source, saved.slot));
             match added {
                 Ok(_) => {
-                    info!(actor = %saved.actor.id, "actor added at run time adopted from the state file")
+                    info!(actor = %saved.actor.id, source = saved.source.as_str(),
+                        "actor added at run time adopted from the state file")
                 }
                 Err(e) => error!(actor = %saved.actor.id, error = %e,
                     "an actor added at run time could not be captured again and is dropped \
@@ -427,9 +432,14 @@ impl Manager {
     /// Adds an actor at run time; adding the same spec again is a no-op. An actor that cannot
     /// be recorded in the state file is removed again: a restarted agent would not know it.
     pub fn add(&mut self, spec: &ActorSpec) -> Result<Status, Error> {
+        self.add_from(spec, Source::Runtime)
+    }
+
+    /// [`Manager::add`] with the source recorded for the actor (`Runtime` or `Kubernetes`).
+    pub fn add_from(&mut self, spec: &ActorSpec, source: Source) -> Result<Status, Error> {
         let actor = spec.validate()?;
         let known = self.actors.contains_key(&actor.id);
-        let status = self.add_actor(actor, Source::Runtime, None)?;
+        let status = self.add_actor(actor, source, None)?;
         if let Err(e) = self.write_state() {
             if !known {
                 let _ = self.remove(&spec.id);
@@ -598,6 +608,14 @@ impl Manager {
             maps,
             maps_error,
         }
+    }
+
+    /// Every actor's spec and source, in id order (cheap: no `nft` run).
+    pub fn specs(&self) -> Vec<(ActorSpec, Source)> {
+        self.actors
+            .values()
+            .map(|e| (e.actor.spec(), e.source))
+            .collect()
     }
 
     /// Stops every listener and DNS socket (capture itself stays in force).

@@ -50,6 +50,9 @@ pub enum Error {
     /// A configured actor could not be captured.
     #[error(transparent)]
     Actors(Box<actors::Error>),
+    /// Discovery could not start (no usable Kubernetes client configuration).
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::Error),
     /// The policy file is unusable.
     #[error("{0}; fix the file (docs/policy.md) or leave --policy out (deny all)")]
     Policy(#[from] crate::policy::Error),
@@ -141,6 +144,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let manager = Arc::new(Mutex::new(manager));
 
     tasks.push(tokio::spawn(control.run(manager.clone(), stopped.clone())));
+    let discovery = match &config.discovery {
+        Some(options) => Some(
+            crate::discovery::kube::Discovery::start(options, manager.clone(), stopped.clone())
+                .await?,
+        ),
+        None => None,
+    };
     if let Some(logger) = logger {
         tasks.push(tokio::spawn(kernel_logs(logger, stopped.clone())));
     }
@@ -159,6 +169,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     );
     shutdown.await;
     let _ = stop.send(true);
+    // Discovery first: no registration may start after the manager has shut down.
+    if let Some(discovery) = discovery {
+        discovery.stopped().await;
+    }
     manager.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     for task in tasks {
         let _ = task.await;

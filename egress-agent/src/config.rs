@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::pep::PepAddr;
 use crate::{
-    classify, ebpf,
+    classify, discovery, ebpf,
     net::{nft::Inbound, veth::Pool},
     pep::{self, Pep, PepArgs, PepFile},
     relay,
@@ -77,6 +77,18 @@ pub enum Error {
     /// More connections than the agent can count.
     #[error("--max-connections {0} is above the most the agent supports ({max})", max = tokio::sync::Semaphore::MAX_PERMITS)]
     TooManyConnections(usize),
+    /// `--discovery kubernetes` without the node to discover on.
+    #[error(
+        "--discovery kubernetes needs --node-name (env EGRESS_NODE_NAME): the node whose pods \
+         to capture; in a DaemonSet set it from spec.nodeName with the downward API"
+    )]
+    NoNodeName,
+    /// A node name that is not a Kubernetes node name.
+    #[error(
+        "--node-name {0:?} is not a node name (lowercase letters, digits, '-' and '.', at most \
+         253): give the node's name as `kubectl get nodes` shows it"
+    )]
+    NodeName(String),
     /// The agent's own cgroup could not be found.
     #[error("finding the agent's own cgroup v2 directory: {0}")]
     OwnCgroup(String),
@@ -388,6 +400,8 @@ pub struct Config {
     pub admin_listen: crate::admin::Listen,
     /// Where one JSON line per connection goes.
     pub access_log: crate::access_log::Target,
+    /// Actor discovery from the Kubernetes API (`--discovery kubernetes`); `None`: off.
+    pub discovery: Option<discovery::Options>,
 }
 
 impl Default for Config {
@@ -413,6 +427,7 @@ impl Default for Config {
             // contexts in one process would race for the port.
             admin_listen: crate::admin::Listen::Off,
             access_log: crate::access_log::Target::Off,
+            discovery: None,
         }
     }
 }
@@ -524,6 +539,29 @@ pub struct RunArgs {
     /// on SIGHUP): one JSON line per connection.
     #[arg(long, env = "EGRESS_ACCESS_LOG", default_value = "off")]
     pub access_log: crate::access_log::Target,
+    /// Where actors come from besides the config file and the control socket: `kubernetes`
+    /// watches the API server for the pods on --node-name labelled egress.dev/capture=true
+    /// (docs/kubernetes.md).
+    #[arg(long, env = "EGRESS_DISCOVERY", value_enum, default_value = "none")]
+    pub discovery: discovery::Mode,
+    /// This node's name (`spec.nodeName` of the pods to capture); required with
+    /// `--discovery kubernetes`.
+    #[arg(long, env = "EGRESS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig file for the API server; omitted: the in-cluster service account, then
+    /// $KUBECONFIG.
+    #[arg(long, env = "EGRESS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node's cgroup v2 mount, where kubelet's pod cgroups are found.
+    #[arg(long, env = "EGRESS_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// The node's proc (the host's PID namespace), where pods' network namespaces are found.
+    #[arg(long, env = "EGRESS_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// Runtime classes (comma-separated) whose pods run in a sandbox with its own kernel
+    /// (gVisor, Kata): captured in veth mode, never by cgroup.
+    #[arg(long, env = "EGRESS_VETH_RUNTIME_CLASSES", default_value = discovery::DEFAULT_VETH_RUNTIME_CLASSES)]
+    pub veth_runtime_classes: String,
 }
 
 /// `IP:PORT`, or a bare IP for port 53.
@@ -659,6 +697,24 @@ impl RunArgs {
         if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(Error::TooManyConnections(self.max_connections));
         }
+        let discovery = match self.discovery {
+            discovery::Mode::None => None,
+            discovery::Mode::Kubernetes => {
+                let node_name = self.node_name.ok_or(Error::NoNodeName)?;
+                if !node_name_ok(&node_name) {
+                    return Err(Error::NodeName(node_name));
+                }
+                Some(discovery::Options {
+                    node_name,
+                    kubeconfig: self.kubeconfig,
+                    layout: discovery::cgroup::Layout {
+                        cgroup_root: self.cgroup_root,
+                        proc_root: self.proc_root,
+                    },
+                    veth_runtime_classes: discovery::parse_list(&self.veth_runtime_classes),
+                })
+            }
+        };
         let mut actors: Vec<Actor> = Vec::with_capacity(specs.len());
         for spec in &specs {
             let actor = spec.validate()?;
@@ -696,8 +752,17 @@ impl RunArgs {
             max_connections: self.max_connections,
             admin_listen: self.admin_listen,
             access_log: self.access_log,
+            discovery,
         })
     }
+}
+
+/// A Kubernetes node name (a DNS subdomain): it goes into the watch's field selector.
+fn node_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// Printable ASCII (space included), no control characters, bounded.
@@ -1204,6 +1269,52 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(namespace_root_mount("garbage\n\n1 2"), None);
+    }
+
+    #[test]
+    fn kubernetes_discovery_needs_a_node_name() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |flags: &[&str]| {
+            let mut argv = vec!["t"];
+            argv.extend_from_slice(flags);
+            T::try_parse_from(argv).unwrap().run.into_config()
+        };
+        assert!(parse(&[]).unwrap().discovery.is_none());
+        let err = parse(&["--discovery", "kubernetes"]).unwrap_err();
+        assert!(matches!(err, Error::NoNodeName), "{err}");
+        assert!(err.to_string().contains("--node-name"), "{err}");
+        for bad in ["", "Node_1", "n,spec.nodeName!=x"] {
+            assert!(
+                matches!(
+                    parse(&["--discovery", "kubernetes", "--node-name", bad]),
+                    Err(Error::NodeName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let d = parse(&[
+            "--discovery",
+            "kubernetes",
+            "--node-name",
+            "worker-1.example",
+            "--cgroup-root",
+            "/host/cgroup",
+            "--veth-runtime-classes",
+            "gvisor, kata ,",
+        ])
+        .unwrap()
+        .discovery
+        .unwrap();
+        assert_eq!(d.node_name, "worker-1.example");
+        assert_eq!(d.layout.cgroup_root, PathBuf::from("/host/cgroup"));
+        assert_eq!(d.layout.proc_root, PathBuf::from("/proc"));
+        assert_eq!(d.veth_runtime_classes, ["gvisor", "kata"]);
+        assert!(T::try_parse_from(["t", "--discovery", "nri"]).is_err());
     }
 
     #[test]

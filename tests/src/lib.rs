@@ -47,6 +47,7 @@ pub mod cgroup;
 pub mod client;
 pub mod dns;
 pub mod gvisor;
+pub mod kube;
 pub mod load;
 pub mod netns;
 pub mod nginx;
