@@ -289,6 +289,8 @@ pub struct Manager {
     freed: Vec<((u64, u64), u32)>,
     /// When the manager took over capture (the agent's uptime in `status`).
     started: std::time::Instant,
+    /// Kubernetes discovery's node and shared state, for `status`.
+    discovery: Option<(String, crate::discovery::kube::Shared)>,
 }
 
 /// Most freed slots remembered.
@@ -317,6 +319,7 @@ impl Manager {
             actors: BTreeMap::new(),
             freed: Vec::new(),
             started: std::time::Instant::now(),
+            discovery: None,
         };
         let state = manager.load_state();
         let slot_of = |id: &str| {
@@ -592,6 +595,20 @@ impl Manager {
         listeners.sort_by(|a, b| (&a.front, a.netns_cookie).cmp(&(&b.front, b.netns_cookie)));
         let (attachments, maps, maps_error) = status::pins(self.capture.dir(), &actors);
         let policy = self.ctx.policy();
+        let mut problems = status::actor_problems(&actors, &attachments);
+        let discovery = self.discovery.as_ref().map(|(node, shared)| {
+            let synced = shared.synced();
+            if !synced {
+                problems.push(format!(
+                    "discovery: the first list of the pods on node {node} is not applied yet"
+                ));
+            }
+            status::DiscoveryStatus {
+                node: node.clone(),
+                synced,
+                pods: shared.pods(),
+            }
+        });
         status::Report {
             version: status::Version::current(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -601,13 +618,20 @@ impl Manager {
                 file: policy.path().map(Path::to_path_buf),
                 summary: policy.current().summary(),
             },
-            ready: status::Readiness::from_problems(status::actor_problems(&actors, &attachments)),
+            ready: status::Readiness::from_problems(problems),
             actors,
             listeners,
             attachments,
             maps,
             maps_error,
+            discovery,
         }
+    }
+
+    /// Shows discovery (on `node`) in [`report`](Manager::report) and counts its first list
+    /// in readiness there.
+    pub fn set_discovery(&mut self, node: String, shared: crate::discovery::kube::Shared) {
+        self.discovery = Some((node, shared));
     }
 
     /// Every actor's spec and source, in id order (cheap: no `nft` run).

@@ -259,7 +259,14 @@ pub async fn serve(
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = respond(&req, &metrics, &health);
+                // /metrics reads the pinned maps' sizes (syscalls bounded by their capacity):
+                // off the async threads where the runtime has others.
+                let response = match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => {
+                        respond(&req, &metrics, &health)
+                    }
+                    _ => tokio::task::block_in_place(|| respond(&req, &metrics, &health)),
+                };
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()

@@ -111,6 +111,15 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         _pad: 0,
     })?;
     health.set_programs_attached(true);
+    // Discovery's check from the start, so /readyz never says ready before its first list.
+    let discovery_synced = config.discovery.as_ref().map(|_| {
+        let (tx, rx) = watch::channel(false);
+        health.add_check("discovery", rx);
+        tx
+    });
+    metrics.register_collector(Box::new(crate::metrics::MapSizes::new(
+        config.bpffs_dir.clone(),
+    )));
 
     if config.dns_upstream.is_none() {
         warn!(
@@ -151,6 +160,29 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         ),
         None => None,
     };
+    if let (Some(discovery), Some(options)) = (&discovery, &config.discovery) {
+        let shared = discovery.shared();
+        if let Some(tx) = discovery_synced {
+            let mut synced = shared.synced_watch();
+            let mut stopped = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tx.send_replace(*synced.borrow_and_update());
+                    tokio::select! {
+                        changed = synced.changed() => if changed.is_err() { return },
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }));
+        }
+        metrics.register_collector(Box::new(crate::metrics::DiscoveryStats::new(
+            shared.stats().clone(),
+        )));
+        manager
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_discovery(options.node_name.clone(), shared);
+    }
     if let Some(logger) = logger {
         tasks.push(tokio::spawn(kernel_logs(logger, stopped.clone())));
     }

@@ -15,21 +15,27 @@
 use std::{
     collections::HashMap,
     fmt,
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+    },
     metrics::{
-        counter::Counter,
+        MetricType,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Metric, Registry},
 };
+
+use tracing::debug;
 
 use crate::{classify, proxy::Outcome};
 
@@ -633,6 +639,104 @@ impl Metrics {
     /// Sets `egress_ready`.
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+}
+
+/// `egress_map_entries{map}` and `egress_map_capacity{map}`: the pinned maps' sizes, read
+/// from the kernel at each scrape (bounded by each map's capacity).
+#[derive(Debug)]
+pub struct MapSizes {
+    dir: PathBuf,
+}
+
+impl MapSizes {
+    /// The maps pinned under `dir` (`--bpffs-dir`).
+    pub fn new(dir: PathBuf) -> Self {
+        MapSizes { dir }
+    }
+}
+
+impl Collector for MapSizes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let sizes = match crate::ebpf::map_sizes(&self.dir) {
+            Ok(sizes) => sizes,
+            Err(e) => {
+                // The scrape goes on without them; `egress-agent maps` says the same error.
+                debug!(error = %e, "map sizes for metrics");
+                return Ok(());
+            }
+        };
+        for (name, help, value) in [
+            (
+                "egress_map_entries",
+                "Entries in each pinned map (arrays: every slot)",
+                (|s: &crate::ebpf::MapSize| s.entries) as fn(&crate::ebpf::MapSize) -> u32,
+            ),
+            (
+                "egress_map_capacity",
+                "max_entries of each pinned map",
+                |s: &crate::ebpf::MapSize| s.capacity,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for size in &sizes {
+                let labels = [("map", size.name.as_str())];
+                ConstGauge::new(i64::from(value(size))).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `egress_discovery_pods{state}`, `egress_discovery_events_total{kind}` and
+/// `egress_discovery_errors_total{kind}`, from discovery's counters at each scrape.
+#[derive(Debug)]
+pub struct DiscoveryStats {
+    stats: Arc<crate::discovery::kube::Stats>,
+}
+
+impl DiscoveryStats {
+    /// Discovery's counters.
+    pub fn new(stats: Arc<crate::discovery::kube::Stats>) -> Self {
+        DiscoveryStats { stats }
+    }
+}
+
+impl Collector for DiscoveryStats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        use crate::discovery::kube::{ErrorKind, EventKind, PodState};
+        let mut family = encoder.encode_descriptor(
+            "egress_discovery_pods",
+            "Selected pods on this node by state (captured, pending, unsupported, failed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in PodState::ALL {
+            let labels = [("state", state.as_str())];
+            let value = i64::try_from(self.stats.pods(state)).unwrap_or(i64::MAX);
+            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "egress_discovery_events",
+            "Pod watch events by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in EventKind::ALL {
+            let labels = [("kind", kind.as_str())];
+            ConstCounter::new(self.stats.events(kind)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "egress_discovery_errors",
+            "Discovery errors by kind (watch, resolve attempts, register, unregister, id conflict)",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in ErrorKind::ALL {
+            let labels = [("kind", kind.as_str())];
+            ConstCounter::new(self.stats.errors(kind)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -41,6 +41,20 @@ pub struct Report {
     /// Why the map sizes could not be read, if they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maps_error: Option<String>,
+    /// Kubernetes discovery (`--discovery kubernetes`), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryStatus>,
+}
+
+/// What discovery knows: the node, whether its first list is applied, every selected pod.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiscoveryStatus {
+    /// The node whose pods are watched.
+    pub node: String,
+    /// The first complete list of pods has been applied.
+    pub synced: bool,
+    /// Every selected pod on the node, with its state.
+    pub pods: Vec<crate::discovery::kube::PodReport>,
 }
 
 /// Versions.
@@ -323,6 +337,33 @@ pub fn render(r: &Report) -> String {
         "  ",
     ));
 
+    if let Some(d) = &r.discovery {
+        out.push_str(&format!(
+            "\nDISCOVERY (node {}, {}; {} pods)\n",
+            d.node,
+            if d.synced { "synced" } else { "not synced yet" },
+            d.pods.len()
+        ));
+        let rows: Vec<Vec<String>> = d
+            .pods
+            .iter()
+            .map(|p| {
+                vec![
+                    p.pod.clone(),
+                    p.uid.clone(),
+                    p.actor.clone(),
+                    p.state.as_str().into(),
+                    p.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["POD", "UID", "ACTOR", "STATE", "REASON"],
+            &rows,
+            "  ",
+        ));
+    }
+
     out.push_str(&format!("\nLISTENERS ({})\n", r.listeners.len()));
     let rows: Vec<Vec<String>> = r
         .listeners
@@ -510,6 +551,7 @@ mod tests {
                 capacity: 4096,
             }],
             maps_error: None,
+            discovery: None,
         }
     }
 

@@ -26,7 +26,7 @@ use ::kube::{
 };
 use futures_util::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
@@ -96,7 +96,7 @@ impl Resolve for Layout {
 }
 
 /// A selected pod's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PodState {
     /// Registered: its connections are captured.
@@ -237,7 +237,7 @@ impl Stats {
 }
 
 /// One selected pod as `status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodReport {
     /// `namespace/name`.
     pub pod: String,
@@ -248,7 +248,7 @@ pub struct PodReport {
     /// Its state.
     pub state: PodState,
     /// Why it is pending, unsupported or failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
