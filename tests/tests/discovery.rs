@@ -12,7 +12,7 @@
 use std::{net::IpAddr, path::Path};
 
 use egress_tests::{
-    agent::{Agent, AgentOptions},
+    agent::{Agent, AgentOptions, admin_get, wait_admin_ready},
     cgroup::Cgroup,
     client::curl_command,
     kube::FakeApi,
@@ -242,6 +242,39 @@ fn a_pod_on_the_node_is_discovered_captured_with_its_identity_and_released_when_
     // The container's connections go through squid with the pod's identity.
     w.curl().expect_success("curl from the pod's container");
     w.expect_connect_with_identity(1);
+
+    // The operator's view: ready (the first list applied), the pod captured in the metrics
+    // and in `status`, the map sizes read from the pins.
+    let admin = "127.0.0.1:15090".parse().unwrap();
+    wait_admin_ready(&w.topo.node, admin, T);
+    let (code, metrics) = admin_get(&w.topo.node, admin, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    for line in [
+        r#"egress_discovery_pods{state="captured"} 1"#,
+        r#"egress_discovery_pods{state="pending"} 0"#,
+        r#"egress_map_entries{map="EGRESS_ACTORS"} 1"#,
+        r#"egress_map_capacity{map="EGRESS_ACTORS"} 4096"#,
+        r#"egress_actors{capture="cgroup",source="kubernetes"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+    let status = w.live().control(&["status", "--json"]);
+    status.expect_success("status");
+    let status: Value = serde_json::from_str(&status.stdout).expect("status --json");
+    let discovery = &status["discovery"];
+    assert_eq!(discovery["node"], NODE, "{status}");
+    assert_eq!(discovery["synced"], true, "{status}");
+    assert_eq!(discovery["pods"][0]["uid"], UID, "{status}");
+    assert_eq!(discovery["pods"][0]["state"], "captured", "{status}");
+    assert_eq!(
+        discovery["pods"][0]["actor"],
+        w.actor_id.as_str(),
+        "{status}"
+    );
+    assert_eq!(status["ready"]["ready"], true, "{status}");
 
     // Deleted: unregistered, capture released, the next curl goes straight out.
     w.api.push_event("DELETED", &pod(&w.actor_id));
