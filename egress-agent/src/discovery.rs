@@ -1,7 +1,7 @@
 //! Actor discovery: the agent finds the actor pods scheduled on its node from the Kubernetes
 //! API server ([`kube`]), maps each to an actor ([`pod`]), finds its cgroup and network
 //! namespace ([`cgroup`]) and registers it with the actors manager, and unregisters it when
-//! the pod goes. See docs/kubernetes-discovery.md.
+//! the pod goes. See docs/kubernetes.md (Discovery).
 use std::path::PathBuf;
 
 pub mod cgroup;
