@@ -899,4 +899,31 @@ mod tests {
         );
         assert!(text.contains("egress_map_entries 7"), "{text}");
     }
+
+    #[test]
+    fn every_metric_is_documented_in_operations_md() {
+        // Every metric name this module registers or collects (its string literals: a family
+        // with no series yet is not in an encoding) is a row of the docs' metrics table.
+        let docs = include_str!("../../docs/operations.md");
+        let source = include_str!("metrics.rs");
+        let tests = source.find("#[cfg(test)]").unwrap_or(source.len());
+        let mut names: Vec<&str> = source[..tests]
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| {
+                s.starts_with("egress_") && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 16, "{names:?}");
+        for name in names {
+            assert!(
+                docs.contains(&format!("| `{name}` |"))
+                    || docs.contains(&format!("| `{name}_total` |")),
+                "{name} is not in docs/operations.md's metrics table"
+            );
+        }
+    }
 }
