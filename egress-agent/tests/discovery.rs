@@ -102,6 +102,9 @@ fn describe(spec: &ActorSpec) -> String {
     }
 }
 
+/// The UID of fixtures/kube/pod-gvisor.json.
+const GVISOR_UID: &str = "c0ffee00-1234-4abc-9def-0123456789ab";
+
 /// Resolves the pods whose UID it was given; the others' cgroups "do not exist yet".
 #[derive(Default)]
 struct FakeLayout(Mutex<HashMap<String, Resolved>>);
@@ -133,6 +136,14 @@ impl Resolve for FakeLayout {
                     root: "/fake".into(),
                 })
             })
+    }
+
+    fn owns_netns(&self, resolved: &Resolved, netns: &Path) -> Result<bool, discovery::Error> {
+        // The fake pods own the namespace their resolution names, and the gVisor pod's
+        // sandbox namespace is its own.
+        Ok(resolved.netns.as_deref() == Some(netns)
+            || (resolved.cgroup.ends_with(format!("pod{GVISOR_UID}"))
+                && netns == Path::new("/run/netns/sbx-gv-1")))
     }
 }
 
@@ -192,7 +203,7 @@ async fn watch_events_register_and_unregister_actors_in_order() {
         .insert(adopted.id.clone(), (adopted, Source::Kubernetes));
     let registrar = Arc::new(Mutex::new(fake));
     let layout = Arc::new(FakeLayout::default());
-    for uid in [CONTAINERD_UID, CRIO_UID, CLASH_UID, LATE_UID] {
+    for uid in [CONTAINERD_UID, CRIO_UID, CLASH_UID, LATE_UID, GVISOR_UID] {
         layout.appear(uid);
     }
 

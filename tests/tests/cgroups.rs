@@ -149,6 +149,18 @@ fn pods(driver: Driver, runtime: Runtime) {
             PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid())),
             "{case}: the sandbox's process is preferred"
         );
+        // A veth annotation's namespace is trusted only when a process of the pod is in it:
+        // the pod's own is, the node's (where CRI-O's conmon of this pod lives) is not.
+        assert!(
+            layout.netns_in_pod(&cgroup, &netns.path()).unwrap(),
+            "{case}: the pod's own namespace"
+        );
+        assert!(
+            !layout
+                .netns_in_pod(&cgroup, Path::new("/proc/self/ns/net"))
+                .unwrap(),
+            "{case}: the node's namespace is never the pod's"
+        );
 
         for child in children.iter().chain([&app, &sandbox]) {
             assert_eq!(

@@ -424,6 +424,49 @@ impl Layout {
         bases
     }
 
+    /// Whether the network namespace file `netns` is the namespace of some process in the
+    /// pod's cgroup tree `pod_dir` (bounded walk, like [`Layout::resolve`]'s). A pod's
+    /// annotation naming a namespace is trusted only when it is: otherwise any pod could
+    /// point the agent at another pod's namespace.
+    pub fn netns_in_pod(&self, pod_dir: &Path, netns: &Path) -> Result<bool, Error> {
+        let wanted = crate::netns::identity(Some(netns)).map_err(|source| Error::Read {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        // Never the agent's own (the node's): CRI-O's conmon, in the pod's cgroup, lives there.
+        if wanted == crate::netns::identity(None).map_err(Error::OwnNetns)? {
+            return Ok(false);
+        }
+        let mut queue = VecDeque::from([(pod_dir.to_path_buf(), 0)]);
+        let (mut seen, mut budget) = (1, MAX_PIDS_CHECKED);
+        while let Some((dir, depth)) = queue.pop_front() {
+            for pid in procs(&dir) {
+                if budget == 0 {
+                    return Ok(false);
+                }
+                budget -= 1;
+                let ns = self.proc_root.join(pid.to_string()).join("ns").join("net");
+                if crate::netns::identity(Some(&ns)).is_ok_and(|id| id == wanted) {
+                    return Ok(true);
+                }
+            }
+            if depth < MAX_WALK_DEPTH
+                && let Ok(entries) = fs::read_dir(&dir)
+            {
+                for entry in entries.flatten() {
+                    if seen >= MAX_WALK_DIRS {
+                        break;
+                    }
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        seen += 1;
+                        queue.push_back((entry.path(), depth + 1));
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// A network namespace of the pod other than the agent's own, through its processes:
     /// the sandbox's first, then the app containers', then any other.
     fn pod_netns(

@@ -80,6 +80,9 @@ impl Registrar for Manager {
 pub trait Resolve: Send + Sync + 'static {
     /// The pod-level cgroup and the pod's network namespace, or why not (yet).
     fn resolve(&self, pod: &PodActor) -> Result<Resolved, Error>;
+    /// Whether `netns` is the namespace of a process in the pod's cgroup `resolved` (a veth
+    /// namespace named by the pod's annotation is used only then).
+    fn owns_netns(&self, resolved: &Resolved, netns: &Path) -> Result<bool, Error>;
 }
 
 impl Resolve for Layout {
@@ -92,6 +95,10 @@ impl Resolve for Layout {
             pod.qos.unwrap_or(Qos::BestEffort),
             &pod.containers,
         )?)
+    }
+
+    fn owns_netns(&self, resolved: &Resolved, netns: &Path) -> Result<bool, Error> {
+        Ok(self.netns_in_pod(&resolved.cgroup, netns)?)
     }
 }
 
@@ -857,17 +864,49 @@ fn spec_for(resolver: &dyn Resolve, actor: &PodActor) -> Result<ActorSpec, Strin
         PodCapture::Veth {
             netns,
             worker_netns,
-        } => ActorSpec {
-            id: actor.id.clone(),
-            template: actor.template.clone(),
-            template_namespace: actor.template_namespace.clone(),
-            cgroup: None,
-            netns: Some(netns.clone()),
-            veth: Some(VethSpec {
-                worker_netns: worker_netns.clone(),
-                ..VethSpec::default()
-            }),
-        },
+        } => {
+            // The namespaces come from the pod's annotations: each must be one a process of
+            // the pod itself is in, or any pod could point the agent at another pod's.
+            let resolved = resolver.resolve(actor).map_err(|e| e.to_string())?;
+            let worker = match worker_netns {
+                Some(w) => w.clone(),
+                // The worker is the pod itself.
+                None => resolved.netns.clone().ok_or_else(|| {
+                    Error::NoNetns {
+                        uid: actor.uid.clone(),
+                        cgroup: resolved.cgroup.clone(),
+                    }
+                    .to_string()
+                })?,
+            };
+            for (annotation, path) in [
+                (pod::ANNOTATION_VETH_NETNS, Some(netns)),
+                (pod::ANNOTATION_VETH_WORKER_NETNS, worker_netns.as_ref()),
+            ] {
+                let Some(path) = path else { continue };
+                if !resolver
+                    .owns_netns(&resolved, path)
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!(
+                        "annotation {annotation} names {}, which no process of the pod is in \
+                         (yet): only the pod's own namespaces are used",
+                        path.display()
+                    ));
+                }
+            }
+            ActorSpec {
+                id: actor.id.clone(),
+                template: actor.template.clone(),
+                template_namespace: actor.template_namespace.clone(),
+                cgroup: None,
+                netns: Some(netns.clone()),
+                veth: Some(VethSpec {
+                    worker_netns: Some(worker),
+                    ..VethSpec::default()
+                }),
+            }
+        }
         PodCapture::Cgroup => {
             let resolved = match resolver.resolve(actor) {
                 Ok(r) => r,
