@@ -4,8 +4,8 @@
 //!
 //! The reconciler keeps one entry per pod UID. A selected pod is *pending* until its cgroup
 //! directory and (for a cgroup actor) a network namespace are found: it is retried every
-//! [`RETRY_FAST`] for [`FAST_FOR`], then every [`RETRY_SLOW`], and given up after
-//! [`GIVE_UP_AFTER`] (an event for the pod starts it again). Retries run from the loop's own
+//! [`RETRY_FAST`] for [`FAST_FOR`], then every [`RETRY_SLOW`] for as long as the pod is there
+//! (an error is logged once after [`LONG_PENDING`]). Retries run from the loop's own
 //! timer, so a slow pod never holds up the events of the others. A relist (at start, and after
 //! the watch expired) removes the discovered actors whose pods are gone, including ones a
 //! previous agent left in the state file: until then they stay captured (fail closed).
@@ -46,8 +46,9 @@ pub const RETRY_FAST: Duration = Duration::from_millis(100);
 pub const FAST_FOR: Duration = Duration::from_secs(30);
 /// How often a pending pod is retried after [`FAST_FOR`].
 pub const RETRY_SLOW: Duration = Duration::from_secs(5);
-/// When a pending pod is given up (state `failed`) until its next event.
-pub const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+/// After how long a pod still pending is logged as an error (it is still retried: giving up
+/// could leave it uncaptured when its containers start later, e.g. after a slow volume).
+pub const LONG_PENDING: Duration = Duration::from_secs(600);
 /// Most pods tracked; beyond it new pods are refused (state `failed`), logged.
 pub const MAX_PODS: usize = 10_000;
 
@@ -112,7 +113,7 @@ pub enum PodState {
     Pending,
     /// It cannot be captured (hostNetwork, a sandbox runtime without its netns annotation).
     Unsupported,
-    /// Refused (id clash) or given up.
+    /// Refused (id clash).
     Failed,
 }
 
@@ -682,23 +683,23 @@ impl<R: Registrar> Reconciler<R> {
                 if removed {
                     t.registered = None;
                 }
-                if waited >= GIVE_UP_AFTER {
+                if waited >= LONG_PENDING
+                    && t.next.saturating_duration_since(t.since) < LONG_PENDING
+                {
                     error!(pod = %t.name, uid = %uid, reason = %why, waited = ?waited,
-                        "discovery: gave up on pod (its next change retries): not captured");
-                    t.state = PodState::Failed;
-                } else {
-                    if waited >= FAST_FOR && t.next.saturating_duration_since(t.since) < FAST_FOR {
-                        warn!(pod = %t.name, uid = %uid, reason = %why, waited = ?waited,
-                            "discovery: pod still pending; retrying every {RETRY_SLOW:?}");
-                    }
-                    t.state = PodState::Pending;
-                    t.next = now
-                        + if waited < FAST_FOR {
-                            RETRY_FAST
-                        } else {
-                            RETRY_SLOW
-                        };
+                        "discovery: pod still not captured; retrying every {RETRY_SLOW:?}");
+                } else if waited >= FAST_FOR && t.next.saturating_duration_since(t.since) < FAST_FOR
+                {
+                    warn!(pod = %t.name, uid = %uid, reason = %why, waited = ?waited,
+                        "discovery: pod still pending; retrying every {RETRY_SLOW:?}");
                 }
+                t.state = PodState::Pending;
+                t.next = now
+                    + if waited < FAST_FOR {
+                        RETRY_FAST
+                    } else {
+                        RETRY_SLOW
+                    };
                 t.reason = Some(why);
             }
         }
@@ -739,7 +740,9 @@ impl<R: Registrar> Reconciler<R> {
         let claimed: HashSet<String> = self
             .pods
             .values()
-            .filter(|t| matches!(t.state, PodState::Captured | PodState::Pending))
+            .filter(|t| {
+                t.registered.is_some() || matches!(t.state, PodState::Captured | PodState::Pending)
+            })
             .filter_map(|t| t.actor.as_ref().map(|a| a.id.clone()))
             .collect();
         let stats = self.stats.clone();
