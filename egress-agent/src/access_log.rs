@@ -199,15 +199,20 @@ impl Sink {
 }
 
 fn open_file(path: &Path) -> Result<File, Error> {
-    OpenOptions::new()
+    let err = |source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(err)?;
+    // An existing file keeps its mode on open: the lines name actors and destinations.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(err)?;
+    Ok(file)
 }
 
 impl AccessLog {
@@ -461,5 +466,18 @@ mod tests {
         log.write(&entry(&time, 2));
         wait_lines(&path, 1);
         wait_lines(&rotated, 1);
+    }
+
+    #[test]
+    fn an_existing_file_is_made_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "old\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        drop(open_file(&path).expect("open"));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "old\n");
     }
 }

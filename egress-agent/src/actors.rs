@@ -378,11 +378,14 @@ impl Manager {
     }
 
     /// Tells the readiness which registered actors are not served (no listener or no DNS
-    /// socket: their connects or DNS are refused).
+    /// socket: their connects or DNS are refused). Discovered actors are left out: one pod
+    /// whose namespace cannot take a listener must not make every node's agent unready (a
+    /// DaemonSet rollout would stall on it); `status` and the logs show it.
     fn update_health(&self) {
         let unserved = self
             .actors
             .iter()
+            .filter(|(_, e)| e.source != Source::Kubernetes)
             .filter(|(_, e)| match e.actor.capture {
                 Capture::Cgroup { .. } => e.listener.is_none() || e.dns.is_none(),
                 Capture::Veth(_) => e.listener.is_none(),

@@ -118,7 +118,10 @@ fn io_or_root(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Counts the keys of the map, at most its capacity.
+/// Counts the keys of the map, at most its capacity. Distinct keys are counted: when the key
+/// a walk stands on is deleted meanwhile (a busy LRU map), the kernel starts again from the
+/// first key, and counting the repeats would report a fuller map than there is. The walk
+/// makes at most `capacity` steps.
 fn count_entries(data: &MapData, info: &MapInfo) -> io::Result<u32> {
     let key_size = info.key_size() as usize;
     let capacity = info.max_entries();
@@ -135,15 +138,15 @@ fn count_entries(data: &MapData, info: &MapInfo) -> io::Result<u32> {
     let fd = data.fd().as_fd();
     let mut current: Option<Vec<u8>> = None;
     let mut next = vec![0u8; key_size];
-    let mut n = 0;
-    while n < capacity {
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..capacity {
         if !link::next_key(fd, current.as_deref(), &mut next)? {
             break;
         }
-        n += 1;
+        seen.insert(next.clone());
         current = Some(next.clone());
     }
-    Ok(n)
+    Ok(u32::try_from(seen.len()).unwrap_or(u32::MAX))
 }
 
 /// One map's decoded contents, as `egress-agent maps` prints them.
