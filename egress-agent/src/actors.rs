@@ -43,6 +43,9 @@ pub enum Error {
         /// What collides.
         problem: String,
     },
+    /// A cgroup to block is unusable.
+    #[error("blocking a cgroup: {0}")]
+    Block(String),
     /// `reapply` of an actor that has no veth.
     #[error("actor {0:?} is a cgroup actor: only veth actors have an actor side to re-apply")]
     NotVeth(String),
@@ -456,6 +459,38 @@ impl Manager {
             });
         }
         Ok(status)
+    }
+
+    /// Captures a cgroup with no actor: the programs are attached and no actor entry is
+    /// written, so its processes' connects are refused (and its DNS). For a discovered pod
+    /// that cannot be served (its actor id is taken): refused, never uncaptured. Returns the
+    /// cgroup's id; a cgroup that is an actor's already is left as it is.
+    pub fn block(&mut self, cgroup: &Path) -> Result<u64, Error> {
+        let cgroup_id = crate::config::cgroup_id(cgroup).map_err(Error::Block)?;
+        let served = self
+            .actors
+            .values()
+            .any(|e| e.actor.cgroup_id() == Some(cgroup_id));
+        if !served {
+            self.capture.register(cgroup, cgroup_id, None)?;
+            info!(cgroup = %cgroup.display(), cgroup_id,
+                "cgroup blocked: captured with no actor, its connects are refused");
+        }
+        Ok(cgroup_id)
+    }
+
+    /// Releases a cgroup [`block`](Manager::block)ed, unless an actor serves it now.
+    pub fn unblock(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        if self
+            .actors
+            .values()
+            .any(|e| e.actor.cgroup_id() == Some(cgroup_id))
+        {
+            return Ok(());
+        }
+        ebpf::detach(self.capture.dir(), Some(cgroup_id))?;
+        info!(cgroup_id, "cgroup unblocked: released");
+        Ok(())
     }
 
     /// Removes an actor: releases its cgroup, or deletes its veth pair and its rules.

@@ -52,6 +52,8 @@ fn variant(name: &str, uid: &str, pod_name: &str, annotations: &[(&str, &str)]) 
 #[derive(Default)]
 struct FakeRegistrar {
     actors: BTreeMap<String, (ActorSpec, Source)>,
+    /// Blocked cgroups by their (fake) id.
+    blocked: BTreeMap<u64, PathBuf>,
     log: Vec<String>,
 }
 
@@ -88,6 +90,23 @@ impl Registrar for FakeRegistrar {
 
     fn actors(&self) -> Vec<(ActorSpec, Source)> {
         self.actors.values().cloned().collect()
+    }
+
+    fn block(&mut self, cgroup: &Path) -> Result<u64, actors::Error> {
+        if let Some((id, _)) = self.blocked.iter().find(|(_, c)| c.as_path() == cgroup) {
+            return Ok(*id);
+        }
+        let id = 1000 + self.blocked.len() as u64;
+        self.log.push(format!("block {}", cgroup.display()));
+        self.blocked.insert(id, cgroup.to_path_buf());
+        Ok(id)
+    }
+
+    fn unblock(&mut self, cgroup_id: u64) -> Result<(), actors::Error> {
+        if let Some(cgroup) = self.blocked.remove(&cgroup_id) {
+            self.log.push(format!("unblock {}", cgroup.display()));
+        }
+        Ok(())
     }
 }
 
@@ -245,7 +264,8 @@ async fn watch_events_register_and_unregister_actors_in_order() {
         tokio::spawn(reconciler.run(discovery::kube::watch_pods(client, "test-node"), stopped));
 
     // The first list: the CRI-O pod is added, the adopted actor left alone, the clash
-    // refused, the pending pod waits, and the stale actor goes once the list is complete.
+    // refused and its cgroup blocked (connects refused, never uncaptured), the pending pod
+    // waits, and the stale actor goes once the list is complete.
     let mut synced = shared.synced_watch();
     tokio::time::timeout(T, synced.wait_for(|s| *s))
         .await
@@ -254,7 +274,7 @@ async fn watch_events_register_and_unregister_actors_in_order() {
     let crio_cgroup = format!("cgroup=/fake/kubepods/pod{CRIO_UID}");
     let log = {
         let registrar = registrar.clone();
-        tokio::task::spawn_blocking(move || wait_log(&registrar, 2))
+        tokio::task::spawn_blocking(move || wait_log(&registrar, 3))
             .await
             .unwrap()
     };
@@ -262,6 +282,7 @@ async fn watch_events_register_and_unregister_actors_in_order() {
         log,
         [
             format!("add team-b/coder-crio {crio_cgroup}"),
+            format!("block /fake/kubepods/pod{CLASH_UID}"),
             "remove stale-1".into(),
         ]
     );
@@ -295,12 +316,12 @@ async fn watch_events_register_and_unregister_actors_in_order() {
     layout.appear(PENDING_UID);
     let log = {
         let registrar = registrar.clone();
-        tokio::task::spawn_blocking(move || wait_log(&registrar, 3))
+        tokio::task::spawn_blocking(move || wait_log(&registrar, 4))
             .await
             .unwrap()
     };
     assert_eq!(
-        log[2],
+        log[3],
         format!("add actor-coder-2 cgroup=/fake/kubepods/pod{PENDING_UID}")
     );
 
@@ -324,12 +345,12 @@ async fn watch_events_register_and_unregister_actors_in_order() {
 
     let log = {
         let registrar = registrar.clone();
-        tokio::task::spawn_blocking(move || wait_log(&registrar, 10))
+        tokio::task::spawn_blocking(move || wait_log(&registrar, 11))
             .await
             .unwrap()
     };
     assert_eq!(
-        log[3..],
+        log[4..],
         [
             "add sbx-gv-1 veth=/run/netns/sbx-gv-1".to_string(),
             "remove actor-coder-1".into(),

@@ -61,6 +61,10 @@ pub trait Registrar: Send + 'static {
     fn remove(&mut self, id: &str) -> Result<(), actors::Error>;
     /// Every registered actor with its source.
     fn actors(&self) -> Vec<(ActorSpec, Source)>;
+    /// Captures a cgroup with no actor (its connects refused); its id.
+    fn block(&mut self, cgroup: &Path) -> Result<u64, actors::Error>;
+    /// Releases a blocked cgroup (unless an actor serves it now).
+    fn unblock(&mut self, cgroup_id: u64) -> Result<(), actors::Error>;
 }
 
 impl Registrar for Manager {
@@ -74,6 +78,14 @@ impl Registrar for Manager {
 
     fn actors(&self) -> Vec<(ActorSpec, Source)> {
         self.specs()
+    }
+
+    fn block(&mut self, cgroup: &Path) -> Result<u64, actors::Error> {
+        Manager::block(self, cgroup)
+    }
+
+    fn unblock(&mut self, cgroup_id: u64) -> Result<(), actors::Error> {
+        Manager::unblock(self, cgroup_id)
     }
 }
 
@@ -386,6 +398,8 @@ struct Tracked {
     next: Instant,
     /// Why it is not captured (logged when it changes).
     reason: Option<String>,
+    /// Its cgroup, blocked (captured with no actor) while it is refused.
+    blocked: Option<u64>,
 }
 
 /// What one registration attempt came to.
@@ -395,7 +409,8 @@ enum Outcome {
     Captured(ActorSpec, bool),
     /// Not yet; whether an earlier registration of the pod was removed on the way.
     Retry(ErrorKind, String, bool),
-    Refused(String),
+    /// Refused (its id is taken), and the cgroup blocked if that could be done.
+    Refused(String, Option<u64>),
 }
 
 /// Reconciles watch events into a [`Registrar`].
@@ -525,6 +540,8 @@ impl<R: Registrar> Reconciler<R> {
                         "discovery: pod selected for capture but unsupported; not captured");
                 }
                 let now = Instant::now();
+                // A cgroup blocked while the pod was refused stays blocked: fail closed.
+                let blocked = self.pods.get(&uid).and_then(|t| t.blocked);
                 self.pods.insert(
                     uid,
                     Tracked {
@@ -535,6 +552,7 @@ impl<R: Registrar> Reconciler<R> {
                         since: now,
                         next: now,
                         reason: Some(why),
+                        blocked,
                     },
                 );
             }
@@ -596,6 +614,7 @@ impl<R: Registrar> Reconciler<R> {
             return;
         }
         let registered = self.pods.get(&uid).and_then(|t| t.registered.clone());
+        let blocked = self.pods.get(&uid).and_then(|t| t.blocked);
         self.pods.insert(
             uid.clone(),
             Tracked {
@@ -606,6 +625,7 @@ impl<R: Registrar> Reconciler<R> {
                 since: now,
                 next: now,
                 reason: None,
+                blocked,
             },
         );
         self.attempt(&uid).await;
@@ -667,14 +687,20 @@ impl<R: Registrar> Reconciler<R> {
                 t.registered = Some(spec);
                 t.reason = None;
             }
-            Outcome::Refused(why) => {
+            Outcome::Refused(why, blocked) => {
                 self.stats.error(ErrorKind::Conflict);
                 if t.reason.as_ref() != Some(&why) {
-                    warn!(pod = %t.name, uid = %uid, reason = %why,
-                        "discovery: pod refused; not captured");
+                    if blocked.is_some() {
+                        warn!(pod = %t.name, uid = %uid, reason = %why,
+                            "discovery: pod refused; its cgroup is blocked (connects refused)");
+                    } else {
+                        error!(pod = %t.name, uid = %uid, reason = %why,
+                            "discovery: pod refused; not captured");
+                    }
                 }
                 t.state = PodState::Failed;
                 t.registered = None;
+                t.blocked = t.blocked.or(blocked);
                 t.reason = Some(why);
             }
             Outcome::Retry(kind, why, removed) => {
@@ -702,6 +728,15 @@ impl<R: Registrar> Reconciler<R> {
                     };
                 t.reason = Some(why);
             }
+        }
+        // Served now: a cgroup blocked while it was refused is released (a no-op when its
+        // actor took the same cgroup over).
+        if self
+            .pods
+            .get(uid)
+            .is_some_and(|t| t.state == PodState::Captured && t.blocked.is_some())
+        {
+            self.unblock(uid).await;
         }
     }
 
@@ -780,7 +815,25 @@ impl<R: Registrar> Reconciler<R> {
     /// Stops tracking a pod, unregistering its actor.
     async fn forget(&mut self, uid: &str) {
         self.unregister(uid).await;
+        self.unblock(uid).await;
         self.pods.remove(uid);
+    }
+
+    /// Releases the pod's blocked cgroup, if it has one (a no-op if an actor serves it now).
+    async fn unblock(&mut self, uid: &str) {
+        let Some(cgroup_id) = self.pods.get_mut(uid).and_then(|t| t.blocked.take()) else {
+            return;
+        };
+        let result = self
+            .with_registrar(move |r| r.unblock(cgroup_id).map_err(|e| e.to_string()))
+            .await
+            .and_then(|r| r);
+        if let Err(e) = result {
+            self.stats.error(ErrorKind::Unregister);
+            error!(uid = %uid, cgroup_id, error = %e,
+                "discovery: releasing a blocked cgroup failed; `egress-agent detach --cgroup-id` \
+                 releases it");
+        }
     }
 
     /// Unregisters a pod's actor, if it has one.
@@ -935,13 +988,40 @@ fn spec_for(resolver: &dyn Resolve, actor: &PodActor) -> Result<ActorSpec, Strin
 }
 
 /// Registers a pod's actor unless its id is another's (blocking, under the manager's lock).
+/// A refused cgroup pod is blocked instead: its cgroup is captured with no actor, so its
+/// connects are refused, never sent out uncaptured.
 fn register<R: Registrar>(registrar: &mut R, spec: ActorSpec, others: &HashSet<String>) -> Outcome {
+    let cgroup = spec.cgroup.clone();
+    match register_actor(registrar, spec, others) {
+        Outcome::Refused(why, None) => {
+            let blocked = cgroup.and_then(|c| match registrar.block(&c) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    error!(cgroup = %c.display(), error = %e,
+                        "discovery: blocking a refused pod's cgroup failed: not captured");
+                    None
+                }
+            });
+            Outcome::Refused(why, blocked)
+        }
+        other => other,
+    }
+}
+
+fn register_actor<R: Registrar>(
+    registrar: &mut R,
+    spec: ActorSpec,
+    others: &HashSet<String>,
+) -> Outcome {
     if others.contains(&spec.id) {
-        return Outcome::Refused(format!(
-            "actor id {:?} is already another pod's: give this pod its own {} annotation",
-            spec.id,
-            pod::ANNOTATION_ACTOR_ID
-        ));
+        return Outcome::Refused(
+            format!(
+                "actor id {:?} is already another pod's: give this pod its own {} annotation",
+                spec.id,
+                pod::ANNOTATION_ACTOR_ID
+            ),
+            None,
+        );
     }
     let existing = registrar
         .actors()
@@ -949,13 +1029,16 @@ fn register<R: Registrar>(registrar: &mut R, spec: ActorSpec, others: &HashSet<S
         .find(|(s, _)| s.id == spec.id);
     if let Some((existing, source)) = existing {
         if source != Source::Kubernetes {
-            return Outcome::Refused(format!(
-                "actor id {:?} is already a {} actor's (not discovered): give this pod another \
-                 {} annotation, or remove that actor",
-                spec.id,
-                source.as_str(),
-                pod::ANNOTATION_ACTOR_ID
-            ));
+            return Outcome::Refused(
+                format!(
+                    "actor id {:?} is already a {} actor's (not discovered): give this pod \
+                     another {} annotation, or remove that actor",
+                    spec.id,
+                    source.as_str(),
+                    pod::ANNOTATION_ACTOR_ID
+                ),
+                None,
+            );
         }
         if same_capture(&existing, &spec) {
             // Ours already (a previous agent's, adopted from the state file, or this pod's).
@@ -971,7 +1054,7 @@ fn register<R: Registrar>(registrar: &mut R, spec: ActorSpec, others: &HashSet<S
     }
     match registrar.add(&spec) {
         Ok(()) => Outcome::Captured(spec, false),
-        Err(e @ actors::Error::Conflict { .. }) => Outcome::Refused(e.to_string()),
+        Err(e @ actors::Error::Conflict { .. }) => Outcome::Refused(e.to_string(), None),
         Err(e) => Outcome::Retry(ErrorKind::Register, e.to_string(), true),
     }
 }
