@@ -341,3 +341,65 @@ fn a_restarted_agent_keeps_a_discovered_actor_until_a_complete_list_says_its_pod
         "no CONNECT once unregistered"
     );
 }
+
+/// A second pod claiming the first one's actor id is refused, and its cgroup is blocked:
+/// its connects are refused, never sent out uncaptured; its deletion releases the cgroup.
+#[test]
+fn a_second_pod_with_a_taken_actor_id_is_blocked_not_left_uncaptured() {
+    const UID2: &str = "6e1d7b5f-2c30-4d4e-8f90-8b7c6d5e4f32";
+    const CONTAINER2: &str = "9f6e1b7a4d3c2b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a";
+    let mut w = KubeWorld::new(123);
+    w.start_pod();
+    w.expect_registered();
+    w.curl().expect_success("curl from the first pod");
+    w.expect_connect_with_identity(1);
+
+    // The second pod: its own kubelet directories and process, the same annotation.
+    let pod2 = w.pod_cgroups()._besteffort.child(&format!("pod{UID2}"));
+    let container2 = pod2.child(CONTAINER2);
+    let _pause2 =
+        ChildGuard::spawn(command_in("sleep", Some(&w.topo.actor), Some(&container2)).arg("600"));
+    let mut second = pod(&w.actor_id);
+    second["metadata"]["uid"] = UID2.into();
+    second["metadata"]["name"] = "coder-2".into();
+    second["status"]["containerStatuses"][0]["containerID"] =
+        format!("containerd://{CONTAINER2}").into();
+    w.api.push_event("ADDED", &second);
+    let refused = w.agent.wait_for_message(
+        "discovery: pod refused; its cgroup is blocked (connects refused)",
+        T,
+    );
+    assert_eq!(refused.field_str("uid").as_deref(), Some(UID2));
+
+    let out = process::run(
+        &mut curl_command(
+            Some(&w.topo.actor),
+            Some(&container2),
+            &w.ca.cert_path(),
+            &[(NAME, 8443, IpAddr::V4(w.topo.upstream_v4()))],
+            &format!("https://{NAME}:8443/"),
+        ),
+        T,
+    );
+    assert!(
+        !out.success(),
+        "the blocked pod's curl must fail: {}",
+        out.describe()
+    );
+    assert_eq!(
+        w.squid.access_log_entries().len(),
+        1,
+        "nothing of the blocked pod reached squid"
+    );
+    assert_eq!(
+        w.upstream.seen_on(w.topo.upstream_addr(8443)).len(),
+        1,
+        "nothing of the blocked pod went out directly"
+    );
+
+    w.api.push_event("DELETED", &second);
+    w.agent.wait_for_message("cgroup unblocked: released", T);
+    drop(_pause2);
+    drop(container2);
+    drop(pod2);
+}
