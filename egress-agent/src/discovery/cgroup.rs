@@ -437,34 +437,9 @@ impl Layout {
         if wanted == crate::netns::identity(None).map_err(Error::OwnNetns)? {
             return Ok(false);
         }
-        let mut queue = VecDeque::from([(pod_dir.to_path_buf(), 0)]);
-        let (mut seen, mut budget) = (1, MAX_PIDS_CHECKED);
-        while let Some((dir, depth)) = queue.pop_front() {
-            for pid in procs(&dir) {
-                if budget == 0 {
-                    return Ok(false);
-                }
-                budget -= 1;
-                let ns = self.proc_root.join(pid.to_string()).join("ns").join("net");
-                if crate::netns::identity(Some(&ns)).is_ok_and(|id| id == wanted) {
-                    return Ok(true);
-                }
-            }
-            if depth < MAX_WALK_DEPTH
-                && let Ok(entries) = fs::read_dir(&dir)
-            {
-                for entry in entries.flatten() {
-                    if seen >= MAX_WALK_DIRS {
-                        break;
-                    }
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        seen += 1;
-                        queue.push_back((entry.path(), depth + 1));
-                    }
-                }
-            }
-        }
-        Ok(false)
+        Ok(self
+            .pod_namespaces(pod_dir, &[])
+            .any(|ns| crate::netns::identity(Some(&ns)).is_ok_and(|id| id == wanted)))
     }
 
     /// A network namespace of the pod other than the agent's own, through its processes:
@@ -475,6 +450,21 @@ impl Layout {
         containers: &[ContainerId],
     ) -> Result<Option<PathBuf>, Error> {
         let own = crate::netns::identity(None).map_err(Error::OwnNetns)?;
+        // A process gone meanwhile is skipped like one in the agent's namespace.
+        Ok(self
+            .pod_namespaces(pod_dir, containers)
+            .find(|ns| crate::netns::identity(Some(ns)).is_ok_and(|id| id != own)))
+    }
+
+    /// `<proc_root>/<pid>/ns/net` of the processes in the pod's cgroup tree: the sandbox's
+    /// first, then the app containers', then any other; CRI-O's conmon directories skipped.
+    /// Bounded: [`MAX_WALK_DEPTH`] levels, [`MAX_WALK_DIRS`] directories, [`MAX_PIDS_CHECKED`]
+    /// processes.
+    fn pod_namespaces<'a>(
+        &'a self,
+        pod_dir: &Path,
+        containers: &[ContainerId],
+    ) -> impl Iterator<Item = PathBuf> + 'a {
         let listed: HashSet<String> = containers
             .iter()
             .map(|c| c.id.to_ascii_lowercase())
@@ -517,21 +507,13 @@ impl Layout {
                 Role::Other => other.push(dir),
             }
         }
-        let mut budget = MAX_PIDS_CHECKED;
-        for dir in sandbox.iter().chain(&app).chain(&other) {
-            for pid in procs(dir) {
-                if budget == 0 {
-                    return Ok(None);
-                }
-                budget -= 1;
-                let netns = self.proc_root.join(pid.to_string()).join("ns").join("net");
-                // A process gone meanwhile is skipped like one in the agent's namespace.
-                if crate::netns::identity(Some(&netns)).is_ok_and(|id| id != own) {
-                    return Ok(Some(netns));
-                }
-            }
-        }
-        Ok(None)
+        sandbox
+            .into_iter()
+            .chain(app)
+            .chain(other)
+            .flat_map(|dir| procs(&dir))
+            .take(MAX_PIDS_CHECKED)
+            .map(|pid| self.proc_root.join(pid.to_string()).join("ns").join("net"))
     }
 }
 
