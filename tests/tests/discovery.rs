@@ -175,10 +175,15 @@ impl KubeWorld {
 
     /// A curl from the pod's container.
     fn curl(&self) -> Output {
+        self.curl_in(&self.pod_cgroups().container)
+    }
+
+    /// A curl from a process in `cgroup`, in the actor namespace.
+    fn curl_in(&self, cgroup: &Cgroup) -> Output {
         process::run(
             &mut curl_command(
                 Some(&self.topo.actor),
-                Some(&self.pod_cgroups().container),
+                Some(cgroup),
                 &self.ca.cert_path(),
                 &[(NAME, 8443, IpAddr::V4(self.topo.upstream_v4()))],
                 &format!("https://{NAME}:8443/"),
@@ -371,16 +376,7 @@ fn a_second_pod_with_a_taken_actor_id_is_blocked_not_left_uncaptured() {
     );
     assert_eq!(refused.field_str("uid").as_deref(), Some(UID2));
 
-    let out = process::run(
-        &mut curl_command(
-            Some(&w.topo.actor),
-            Some(&container2),
-            &w.ca.cert_path(),
-            &[(NAME, 8443, IpAddr::V4(w.topo.upstream_v4()))],
-            &format!("https://{NAME}:8443/"),
-        ),
-        T,
-    );
+    let out = w.curl_in(&container2);
     assert!(
         !out.success(),
         "the blocked pod's curl must fail: {}",
