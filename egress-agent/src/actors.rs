@@ -208,6 +208,10 @@ pub struct Status {
     pub source: Source,
     /// `cgroup` or `veth`.
     pub capture: String,
+    /// The PEP serving it and what chose it, e.g. `squid-a (actor)`, `default (default)`,
+    /// `none (nothing)`: no PEP, the embedded policy decides.
+    #[serde(default)]
+    pub pep: String,
     /// The cgroup's id (cgroup actors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
@@ -346,7 +350,7 @@ impl Manager {
             }
             let added = saved
                 .actor
-                .validate()
+                .validate(&manager.config.pep_selector)
                 .map_err(Error::from)
                 .and_then(|actor| manager.add_actor(actor, saved.source, saved.slot));
             match added {
@@ -407,7 +411,7 @@ impl Manager {
             if saved.source != Source::Config || self.actors.contains_key(&saved.actor.id) {
                 continue;
             }
-            let (Ok(actor), Some(slot)) = (saved.actor.validate(), saved.slot) else {
+            let (Ok(actor), Some(slot)) = (saved.actor.validate(&self.config.pep_selector), saved.slot) else {
                 // Its namespaces are gone, and the pair with them.
                 continue;
             };
@@ -446,7 +450,7 @@ impl Manager {
 
     /// [`Manager::add`] with the source recorded for the actor (`Runtime` or `Kubernetes`).
     pub fn add_from(&mut self, spec: &ActorSpec, source: Source) -> Result<Status, Error> {
-        let actor = spec.validate()?;
+        let actor = spec.validate(&self.config.pep_selector)?;
         let known = self.actors.contains_key(&actor.id);
         let status = self.add_actor(actor, source, None)?;
         if let Err(e) = self.write_state() {
@@ -1083,6 +1087,7 @@ impl Manager {
             }
             .into(),
             cgroup_id: entry.actor.cgroup_id(),
+            pep: entry.actor.pep.to_string(),
             pair: entry.pair.as_ref().map(|(p, _)| p.clone()),
             listeners: entry
                 .listener

@@ -27,6 +27,9 @@ pub enum Error {
     /// The PEP link settings are unusable.
     #[error(transparent)]
     Pep(#[from] pep::Error),
+    /// `[pep_by_namespace]` names a PEP that is not configured.
+    #[error("{0}")]
+    PepSelection(String),
     /// Half the actor flags given.
     #[error("--actor-{0} needs --actor-id and --actor-cgroup too")]
     PartialActor(&'static str),
@@ -105,6 +108,10 @@ pub struct Actor {
     pub template_namespace: String,
     /// The capture front that serves it.
     pub capture: Capture,
+    /// The PEP it asked for (its `pep`), as given.
+    pub asked_pep: Option<String>,
+    /// The PEP that serves it (actor > namespace > default), or none: the embedded policy.
+    pub pep: crate::pep::Selection,
 }
 
 /// How an actor's connections reach the agent.
@@ -184,6 +191,7 @@ impl Actor {
             id: self.id.clone(),
             template: self.template.clone(),
             template_namespace: self.template_namespace.clone(),
+            pep: self.asked_pep.clone(),
             ..ActorSpec::default()
         };
         match &self.capture {
@@ -228,6 +236,10 @@ pub struct ActorSpec {
     /// Veth mode (gVisor, microVM actors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub veth: Option<VethSpec>,
+    /// The PEP for this actor: a `[peps.NAME]` name, `default` (the global `[pep]`) or `none`
+    /// (the embedded policy); omitted: its template namespace's, else the global one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pep: Option<String>,
 }
 
 /// The `veth` table of an actor.
@@ -255,12 +267,16 @@ impl ActorSpec {
         }
     }
 
-    /// Checks the spec against this machine and resolves it into an [`Actor`].
-    pub fn validate(&self) -> Result<Actor, Error> {
+    /// Checks the spec against this machine and resolves it into an [`Actor`], its PEP
+    /// chosen by `peps`.
+    pub fn validate(&self, peps: &crate::pep::Selector) -> Result<Actor, Error> {
         let problem = |p: String| Error::Actor {
             actor: self.label(),
             problem: p,
         };
+        let pep = peps
+            .select(self.pep.as_deref(), &self.template_namespace)
+            .map_err(&problem)?;
         if self.id.is_empty() {
             return Err(problem("id is empty".into()));
         }
@@ -351,6 +367,8 @@ impl ActorSpec {
             template: self.template.clone(),
             template_namespace: self.template_namespace.clone(),
             capture,
+            asked_pep: self.pep.clone(),
+            pep,
         })
     }
 }
@@ -361,6 +379,10 @@ pub struct Config {
     /// The PEP connections are tunnelled to, and how; `None`: no PEP, the agent decides every
     /// connection with the policy and dials upstream itself.
     pub pep: Option<Pep>,
+    /// The named PEPs (`[peps.NAME]`).
+    pub peps: std::collections::BTreeMap<String, Pep>,
+    /// Which PEP each actor gets (actor > namespace > default).
+    pub pep_selector: crate::pep::Selector,
     /// The policy file (`--policy`); `None`: no rules (deny all where the agent decides).
     pub policy: Option<PathBuf>,
     /// Actors captured from the start (the config file and flags); more come and go over the
@@ -408,6 +430,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             pep: Some(Pep::default()),
+            peps: std::collections::BTreeMap::new(),
+            pep_selector: crate::pep::Selector {
+                has_default: true,
+                ..Default::default()
+            },
             policy: None,
             actors: Vec::new(),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
@@ -612,6 +639,12 @@ pub struct File {
     /// header names).
     #[serde(default, deserialize_with = "pep::string_or_table")]
     pub pep: Option<PepFile>,
+    /// Named PEPs, `[peps.NAME]`: the same keys as `[pep]`; actors choose one with `pep`.
+    #[serde(default)]
+    pub peps: std::collections::BTreeMap<String, PepFile>,
+    /// Template namespace -> PEP name (`default`, `none` or a `[peps]` name).
+    #[serde(default)]
+    pub pep_by_namespace: std::collections::BTreeMap<String, String>,
     /// The policy file (`--policy` wins).
     pub policy: Option<PathBuf>,
     /// The relay engine for plain TCP tunnels: "splice" or "copy" (`--relay` wins).
@@ -643,6 +676,16 @@ impl RunArgs {
             None => File::default(),
         };
         let pep = Pep::load(&self.pep, file.pep.as_ref())?;
+        let mut peps = std::collections::BTreeMap::new();
+        for (name, pep_file) in &file.peps {
+            peps.insert(name.clone(), Pep::load_named(name, pep_file)?);
+        }
+        let pep_selector = crate::pep::Selector {
+            has_default: pep.is_some(),
+            named: peps.keys().cloned().collect(),
+            by_namespace: file.pep_by_namespace.clone(),
+        };
+        pep_selector.check().map_err(Error::PepSelection)?;
         let policy = self.policy.or(file.policy);
         let mut specs = file.actors;
         match (self.actor_id, self.actor_cgroup) {
@@ -653,6 +696,7 @@ impl RunArgs {
                 cgroup: Some(cgroup),
                 netns: self.actor_netns,
                 veth: None,
+                pep: None,
             }),
             (None, None) => {
                 for (flag, given) in [
@@ -717,7 +761,7 @@ impl RunArgs {
         };
         let mut actors: Vec<Actor> = Vec::with_capacity(specs.len());
         for spec in &specs {
-            let actor = spec.validate()?;
+            let actor = spec.validate(&pep_selector)?;
             if let Some(problem) = actors.iter().find_map(|other| actor.conflict(other)) {
                 return Err(Error::Actor {
                     actor: actor.id,
@@ -728,6 +772,8 @@ impl RunArgs {
         }
         Ok(Config {
             pep,
+            peps,
+            pep_selector,
             policy,
             actors,
             control_socket: self.control_socket,
@@ -962,7 +1008,7 @@ mod tests {
 
     #[test]
     fn actor_specs_say_what_is_wrong() {
-        let problem = |spec: ActorSpec| match spec.validate() {
+        let problem = |spec: ActorSpec| match spec.validate(&crate::pep::Selector::default()) {
             Err(Error::Actor { problem, .. }) => problem,
             other => panic!("expected an actor error, got {other:?}"),
         };
@@ -1018,7 +1064,7 @@ mod tests {
                 veth: Some(dup),
                 ..base
             }
-            .validate()
+            .validate(&crate::pep::Selector::default())
             .is_err()
         );
     }

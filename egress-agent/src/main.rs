@@ -141,6 +141,10 @@ struct Identity {
     /// Template namespace.
     #[arg(long, default_value = "")]
     template_namespace: String,
+    /// The PEP for this actor: a `[peps.NAME]` name, `default` (the global one) or `none`
+    /// (the embedded policy); omitted: its template namespace's, else the global one.
+    #[arg(long)]
+    pep: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -227,6 +231,7 @@ impl AddArgs {
             cgroup: self.cgroup,
             netns: self.netns,
             veth: self.veth.then(|| self.veth_args.spec()),
+            pep: self.identity.pep,
         })
     }
 }
@@ -370,12 +375,13 @@ fn send(control: &ControlArgs, request: &Request) -> anyhow::Result<()> {
 fn status_line(s: &egress_agent::actors::Status) -> String {
     let a = &s.actor;
     let mut line = format!(
-        "{} template={:?} template_namespace={:?} source={} capture={}",
+        "{} template={:?} template_namespace={:?} source={} capture={} pep={:?}",
         a.id,
         a.template,
         a.template_namespace,
         s.source.as_str(),
-        s.capture
+        s.capture,
+        s.pep
     );
     if let Some(cgroup) = &a.cgroup {
         line += &format!(

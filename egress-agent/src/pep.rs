@@ -133,6 +133,25 @@ pub enum Error {
     /// rustls refused the TLS settings (e.g. a client key that does not match its certificate).
     #[error("PEP TLS settings: {0}")]
     Tls(#[from] rustls::Error),
+    /// A `[peps.NAME]` name that cannot be used.
+    #[error(
+        "PEP name {0:?} cannot be used: use lowercase letters, digits and `-` (at most 63), \
+         and not `default` or `none`, which mean the global `[pep]` and no PEP"
+    )]
+    Name(String),
+    /// A named PEP without an address.
+    #[error("[peps.{0}] has no address: set `address = \"HOST:PORT\"` in it")]
+    NoNamedAddress(String),
+    /// An HTTP/2 window outside what HTTP/2 allows.
+    #[error("pep.http2.{setting} = {value}: {problem}")]
+    Http2 {
+        /// The key under `[pep.http2]`.
+        setting: &'static str,
+        /// Its value.
+        value: u64,
+        /// The allowed range.
+        problem: &'static str,
+    },
     /// A configured header name is unusable.
     #[error("pep.headers.{key} = {name:?}: {problem}")]
     Header {
@@ -209,8 +228,20 @@ impl fmt::Display for PepAddr {
 /// The PEP and everything about the link to it.
 #[derive(Clone, Debug)]
 pub struct Pep {
+    /// Its name: [`DEFAULT_PEP`] for `[pep]` (and the `--pep*` flags), the key for `[peps.NAME]`.
+    pub name: String,
     /// Where it listens.
     pub addr: PepAddr,
+    /// What the CONNECT request carries: the derived name and the identity headers
+    /// (`headers`), or the original `IP:port` with the name as a hint (`substrate`).
+    pub profile: Profile,
+    /// HTTP/1.1 (a connection per tunnel) or HTTP/2 (tunnels multiplexed on pooled
+    /// connections, one pool per actor).
+    pub http: HttpVersion,
+    /// `substrate`: the header carrying the derived name (SNI, Host, DNS) as a hint.
+    pub hint_header: HeaderName,
+    /// HTTP/2 windows and bounds (with `http = "2"`).
+    pub http2: Http2,
     /// TLS to the PEP; `None`: plain TCP (a PEP on the same host or a trusted network only).
     pub tls: Option<Tls>,
     /// `Proxy-Authorization` sent on every CONNECT.
@@ -231,7 +262,12 @@ impl Pep {
     /// A plain-TCP PEP at `addr` with the default timeouts, bounds and header names.
     pub fn new(addr: PepAddr) -> Self {
         Pep {
+            name: DEFAULT_PEP.to_string(),
             addr,
+            profile: Profile::Headers,
+            http: HttpVersion::Http1,
+            hint_header: HeaderName::from_static(HEADER_CONNECT_AUTHORITY),
+            http2: Http2::default(),
             tls: None,
             authorization: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -246,6 +282,18 @@ impl Pep {
     /// the CA, certificate, key and authorization files). `Ok(None)`: no PEP address anywhere
     /// and no PEP setting either.
     pub fn load(args: &PepArgs, file: Option<&PepFile>) -> Result<Option<Pep>, Error> {
+        Pep::load_as(DEFAULT_PEP, args, file)
+    }
+
+    /// Checks and loads the config file's `[peps.NAME]` (no flags apply to named PEPs).
+    pub fn load_named(name: &str, file: &PepFile) -> Result<Pep, Error> {
+        if !pep_name_ok(name) || name == DEFAULT_PEP || name == NO_PEP {
+            return Err(Error::Name(name.to_string()));
+        }
+        Pep::load_as(name, &PepArgs::default(), Some(file))?.ok_or(Error::NoNamedAddress(name.to_string()))
+    }
+
+    fn load_as(name: &str, args: &PepArgs, file: Option<&PepFile>) -> Result<Option<Pep>, Error> {
         let empty = PepFile::default();
         let file = file.unwrap_or(&empty);
         let tls_file = file.tls.as_ref();
@@ -274,6 +322,8 @@ impl Pep {
         let response_timeout_ms = args.pep_timeout_ms.or(file.response_timeout_ms);
         let max_connecting = args.pep_max_connecting.or(file.max_connecting);
         let max_waiting = args.pep_max_waiting.or(file.max_waiting);
+        let profile = args.pep_profile.or(file.profile);
+        let http = args.pep_http.or(file.http);
 
         let Some(address) = address else {
             let given = [
@@ -307,6 +357,10 @@ impl Pep {
                     max_connecting.is_some(),
                 ),
                 ("--pep-max-waiting / pep.max_waiting", max_waiting.is_some()),
+                ("--pep-profile / pep.profile", profile.is_some()),
+                ("--pep-http / pep.http", http.is_some()),
+                ("pep.hint_header", file.hint_header.is_some()),
+                ("[pep.http2]", file.http2.is_some()),
                 ("[pep.tls]", tls_file.is_some()),
                 ("[pep.headers]", file.headers.is_some()),
             ];
@@ -318,6 +372,15 @@ impl Pep {
         let addr: PepAddr = address.parse()?;
 
         let mut pep = Pep::new(addr);
+        pep.name = name.to_string();
+        pep.profile = profile.unwrap_or_default();
+        pep.http = http.unwrap_or_default();
+        if let Some(hint) = &file.hint_header {
+            pep.hint_header = Headers::check_name("hint_header", hint)?;
+        }
+        if let Some(http2) = &file.http2 {
+            pep.http2 = Http2::from_file(http2)?;
+        }
         if let Some(ms) = connect_timeout_ms {
             pep.connect_timeout = nonzero_ms("--pep-connect-timeout-ms", ms)?;
         }
@@ -362,6 +425,7 @@ impl Pep {
                     server_name,
                     client_cert.map(PathBuf::as_path),
                     client_key.map(PathBuf::as_path),
+                    tls_file.and_then(|t| t.actor_certs.as_ref()),
                 )?);
             }
             None => {
@@ -371,11 +435,29 @@ impl Pep {
                     ("--pep-tls-server-name", server_name.is_some()),
                     ("--pep-tls-client-cert-file", client_cert.is_some()),
                     ("--pep-tls-client-key-file", client_key.is_some()),
+                    (
+                        "pep.tls.actor_certs",
+                        tls_file.is_some_and(|t| t.actor_certs.is_some()),
+                    ),
                 ] {
                     if given {
                         return Err(Error::Needs { setting, needs });
                     }
                 }
+            }
+        }
+        if pep.profile == Profile::Substrate {
+            let mtls = pep
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_cert_file.is_some() || t.actor_certs.is_some());
+            if !mtls {
+                return Err(Error::Needs {
+                    setting: "profile \"substrate\"",
+                    needs: "mTLS: a CA to verify the PEP (pep.tls.ca_file) and client \
+                            certificates (pep.tls.actor_certs, or pep.tls.client_cert_file and \
+                            client_key_file)",
+                });
             }
         }
         Ok(Some(pep))
@@ -398,6 +480,271 @@ impl fmt::Display for Pep {
     }
 }
 
+/// The name of the global PEP (`[pep]`, the `--pep*` flags) in listings and selections.
+pub const DEFAULT_PEP: &str = "default";
+/// An actor's `pep = "none"`: no PEP, the embedded policy decides (even if a default exists).
+pub const NO_PEP: &str = "none";
+
+/// A `[peps.NAME]` name: lowercase letters, digits and `-`, like a DNS label.
+pub fn pep_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Which PEP serves an actor, and why: the actor's own choice, its template namespace's, or
+/// the global default; none at all means the embedded policy decides and the agent dials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// The PEP's name ([`DEFAULT_PEP`] for `[pep]`); `None`: no PEP, the embedded policy.
+    pub pep: Option<String>,
+    /// Where the choice came from.
+    pub by: SelectedBy,
+}
+
+/// Where an actor's [`Selection`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectedBy {
+    /// The actor's `pep` (or the pod's `egress.dev/pep` annotation).
+    Actor,
+    /// `[pep_by_namespace]` for the actor's template namespace.
+    Namespace,
+    /// The global `[pep]` (or `--pep`).
+    Default,
+    /// Nothing chose a PEP: no global one is configured.
+    Nothing,
+}
+
+impl SelectedBy {
+    /// As shown in `actor list` and `status`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SelectedBy::Actor => "actor",
+            SelectedBy::Namespace => "namespace",
+            SelectedBy::Default => "default",
+            SelectedBy::Nothing => "nothing",
+        }
+    }
+}
+
+impl Selection {
+    /// No PEP because none is configured anywhere.
+    pub fn nothing() -> Self {
+        Selection {
+            pep: None,
+            by: SelectedBy::Nothing,
+        }
+    }
+}
+
+/// `squid-a (actor)`, `default (default)`, `none (namespace)`.
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({})",
+            self.pep.as_deref().unwrap_or(NO_PEP),
+            self.by.as_str()
+        )
+    }
+}
+
+/// The PEPs an actor can be given: precedence actor > namespace > global default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// Whether a global `[pep]` exists.
+    pub has_default: bool,
+    /// The `[peps.NAME]` names.
+    pub named: std::collections::BTreeSet<String>,
+    /// `[pep_by_namespace]`: template namespace -> PEP name (or `default` / `none`).
+    pub by_namespace: std::collections::BTreeMap<String, String>,
+}
+
+impl Selector {
+    /// Checks that every `[pep_by_namespace]` entry names a PEP that exists.
+    pub fn check(&self) -> Result<(), String> {
+        for (namespace, name) in &self.by_namespace {
+            self.resolve(name).map_err(|problem| {
+                format!("pep_by_namespace.{namespace:?} = {name:?}: {problem}")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The PEP for an actor that asks for `asked` (its `pep`) in template namespace
+    /// `namespace`; an error when it names a PEP that is not configured.
+    pub fn select(&self, asked: Option<&str>, namespace: &str) -> Result<Selection, String> {
+        if let Some(name) = asked {
+            return Ok(Selection {
+                pep: self.resolve(name)?,
+                by: SelectedBy::Actor,
+            });
+        }
+        if let Some(name) = self.by_namespace.get(namespace) {
+            return Ok(Selection {
+                pep: self.resolve(name)?,
+                by: SelectedBy::Namespace,
+            });
+        }
+        Ok(match self.has_default {
+            true => Selection {
+                pep: Some(DEFAULT_PEP.to_string()),
+                by: SelectedBy::Default,
+            },
+            false => Selection::nothing(),
+        })
+    }
+
+    fn resolve(&self, name: &str) -> Result<Option<String>, String> {
+        match name {
+            NO_PEP => Ok(None),
+            DEFAULT_PEP if self.has_default => Ok(Some(name.to_string())),
+            DEFAULT_PEP => Err(
+                "`default` names the global [pep], and none is configured: set [pep] or name \
+                 one of [peps]"
+                    .into(),
+            ),
+            _ if self.named.contains(name) => Ok(Some(name.to_string())),
+            _ => Err(format!(
+                "no PEP is named {name:?}: configured are {}",
+                self.names().join(", ")
+            )),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.named.iter().cloned().collect();
+        if self.has_default {
+            names.insert(0, DEFAULT_PEP.to_string());
+        }
+        names.push(format!("{NO_PEP} (the embedded policy)"));
+        names
+    }
+}
+
+/// What the CONNECT request carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// `CONNECT name:port` (the name from SNI, Host or the actor's DNS; the address when none)
+    /// with the `x-ate-*` identity headers: squid and PEPs that read headers.
+    #[default]
+    Headers,
+    /// Agent Substrate's contract: `CONNECT ip:port` (the original destination) over mTLS, the
+    /// actor proven by its client certificate; the derived name only as a hint header.
+    Substrate,
+}
+
+impl Profile {
+    /// As written in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Profile::Headers => "headers",
+            Profile::Substrate => "substrate",
+        }
+    }
+}
+
+/// The HTTP version spoken to the PEP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum HttpVersion {
+    /// HTTP/1.1: one connection per tunnel.
+    #[default]
+    #[serde(rename = "1.1")]
+    #[value(name = "1.1")]
+    Http1,
+    /// HTTP/2: tunnels are streams on pooled connections, one pool per actor (TLS with ALPN
+    /// `h2`, or prior knowledge over plain TCP).
+    #[serde(rename = "2")]
+    #[value(name = "2")]
+    Http2,
+}
+
+impl HttpVersion {
+    /// As written in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "1.1",
+            HttpVersion::Http2 => "2",
+        }
+    }
+}
+
+/// Default most concurrent tunnels (streams) on one HTTP/2 connection.
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 100;
+/// Default HTTP/2 stream receive window: 4 MiB, a bulk transfer's bandwidth-delay product.
+pub const DEFAULT_H2_STREAM_WINDOW: u32 = 4 << 20;
+/// Default HTTP/2 connection receive window: 16 MiB, shared by the connection's streams.
+pub const DEFAULT_H2_CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest window HTTP/2 allows (2^31 - 1).
+const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// `[pep.http2]`: windows and bounds of pooled HTTP/2 connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Http2 {
+    /// Most tunnels on one connection (the PEP's `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
+    pub max_streams: u32,
+    /// Receive window of each stream, in bytes.
+    pub stream_window: u32,
+    /// Receive window of each connection, in bytes.
+    pub connection_window: u32,
+}
+
+impl Default for Http2 {
+    fn default() -> Self {
+        Http2 {
+            max_streams: DEFAULT_H2_MAX_STREAMS,
+            stream_window: DEFAULT_H2_STREAM_WINDOW,
+            connection_window: DEFAULT_H2_CONNECTION_WINDOW,
+        }
+    }
+}
+
+impl Http2 {
+    fn from_file(file: &Http2File) -> Result<Http2, Error> {
+        let mut h2 = Http2::default();
+        for (setting, given, slot, min, max, problem) in [
+            (
+                "max_streams",
+                file.max_streams,
+                &mut h2.max_streams,
+                1u32,
+                10_000u32,
+                "give 1 to 10000",
+            ),
+            (
+                "stream_window",
+                file.stream_window,
+                &mut h2.stream_window,
+                65_535,
+                H2_MAX_WINDOW,
+                "give 65535 (HTTP/2's initial window) to 2147483647",
+            ),
+            (
+                "connection_window",
+                file.connection_window,
+                &mut h2.connection_window,
+                65_535,
+                H2_MAX_WINDOW,
+                "give 65535 (HTTP/2's initial window) to 2147483647",
+            ),
+        ] {
+            let Some(value) = given else { continue };
+            if value < u64::from(min) || value > u64::from(max) {
+                return Err(Error::Http2 {
+                    setting,
+                    value,
+                    problem,
+                });
+            }
+            *slot = value as u32;
+        }
+        Ok(h2)
+    }
+}
+
 fn nonzero_ms(setting: &'static str, ms: u64) -> Result<Duration, Error> {
     if ms == 0 {
         return Err(Error::Zero(setting));
@@ -417,6 +764,8 @@ pub struct Tls {
     pub client_cert_file: Option<PathBuf>,
     /// The key of that certificate (PEM; a secret file).
     pub client_key_file: Option<PathBuf>,
+    /// Where each actor's own client certificate comes from (then no agent-wide one).
+    pub actor_certs: Option<crate::certs::SourceConfig>,
     config: Arc<rustls::ClientConfig>,
 }
 
@@ -428,7 +777,15 @@ impl Tls {
         server_name: Option<&str>,
         client_cert_file: Option<&Path>,
         client_key_file: Option<&Path>,
+        actor_certs: Option<&crate::certs::SourceConfig>,
     ) -> Result<Tls, Error> {
+        if actor_certs.is_some() && (client_cert_file.is_some() || client_key_file.is_some()) {
+            return Err(Error::Needs {
+                setting: "pep.tls.actor_certs",
+                needs: "no agent-wide client certificate: remove client_cert_file and \
+                        client_key_file (each actor presents its own)",
+            });
+        }
         let name = server_name.unwrap_or(&addr.host);
         let server_name = ServerName::try_from(name.to_string())
             .map_err(|_| Error::ServerName(name.to_string()))?;
@@ -484,6 +841,7 @@ impl Tls {
             server_name,
             client_cert_file: client_cert_file.map(Path::to_path_buf),
             client_key_file: client_key_file.map(Path::to_path_buf),
+            actor_certs: actor_certs.cloned(),
             config: Arc::new(config),
         })
     }
@@ -507,6 +865,7 @@ impl fmt::Debug for Tls {
             .field("server_name", &self.server_name.to_str())
             .field("client_cert_file", &self.client_cert_file)
             .field("client_key_file", &self.client_key_file)
+            .field("actor_certs", &self.actor_certs)
             .finish_non_exhaustive()
     }
 }
@@ -751,21 +1110,7 @@ impl Headers {
             ),
         ] {
             let Some(name) = given else { continue };
-            let bad = |problem| Error::Header {
-                key,
-                name: name.clone(),
-                problem,
-            };
-            // from_bytes lowercases; HTTP names are case-insensitive anyway.
-            let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                bad("not an HTTP header name: use letters, digits and `-`, e.g. x-pep-actor-id")
-            })?;
-            if RESERVED_HEADERS.contains(&parsed.as_str()) {
-                return Err(bad(
-                    "that header carries the request itself: choose another name",
-                ));
-            }
-            *slot = parsed;
+            *slot = Headers::check_name(key, name)?;
         }
         let all = headers.all();
         for (i, &(key, name)) in all.iter().enumerate() {
@@ -778,6 +1123,26 @@ impl Headers {
             }
         }
         Ok(headers)
+    }
+
+    /// `name` as a header name for `key`: a valid HTTP name (lowercased), not one that
+    /// carries the request itself.
+    pub fn check_name(key: &'static str, name: &str) -> Result<HeaderName, Error> {
+        let bad = |problem| Error::Header {
+            key,
+            name: name.to_string(),
+            problem,
+        };
+        // from_bytes lowercases; HTTP names are case-insensitive anyway.
+        let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            bad("not an HTTP header name: use letters, digits and `-`, e.g. x-pep-actor-id")
+        })?;
+        if RESERVED_HEADERS.contains(&parsed.as_str()) {
+            return Err(bad(
+                "that header carries the request itself: choose another name",
+            ));
+        }
+        Ok(parsed)
     }
 
     /// Each header's `[pep.headers]` key and name.
@@ -833,6 +1198,15 @@ pub struct PepArgs {
     /// [default: 1024].
     #[arg(long, env = "EGRESS_PEP_MAX_WAITING")]
     pub pep_max_waiting: Option<usize>,
+    /// What the CONNECT carries: `headers` (name:port and the x-ate-* identity headers) or
+    /// `substrate` (the original ip:port over mTLS, the actor proven by its certificate)
+    /// [default: headers].
+    #[arg(long, env = "EGRESS_PEP_PROFILE", value_enum)]
+    pub pep_profile: Option<Profile>,
+    /// HTTP version to the PEP: `1.1` (a connection per tunnel) or `2` (tunnels multiplexed
+    /// on pooled connections, one pool per actor) [default: 1.1].
+    #[arg(long, env = "EGRESS_PEP_HTTP", value_enum)]
+    pub pep_http: Option<HttpVersion>,
 }
 
 /// The config file's `pep`: `pep = "HOST:PORT"` or a `[pep]` table.
@@ -855,6 +1229,26 @@ pub struct PepFile {
     pub tls: Option<TlsFile>,
     /// `[pep.headers]`.
     pub headers: Option<HeadersFile>,
+    /// See `--pep-profile`.
+    pub profile: Option<Profile>,
+    /// See `--pep-http`.
+    pub http: Option<HttpVersion>,
+    /// `substrate`: the name of the hint header (default `x-ate-connect-authority`).
+    pub hint_header: Option<String>,
+    /// `[pep.http2]`.
+    pub http2: Option<Http2File>,
+}
+
+/// `[pep.http2]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2File {
+    /// Most tunnels on one connection (1-10000, default 100).
+    pub max_streams: Option<u64>,
+    /// Receive window of a stream in bytes (default 4 MiB).
+    pub stream_window: Option<u64>,
+    /// Receive window of a connection in bytes (default 16 MiB).
+    pub connection_window: Option<u64>,
 }
 
 /// `[pep.tls]`.
@@ -869,6 +1263,8 @@ pub struct TlsFile {
     pub client_cert_file: Option<PathBuf>,
     /// See `--pep-tls-client-key-file`.
     pub client_key_file: Option<PathBuf>,
+    /// `[pep.tls.actor_certs]`: each actor presents its own client certificate.
+    pub actor_certs: Option<crate::certs::SourceConfig>,
 }
 
 /// `[pep.headers]`: header names; the `x-ate-*` defaults for those left out.
@@ -1167,12 +1563,12 @@ mod tests {
             0o644,
         );
         let addr: PepAddr = "pep.test:1".parse().unwrap();
-        let err = Tls::load(&addr, &ca_file, None, Some(&cert), Some(&key)).unwrap_err();
+        let err = Tls::load(&addr, &ca_file, None, Some(&cert), Some(&key), None).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-        let tls = Tls::load(&addr, &ca_file, None, Some(&cert), Some(&key)).unwrap();
+        let tls = Tls::load(&addr, &ca_file, None, Some(&cert), Some(&key), None).unwrap();
         assert!(tls.client_config().client_auth_cert_resolver.has_certs());
-        let err = Tls::load(&addr, &ca_file, None, Some(&cert), None).unwrap_err();
+        let err = Tls::load(&addr, &ca_file, None, Some(&cert), None, None).unwrap_err();
         assert!(matches!(err, Error::Needs { .. }), "{err}");
         // A key that is not the certificate's.
         let other = rcgen::KeyPair::generate().unwrap();
@@ -1182,7 +1578,7 @@ mod tests {
             other.serialize_pem().as_bytes(),
             0o600,
         );
-        assert!(Tls::load(&addr, &ca_file, None, Some(&cert), Some(&wrong)).is_err());
+        assert!(Tls::load(&addr, &ca_file, None, Some(&cert), Some(&wrong), None).is_err());
     }
 
     #[test]
@@ -1190,17 +1586,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = write(dir.path(), "empty.pem", b"", 0o644);
         let addr: PepAddr = "10.0.0.1:3129".parse().unwrap();
-        let err = Tls::load(&addr, &empty, None, None, None).unwrap_err();
+        let err = Tls::load(&addr, &empty, None, None, None, None).unwrap_err();
         assert!(err.to_string().contains("no certificate"), "{err}");
         let ca = rcgen::generate_simple_self_signed(vec!["pep.test".into()]).unwrap();
         let ca_file = write(dir.path(), "ca.pem", ca.cert.pem().as_bytes(), 0o644);
         // An IP host is verified as an IP SAN; a name given explicitly wins.
-        let tls = Tls::load(&addr, &ca_file, None, None, None).unwrap();
+        let tls = Tls::load(&addr, &ca_file, None, None, None, None).unwrap();
         assert!(matches!(tls.server_name, ServerName::IpAddress(_)));
-        let tls = Tls::load(&addr, &ca_file, Some("pep.test"), None, None).unwrap();
+        let tls = Tls::load(&addr, &ca_file, Some("pep.test"), None, None, None).unwrap();
         assert_eq!(tls.server_name.to_str(), "pep.test");
         assert!(matches!(
-            Tls::load(&addr, &ca_file, Some("bad name!"), None, None),
+            Tls::load(&addr, &ca_file, Some("bad name!"), None, None, None),
             Err(Error::ServerName(_))
         ));
         // TLS settings without a CA file say what is missing.

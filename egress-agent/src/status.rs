@@ -326,13 +326,14 @@ pub fn render(r: &Report) -> String {
                 a.actor.id.clone(),
                 a.source.as_str().into(),
                 a.capture.clone(),
+                a.pep.clone(),
                 target,
                 join(&a.listeners),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["ID", "SOURCE", "CAPTURE", "CGROUP / VETH", "LISTENERS"],
+        &["ID", "SOURCE", "CAPTURE", "PEP", "CGROUP / VETH", "LISTENERS"],
         &rows,
         "  ",
     ));
@@ -490,9 +491,11 @@ mod tests {
                 cgroup: Some(PathBuf::from(format!("/sys/fs/cgroup/{id}"))),
                 netns: None,
                 veth: None,
+                pep: None,
             },
             source: Source::Config,
             capture: "cgroup".into(),
+            pep: "default (default)".into(),
             cgroup_id: Some(cgroup_id),
             pair: None,
             listeners: listeners.iter().map(|l| l.parse().unwrap()).collect(),

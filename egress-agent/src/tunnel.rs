@@ -474,6 +474,11 @@ mod tests {
                 cgroup_id: 7,
                 netns: None,
             },
+            asked_pep: None,
+            pep: crate::pep::Selection {
+                pep: Some(crate::pep::DEFAULT_PEP.into()),
+                by: crate::pep::SelectedBy::Default,
+            },
         }
     }
 
@@ -717,6 +722,7 @@ mod tests {
             None,
             client.then_some(cert.as_path()),
             client.then_some(key.as_path()),
+            None,
         )
         .unwrap();
         Pep {
@@ -790,7 +796,7 @@ mod tests {
         // The right CA but a name the certificate does not carry.
         let mut pep = tls_pep(addr, &pki, &pki.ca_file, false);
         pep.tls = Some(
-            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("other.test"), None, None).unwrap(),
+            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("other.test"), None, None, None).unwrap(),
         );
         let connector = Connector::new(pep.clone(), SocketFactory::new(0));
         let err = connector
@@ -804,7 +810,7 @@ mod tests {
         );
         // And the name it does carry works.
         pep.tls = Some(
-            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None).unwrap(),
+            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None, None).unwrap(),
         );
         let connector = Connector::new(pep.clone(), SocketFactory::new(0));
         assert!(connector.open(request(&pep)).await.is_ok());

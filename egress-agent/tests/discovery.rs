@@ -214,6 +214,7 @@ async fn watch_events_register_and_unregister_actors_in_order() {
         cgroup: Some(r.cgroup),
         netns: r.netns,
         veth: None,
+        pep: None,
     };
     fake.actors.insert(cfg.id.clone(), (cfg, Source::Config));
     fake.actors

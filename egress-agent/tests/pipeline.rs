@@ -182,6 +182,11 @@ fn actor() -> Arc<Actor> {
             cgroup_id: 42,
             netns: None,
         },
+        asked_pep: None,
+        pep: egress_agent::pep::Selection {
+            pep: Some(egress_agent::pep::DEFAULT_PEP.into()),
+            by: egress_agent::pep::SelectedBy::Default,
+        },
     })
 }
 
@@ -500,7 +505,7 @@ fn tls_context(
         host: pep.ip().to_string(),
         port: pep.port(),
     };
-    let tls = egress_agent::pep::Tls::load(&addr, ca_file, None, None, None).unwrap();
+    let tls = egress_agent::pep::Tls::load(&addr, ca_file, None, None, None, None).unwrap();
     let config = Config {
         pep: Some(Pep {
             tls: Some(tls),

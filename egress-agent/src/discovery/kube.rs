@@ -961,6 +961,7 @@ fn spec_for(resolver: &dyn Resolve, actor: &PodActor) -> Result<ActorSpec, Strin
                     worker_netns: Some(worker),
                     ..VethSpec::default()
                 }),
+                pep: actor.pep.clone(),
             }
         }
         PodCapture::Cgroup => {
@@ -982,6 +983,7 @@ fn spec_for(resolver: &dyn Resolve, actor: &PodActor) -> Result<ActorSpec, Strin
                 cgroup: Some(resolved.cgroup),
                 netns: Some(netns),
                 veth: None,
+                pep: actor.pep.clone(),
             }
         }
     })

@@ -16,6 +16,9 @@ pub const ANNOTATION_ACTOR_ID: &str = "egress.dev/actor-id";
 pub const ANNOTATION_TEMPLATE: &str = "egress.dev/template";
 /// Annotation: the template's namespace (`x-ate-actor-template-namespace`); default empty.
 pub const ANNOTATION_TEMPLATE_NAMESPACE: &str = "egress.dev/template-namespace";
+/// Annotation: the PEP for the pod's actor: a `[peps.NAME]` name, `default` or `none` (else
+/// its template namespace's, else the global one).
+pub const ANNOTATION_PEP: &str = "egress.dev/pep";
 /// Annotation of a veth-mode pod: its sandbox's network namespace file on the host.
 pub const ANNOTATION_VETH_NETNS: &str = "egress.dev/veth-netns";
 /// Annotation of a veth-mode pod: the worker network namespace file (default: the agent's).
@@ -50,6 +53,8 @@ pub struct PodActor {
     pub template: String,
     /// Template namespace.
     pub template_namespace: String,
+    /// The PEP it asks for (annotation `egress.dev/pep`).
+    pub pep: Option<String>,
     /// The pod's QoS class; `None` when the status does not say yet (every class is probed).
     pub qos: Option<Qos>,
     /// IDs of the pod's containers that have one (running or exited).
@@ -191,6 +196,7 @@ pub fn map(pod: &Pod, veth_runtime_classes: &[String]) -> Mapping {
         id,
         template: template.into(),
         template_namespace: template_namespace.into(),
+        pep: annotation(ANNOTATION_PEP).map(String::from),
         qos,
         containers,
         capture,
