@@ -411,7 +411,9 @@ impl Manager {
             if saved.source != Source::Config || self.actors.contains_key(&saved.actor.id) {
                 continue;
             }
-            let (Ok(actor), Some(slot)) = (saved.actor.validate(&self.config.pep_selector), saved.slot) else {
+            let (Ok(actor), Some(slot)) =
+                (saved.actor.validate(&self.config.pep_selector), saved.slot)
+            else {
                 // Its namespaces are gone, and the pair with them.
                 continue;
             };
@@ -656,6 +658,12 @@ impl Manager {
             uptime_seconds: self.started.elapsed().as_secs(),
             bpffs_dir: self.capture.dir().to_path_buf(),
             pep: self.config.pep.as_ref().map(status::PepSummary::new),
+            peps: self
+                .config
+                .peps
+                .values()
+                .map(status::PepSummary::new)
+                .collect(),
             policy: status::PolicySummary {
                 file: policy.path().map(Path::to_path_buf),
                 summary: policy.current().summary(),

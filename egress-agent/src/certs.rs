@@ -11,3 +11,12 @@ pub enum SourceConfig {
         dir: std::path::PathBuf,
     },
 }
+
+impl SourceConfig {
+    /// `files` or `signer`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Files { .. } => "files",
+        }
+    }
+}

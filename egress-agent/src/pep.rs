@@ -290,7 +290,11 @@ impl Pep {
         if !pep_name_ok(name) || name == DEFAULT_PEP || name == NO_PEP {
             return Err(Error::Name(name.to_string()));
         }
-        Pep::load_as(name, &PepArgs::default(), Some(file))?.ok_or(Error::NoNamedAddress(name.to_string()))
+        if file.address.is_none() {
+            return Err(Error::NoNamedAddress(name.to_string()));
+        }
+        Pep::load_as(name, &PepArgs::default(), Some(file))?
+            .ok_or_else(|| Error::NoNamedAddress(name.to_string()))
     }
 
     fn load_as(name: &str, args: &PepArgs, file: Option<&PepFile>) -> Result<Option<Pep>, Error> {
@@ -1642,6 +1646,90 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         assert!(shown.contains(&auth.display().to_string()), "{shown}");
         assert!(pep.authorization.unwrap().value().is_sensitive());
+    }
+
+    #[test]
+    fn selection_goes_actor_then_namespace_then_default() {
+        let selector = Selector {
+            has_default: true,
+            named: ["squid-a".to_string(), "substrate".to_string()].into(),
+            by_namespace: [
+                ("team-a".to_string(), "substrate".to_string()),
+                ("team-off".to_string(), "none".to_string()),
+            ]
+            .into(),
+        };
+        selector.check().unwrap();
+        let pick = |asked: Option<&str>, ns: &str| selector.select(asked, ns).unwrap().to_string();
+        assert_eq!(pick(Some("squid-a"), "team-a"), "squid-a (actor)");
+        assert_eq!(pick(Some("none"), "team-a"), "none (actor)");
+        assert_eq!(pick(Some("default"), "team-a"), "default (actor)");
+        assert_eq!(pick(None, "team-a"), "substrate (namespace)");
+        assert_eq!(pick(None, "team-off"), "none (namespace)");
+        assert_eq!(pick(None, "team-b"), "default (default)");
+        let err = selector.select(Some("squid-b"), "").unwrap_err();
+        assert!(err.contains("no PEP is named \"squid-b\""), "{err}");
+        assert!(err.contains("default, squid-a, substrate, none"), "{err}");
+
+        // No global PEP: nothing chosen is no PEP, and `default` is an error.
+        let bare = Selector::default();
+        assert_eq!(bare.select(None, "x").unwrap(), Selection::nothing());
+        assert!(bare.select(Some("default"), "x").is_err());
+        let bad = Selector {
+            by_namespace: [("team-a".to_string(), "gone".to_string())].into(),
+            ..Selector::default()
+        };
+        assert!(
+            bad.check()
+                .unwrap_err()
+                .contains("pep_by_namespace.\"team-a\"")
+        );
+    }
+
+    #[test]
+    fn named_peps_profiles_and_http2_settings_load() {
+        let file: PepFile = toml::from_str(
+            "address = \"pep.test:3129\"\nprofile = \"substrate\"\nhttp = \"2\"\n\
+             hint_header = \"X-Hint\"\n[http2]\nmax_streams = 8\nstream_window = 1048576\n",
+        )
+        .unwrap();
+        // substrate without mTLS is refused, saying what it needs.
+        let err = Pep::load_named("sub", &file).unwrap_err().to_string();
+        assert!(err.contains("mTLS"), "{err}");
+        let plain: PepFile =
+            toml::from_str("address = \"pep.test:3129\"\nhttp = \"2\"\n[http2]\nmax_streams = 8\n")
+                .unwrap();
+        let pep = Pep::load_named("h2-pep", &plain).unwrap();
+        assert_eq!(pep.name, "h2-pep");
+        assert_eq!(
+            (pep.profile, pep.http),
+            (Profile::Headers, HttpVersion::Http2)
+        );
+        assert_eq!(pep.http2.max_streams, 8);
+        assert_eq!(pep.http2.stream_window, DEFAULT_H2_STREAM_WINDOW);
+        for bad in ["default", "none", "Squid", "a_b", ""] {
+            assert!(
+                matches!(Pep::load_named(bad, &plain), Err(Error::Name(_))),
+                "{bad:?}"
+            );
+        }
+        let no_address: PepFile = toml::from_str("http = \"2\"").unwrap();
+        assert!(matches!(
+            Pep::load_named("x", &no_address),
+            Err(Error::NoNamedAddress(_))
+        ));
+        for (key, value) in [
+            ("max_streams", "0"),
+            ("stream_window", "100"),
+            ("connection_window", "4294967295"),
+        ] {
+            let f: PepFile =
+                toml::from_str(&format!("address = \"p:1\"\n[http2]\n{key} = {value}\n")).unwrap();
+            let err = Pep::load_named("x", &f).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        assert!(toml::from_str::<PepFile>("http = \"3\"").is_err());
+        assert!(toml::from_str::<PepFile>("profile = \"envoy\"").is_err());
     }
 
     #[test]

@@ -149,13 +149,13 @@ pub enum Captured {
 /// An actor's own always-denied addresses, with the registration they were read for.
 type ActorAddresses = (Arc<Actor>, Arc<[IpAddr]>);
 
-/// What every connection needs: configuration, actors, the policy, the PEP connector (when
-/// there is a PEP), the resolver and DNS forwarder, the bound.
+/// What every connection needs: configuration, actors, the policy, a connector per configured
+/// PEP (by name), the resolver and DNS forwarder, the bound.
 pub struct Context {
     config: Arc<Config>,
     actors: Arc<Registry>,
     policy: Arc<policy::Shared>,
-    connector: Option<tunnel::Connector>,
+    connectors: HashMap<String, tunnel::Connector>,
     sockets: SocketFactory,
     resolver: Option<resolve::Resolver>,
     dns: Option<dns::Forwarder>,
@@ -201,10 +201,17 @@ impl Context {
                 })
         });
         Context {
-            connector: config
+            connectors: config
                 .pep
-                .clone()
-                .map(|pep| tunnel::Connector::new(pep, sockets.clone())),
+                .iter()
+                .chain(config.peps.values())
+                .map(|pep| {
+                    (
+                        pep.name.clone(),
+                        tunnel::Connector::new(pep.clone(), sockets.clone()),
+                    )
+                })
+                .collect(),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             node_addresses,
             actor_addresses: Mutex::new(HashMap::new()),
@@ -392,6 +399,15 @@ impl Context {
         &self.policy
     }
 
+    /// The connector of the PEP that serves `actor`, if it has one.
+    fn connector(&self, actor: &Actor) -> Option<&tunnel::Connector> {
+        actor
+            .pep
+            .pep
+            .as_deref()
+            .and_then(|name| self.connectors.get(name))
+    }
+
     /// Drops what the agent learned about actor `id` (its DNS answers, its addresses): it was
     /// removed.
     pub fn forget_actor(&self, id: &str) {
@@ -458,7 +474,7 @@ impl Context {
         };
         let policy = self.policy.current();
         let template = policy.template(&actor.template_namespace, &actor.template);
-        let verdict = dns_verdict(template, self.connector.is_some());
+        let verdict = dns_verdict(template, actor.pep.pep.is_some());
         forwarder.answer(&actor.id, &query, &verdict).await
     }
 
@@ -662,7 +678,7 @@ impl Context {
         let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
         let route = route::route(
             template,
-            self.connector.is_some(),
+            flow.actor.pep.pep.is_some(),
             &authority,
             flow.original_dst,
             &denied,
@@ -732,7 +748,7 @@ impl Context {
         };
         let policy = self.policy.current();
         let template = policy.template(&flow.actor.template_namespace, &flow.actor.template);
-        let verdict = dns_verdict(template, self.connector.is_some());
+        let verdict = dns_verdict(template, flow.actor.pep.pep.is_some());
         match forwarder
             .serve_tcp(&mut stream, &flow.actor.id, &verdict)
             .await
@@ -795,7 +811,7 @@ impl Context {
         authority: Authority,
         peeked: Bytes,
     ) -> Closed {
-        let Some(connector) = &self.connector else {
+        let Some(connector) = self.connector(&flow.actor) else {
             return Closed::failed(
                 Outcome::PepError,
                 Some(authority),

@@ -24,8 +24,12 @@ pub struct Report {
     pub uptime_seconds: u64,
     /// The bpffs directory of the pins.
     pub bpffs_dir: PathBuf,
-    /// The PEP connections are tunnelled to; `None`: the agent decides with the policy.
+    /// The global PEP (`[pep]`); `None`: actors without a PEP of their own decide with the
+    /// embedded policy.
     pub pep: Option<PepSummary>,
+    /// The named PEPs (`[peps.NAME]`), in name order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peps: Vec<PepSummary>,
     /// The policy in force.
     pub policy: PolicySummary,
     /// Whether every actor is served, and what is not.
@@ -92,8 +96,21 @@ pub fn kernel_release() -> String {
 /// The PEP link, without its secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PepSummary {
+    /// `default` or the `[peps.NAME]` name.
+    #[serde(default)]
+    pub name: String,
     /// `host:port`.
     pub address: String,
+    /// `headers` or `substrate`.
+    #[serde(default)]
+    pub profile: String,
+    /// `1.1` or `2`.
+    #[serde(default)]
+    pub http: String,
+    /// Whether each actor presents its own client certificate (and from where: `files`,
+    /// `signer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_certs: Option<String>,
     /// Whether the link is TLS.
     pub tls: bool,
     /// The name verified in the PEP's certificate (TLS).
@@ -113,7 +130,15 @@ impl PepSummary {
     /// The summary of `pep`.
     pub fn new(pep: &Pep) -> Self {
         PepSummary {
+            name: pep.name.clone(),
             address: pep.addr.to_string(),
+            profile: pep.profile.as_str().into(),
+            http: pep.http.as_str().into(),
+            actor_certs: pep
+                .tls
+                .as_ref()
+                .and_then(|t| t.actor_certs.as_ref())
+                .map(|c| c.kind().to_string()),
             tls: pep.tls.is_some(),
             tls_server_name: pep
                 .tls
@@ -282,24 +307,43 @@ pub fn render(r: &Report) -> String {
         uptime(r.uptime_seconds),
         r.bpffs_dir.display()
     ));
-    out.push_str(&match &r.pep {
-        Some(p) => format!(
-            "pep       {} ({}{}{})\n",
+    let pep_line = |p: &PepSummary| {
+        format!(
+            "{} {} ({}, HTTP/{}, {}{}{}{})",
+            p.name,
             p.address,
+            if p.profile.is_empty() {
+                "headers"
+            } else {
+                &p.profile
+            },
+            if p.http.is_empty() { "1.1" } else { &p.http },
             if p.tls { "tls" } else { "plain tcp" },
             if p.client_cert {
                 ", client certificate"
             } else {
                 ""
             },
+            match &p.actor_certs {
+                Some(source) => format!(", per-actor certificates from {source}"),
+                None => String::new(),
+            },
             if p.proxy_authorization {
                 ", proxy-authorization"
             } else {
                 ""
             }
-        ),
-        None => "pep       none: the agent decides with the policy and dials itself\n".into(),
+        )
+    };
+    out.push_str(&match &r.pep {
+        Some(p) => format!("pep       {}\n", pep_line(p)),
+        None => "pep       none global: actors without a PEP decide with the embedded policy \
+                 and the agent dials\n"
+            .into(),
     });
+    for p in &r.peps {
+        out.push_str(&format!("          {}\n", pep_line(p)));
+    }
     out.push_str(&format!("policy    {}\n", r.policy.summary));
     if r.ready.ready {
         out.push_str("ready     yes\n");
@@ -333,7 +377,14 @@ pub fn render(r: &Report) -> String {
         })
         .collect();
     out.push_str(&table(
-        &["ID", "SOURCE", "CAPTURE", "PEP", "CGROUP / VETH", "LISTENERS"],
+        &[
+            "ID",
+            "SOURCE",
+            "CAPTURE",
+            "PEP",
+            "CGROUP / VETH",
+            "LISTENERS",
+        ],
         &rows,
         "  ",
     ));
@@ -534,6 +585,7 @@ mod tests {
             },
             uptime_seconds: 3725,
             bpffs_dir: "/sys/fs/bpf/egress".into(),
+            peps: Vec::new(),
             pep: None,
             policy: PolicySummary {
                 file: None,

@@ -199,17 +199,47 @@ pub struct Tunnel {
 }
 
 /// Builds the CONNECT request for `actor`'s connection to `original_dst`, asking for
-/// `authority`, with `pep`'s header names and its `Proxy-Authorization`, if any.
+/// `authority`, as `pep`'s profile says:
+/// - `headers`: `CONNECT authority` with the identity headers under `pep`'s names;
+/// - `substrate`: `CONNECT original_dst` (the address the actor dialled, never a name it sent),
+///   the derived name only as the hint header, no identity headers (the actor is proven by its
+///   client certificate);
+///
+/// and `pep`'s `Proxy-Authorization`, if any, in both.
 pub fn connect_request(
     pep: &Pep,
     actor: &Actor,
     original_dst: SocketAddr,
     authority: &Authority,
 ) -> Result<Request<Empty<Bytes>>, Error> {
-    let target = authority.to_string();
     let value = |name: &http::HeaderName, v: &str| {
         http::HeaderValue::from_str(v).map_err(|_| Error::Header(name.clone()))
     };
+    if pep.profile == pep::Profile::Substrate {
+        let dst = SocketAddr::new(
+            crate::policy::normalize(original_dst.ip()),
+            original_dst.port(),
+        );
+        let target = dst.to_string();
+        let mut builder = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.as_str())
+            .header(HOST, value(&HOST, &target)?);
+        if authority.source != crate::classify::Source::Ip {
+            builder = builder.header(
+                &pep.hint_header,
+                value(&pep.hint_header, &authority.to_string())?,
+            );
+        }
+        if let Some(authorization) = &pep.authorization {
+            builder = builder.header(PROXY_AUTHORIZATION, authorization.value().clone());
+        }
+        return builder.body(Empty::new()).map_err(|source| Error::Request {
+            authority: target.clone(),
+            source,
+        });
+    }
+    let target = authority.to_string();
     let h = &pep.headers;
     let mut builder = Request::builder()
         .method(Method::CONNECT)
@@ -514,6 +544,43 @@ mod tests {
     }
 
     #[test]
+    fn substrate_asks_for_the_address_with_the_name_as_a_hint() {
+        let pep = Pep {
+            profile: crate::pep::Profile::Substrate,
+            ..Pep::default()
+        };
+        let req = connect_request(
+            &pep,
+            &actor(),
+            "[::ffff:10.9.0.2]:8443".parse().unwrap(),
+            &sni("web.egress.test", 8443),
+        )
+        .unwrap();
+        assert_eq!(req.method(), Method::CONNECT);
+        // The address dialled (IPv4-mapped read as IPv4), never the name the actor sent.
+        assert_eq!(req.uri().to_string(), "10.9.0.2:8443");
+        let h = req.headers();
+        assert_eq!(h[HOST], "10.9.0.2:8443");
+        assert_eq!(h[HEADER_CONNECT_AUTHORITY], "web.egress.test:8443");
+        // The actor is its certificate: no identity headers.
+        assert_eq!(h.len(), 2, "{h:?}");
+
+        // No name learned: no hint.
+        let ip = Authority {
+            host: Host::Ip("fd00::2".parse().unwrap()),
+            port: 22,
+            source: Source::Ip,
+        };
+        let pep = Pep {
+            hint_header: http::HeaderName::from_static("x-hint"),
+            ..pep
+        };
+        let req = connect_request(&pep, &actor(), "[fd00::2]:22".parse().unwrap(), &ip).unwrap();
+        assert_eq!(req.uri().to_string(), "[fd00::2]:22");
+        assert_eq!(req.headers().len(), 1);
+    }
+
+    #[test]
     fn request_uses_the_configured_names_and_authorization() {
         let dir = tempfile::tempdir().unwrap();
         let auth = dir.path().join("auth");
@@ -796,7 +863,15 @@ mod tests {
         // The right CA but a name the certificate does not carry.
         let mut pep = tls_pep(addr, &pki, &pki.ca_file, false);
         pep.tls = Some(
-            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("other.test"), None, None, None).unwrap(),
+            crate::pep::Tls::load(
+                &pep.addr,
+                &pki.ca_file,
+                Some("other.test"),
+                None,
+                None,
+                None,
+            )
+            .unwrap(),
         );
         let connector = Connector::new(pep.clone(), SocketFactory::new(0));
         let err = connector
@@ -810,7 +885,8 @@ mod tests {
         );
         // And the name it does carry works.
         pep.tls = Some(
-            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None, None).unwrap(),
+            crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None, None)
+                .unwrap(),
         );
         let connector = Connector::new(pep.clone(), SocketFactory::new(0));
         assert!(connector.open(request(&pep)).await.is_ok());
