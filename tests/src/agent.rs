@@ -43,6 +43,8 @@ pub struct ActorSpec {
     pub cgroup: PathBuf,
     /// `--actor-netns`: the actor's network namespace file, if not the agent's own.
     pub netns: Option<PathBuf>,
+    /// The actor's `pep` (config file only): a `[peps.NAME]` name, `default` or `none`.
+    pub pep: Option<String>,
 }
 
 impl ActorSpec {
@@ -54,7 +56,14 @@ impl ActorSpec {
             template_namespace: template_namespace.to_string(),
             cgroup: cgroup.path().to_path_buf(),
             netns: None,
+            pep: None,
         }
+    }
+
+    /// Sets the actor's `pep` (and so puts the actors in a config file).
+    pub fn pep(mut self, pep: &str) -> Self {
+        self.pep = Some(pep.to_string());
+        self
     }
 
     /// Sets the actor's network namespace.
@@ -163,6 +172,9 @@ pub struct AgentOptions {
     pub pep_timeout_ms: Option<u64>,
     /// The other `--pep-*` flags (TLS, authorization, bounds).
     pub pep_link: PepLinkOptions,
+    /// TOML put at the top of the config file (e.g. a `[pep]` table or `[peps.NAME]`); forces
+    /// a config file. Flags (`--pep`, `--pep-*`) still override what it says.
+    pub config_extra: String,
     /// Extra arguments appended after the generated ones.
     pub extra_args: Vec<String>,
     /// Extra environment variables (e.g. `RUST_LOG`).
@@ -190,6 +202,7 @@ impl AgentOptions {
             pep_timeout_ms: None,
             pep_link: PepLinkOptions::default(),
             policy: None,
+            config_extra: String::new(),
             extra_args: Vec::new(),
             env: Vec::new(),
         }
@@ -272,12 +285,19 @@ impl AgentOptions {
     }
 
     fn uses_config_file(&self) -> bool {
-        self.config_file || self.actors.len() > 1 || !self.veth_actors.is_empty()
+        self.config_file
+            || self.actors.iter().any(|a| a.pep.is_some())
+            || self.actors.len() > 1
+            || !self.veth_actors.is_empty()
+            || !self.config_extra.is_empty()
     }
 
     /// The `--config` file content: one `[[actor]]` table per actor.
     pub fn config_toml(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.config_extra.clone();
+        if !s.is_empty() && !s.ends_with('\n') {
+            s.push('\n');
+        }
         for a in &self.actors {
             s.push_str(&identity_toml(&a.id, &a.template, &a.template_namespace));
             s.push_str(&format!(
@@ -289,6 +309,9 @@ impl AgentOptions {
                     "netns = {}\n",
                     toml_str(&ns.display().to_string())
                 ));
+            }
+            if let Some(pep) = &a.pep {
+                s.push_str(&format!("pep = {}\n", toml_str(pep)));
             }
             s.push('\n');
         }
@@ -937,6 +960,7 @@ mod tests {
             template_namespace: "ns".into(),
             cgroup: "/sys/fs/cgroup/unified/egress-test-1".into(),
             netns: Some("/var/run/netns/egt-1-2".into()),
+            pep: None,
         });
         let args = opts.args(Path::new("/tmp/agent.toml")).join(" ");
         assert_eq!(
@@ -985,6 +1009,7 @@ mod tests {
             template_namespace: "ns".into(),
             cgroup: format!("/cg/{id}").into(),
             netns: None,
+            pep: None,
         };
         let opts = AgentOptions::new("127.0.0.1:3128")
             .actor(actor("a1"))
