@@ -22,6 +22,7 @@ pub mod netns;
 pub mod pep;
 pub mod policy;
 pub mod proxy;
+pub mod refuse;
 pub mod relay;
 pub mod resolve;
 pub mod route;

@@ -156,7 +156,7 @@ pub struct TemplatePolicy {
     /// With a PEP configured, let the PEP decide (`true`, the default) or decide here and dial
     /// directly (`false`).
     pub pep: bool,
-    /// With a PEP deciding, apply these rules first and reset what they deny.
+    /// With a PEP deciding, apply these rules first and refuse what they deny.
     pub prefilter: bool,
     label: Arc<str>,
     deny: Vec<Rule>,
