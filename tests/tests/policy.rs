@@ -387,3 +387,109 @@ allow = [ { host = "web.egress.test", ports = [8443] }, { host = "banner.egress.
         line.line
     );
 }
+
+/// Substrate's EgressPolicy documents as the policy file: ordered allow rules by hostname and
+/// by the dialled address, the other namespace's document not applying, and a hot reload.
+#[test]
+fn substrate_egress_policy_yaml() {
+    let mut w = PolicyWorld::yaml(
+        78,
+        r#"
+apiVersion: substrate.agent/v1alpha1
+kind: EgressPolicy
+metadata: { name: coder, namespace: team-a }
+spec:
+  rules:
+    - hostnames: ["web.egress.test"]
+      ports: [8443]
+    - cidrs: ["10.250.78.2"]
+      ports: [2222, 8080]
+---
+apiVersion: substrate.agent/v1alpha1
+kind: EgressPolicy
+metadata: { name: coder, namespace: team-b }
+spec:
+  rules:
+    - all: {}
+"#,
+    );
+    let loaded = w.agent.wait_for_message("policy loaded", T);
+    let summary = loaded.field_str("policy").unwrap_or_default();
+    assert!(
+        summary.contains("policy.yaml: 2 template entries")
+            && summary
+                .contains("EgressPolicy team-a/coder (pep=true, prefilter=false, 0 deny, 2 allow)"),
+        "{summary}"
+    );
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    w.curl(NAME, ip, 8443, "/yaml")
+        .expect_success("allowed by hostnames");
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder rules[0] hostnames web.egress.test ports=8443"
+    );
+    // A server-first flow with no name: decided by the cidr on the address dialled.
+    let banner = w.web(2222);
+    process::run(
+        &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), banner),
+        T,
+    )
+    .expect_success("allowed by cidrs");
+    let line = w.line(banner, 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert_eq!(line.source.as_deref(), Some("ip"));
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder rules[1] cidrs 10.250.78.2 ports=2222,8080"
+    );
+    // A Host header naming the allowed address does not open another address.
+    let other = w.other(8080);
+    let out = process::run(
+        &mut bash_tcp_command(
+            Some(&w.topo.actor),
+            Some(&w.cgroup),
+            other,
+            "printf 'GET / HTTP/1.1\\r\\nHost: 10.250.78.2:8080\\r\\n\\r\\n' >&3; cat <&3",
+        ),
+        T,
+    );
+    out.expect_success("the agent's 403 and a clean close");
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{}",
+        out.describe()
+    );
+    let line = w.line(other, 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert_eq!(field(&line, "refusal"), "http_403");
+    // team-b's `all` is not this actor's: nothing else is allowed.
+    let denied = w.curl(OTHER, w.other(8443).ip(), 8443, "/");
+    refusal::assert_curl_tls_access_denied(&denied);
+    let line = w.line(w.other(8443), 0);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder: no allow rule matched (deny by default)"
+    );
+    assert_eq!(w.upstream.accepted(w.other(8443)), 0);
+
+    // Hot reload, as for TOML.
+    w.replace_policy(
+        r#"
+kind: EgressPolicy
+metadata: { name: coder }
+spec:
+  rules:
+    - hostnames: ["other.egress.test"]
+"#,
+    );
+    w.curl(OTHER, w.other(8443).ip(), 8443, "/")
+        .expect_success("other.egress.test is allowed now");
+    let line = w.line(w.other(8443), 1);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy coder rules[0] hostnames other.egress.test"
+    );
+    refusal::assert_curl_tls_access_denied(&w.curl(NAME, ip, 8443, "/"));
+}
