@@ -152,6 +152,32 @@ fn sniff_bounded(buf: &[u8], max_bytes: usize) -> (Sniff, Source) {
     }
 }
 
+/// What the first bytes of a connection are, whatever name they gave (or did not): a flow the
+/// agent refuses is answered in its own protocol ([`crate::refuse`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// A whole TLS ClientHello, with or without SNI.
+    Tls {
+        /// The legacy version of its first record (0x0301 for most clients, TLS 1.3 too).
+        record_version: u16,
+    },
+    /// A whole HTTP/1.x request head, with or without a usable `Host`.
+    Http,
+    /// Anything else: no bytes, a server-first or unknown protocol, a partial hello or head.
+    Other,
+}
+
+/// What the bytes [`classify`] left in its buffer are.
+pub fn protocol(buf: &[u8]) -> Protocol {
+    if let Some(record_version) = tls::client_hello_version(buf) {
+        return Protocol::Tls { record_version };
+    }
+    if http::is_request(buf) {
+        return Protocol::Http;
+    }
+    Protocol::Other
+}
+
 /// Why [`classify`] fell back to the original destination (for the trace only).
 #[derive(Clone, Copy, Debug)]
 enum Fallback {
@@ -335,6 +361,34 @@ mod tests {
 
     fn lim(max_bytes: usize, timeout: Duration) -> Limits {
         Limits { max_bytes, timeout }
+    }
+
+    #[test]
+    fn protocol_of_what_the_peek_saw() {
+        for hello in [
+            CURL_HELLO,
+            OPENSSL_HELLO,
+            PYTHON_HELLO,
+            NO_SNI_HELLO,
+            MLKEM_HELLO_3,
+        ] {
+            assert_eq!(
+                protocol(hello),
+                Protocol::Tls {
+                    record_version: u16::from_be_bytes([hello[1], hello[2]])
+                }
+            );
+        }
+        assert_eq!(protocol(CURL_HTTP), Protocol::Http);
+        assert_eq!(protocol(b"GET / HTTP/1.0\r\n\r\n"), Protocol::Http);
+        for other in [
+            &b""[..],
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            &CURL_HELLO[..100],
+            &CURL_HTTP[..10],
+        ] {
+            assert_eq!(protocol(other), Protocol::Other, "{other:?}");
+        }
     }
 
     #[test]

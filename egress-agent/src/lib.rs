@@ -23,6 +23,7 @@ pub mod netns;
 pub mod pep;
 pub mod policy;
 pub mod proxy;
+pub mod refuse;
 pub mod relay;
 pub mod resolve;
 pub mod route;

@@ -37,7 +37,11 @@ use prometheus_client::{
 
 use tracing::debug;
 
-use crate::{classify, proxy::Outcome};
+use crate::{
+    classify,
+    proxy::Outcome,
+    refuse::{Reason, Response},
+};
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -225,7 +229,9 @@ label_value!(
     Front,
     DnsOutcome,
     ErrorKind,
-    Outcome
+    Outcome,
+    Reason,
+    Response
 );
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -291,6 +297,12 @@ struct ErrorLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DnsLabels {
     outcome: DnsOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: Reason,
+    response: Response,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -362,6 +374,7 @@ pub struct Metrics {
     actors: Family<ActorsLabels, Gauge>,
     errors: Family<ErrorLabels, Counter>,
     dns_queries: Family<DnsLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     ready: Gauge,
 }
 
@@ -392,6 +405,7 @@ impl Metrics {
         let actors = Family::<ActorsLabels, Gauge>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let dns_queries = Family::<DnsLabels, Counter>::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         let ready = Gauge::default();
         build_info
@@ -446,6 +460,12 @@ impl Metrics {
             dns_queries.clone(),
         );
         registry.register(
+            "egress_refusals",
+            "Flows the agent refused and answered: by reason (policy, always_denied, pep) and \
+             answer (http_403, tls_alert, close)",
+            refusals.clone(),
+        );
+        registry.register(
             "egress_build_info",
             "The agent's version (always 1)",
             build_info,
@@ -467,6 +487,7 @@ impl Metrics {
             actors,
             errors,
             dns_queries,
+            refusals,
             ready,
         }
     }
@@ -582,6 +603,13 @@ impl Metrics {
     /// Counts one DNS query.
     pub fn dns_query(&self, outcome: DnsOutcome) {
         self.dns_queries.get_or_create(&DnsLabels { outcome }).inc();
+    }
+
+    /// Counts one refused flow: who refused it and how the actor was answered.
+    pub fn refusal(&self, reason: Reason, response: Response) {
+        self.refusals
+            .get_or_create(&RefusalLabels { reason, response })
+            .inc();
     }
 
     /// Counts one error.
@@ -796,6 +824,9 @@ mod tests {
         m.listener_opened(Front::Dns);
         m.listener_closed(Front::Dns);
         m.error(ErrorKind::AccessLogDropped);
+        m.refusal(Reason::Pep, Response::TlsAlert);
+        m.refusal(Reason::AlwaysDenied, Response::Close);
+        m.refusal(Reason::AlwaysDenied, Response::Close);
         m.set_ready(true);
         let text = encoded(&m);
         for line in [
@@ -816,6 +847,8 @@ mod tests {
             r#"egress_errors_total{kind="pep_refused"} 1"#,
             r#"egress_errors_total{kind="no_record"} 1"#,
             r#"egress_errors_total{kind="access_log_dropped"} 1"#,
+            r#"egress_refusals_total{reason="pep",response="tls_alert"} 1"#,
+            r#"egress_refusals_total{reason="always_denied",response="close"} 2"#,
             &format!(
                 r#"egress_build_info{{version="{}"}} 1"#,
                 env!("CARGO_PKG_VERSION")

@@ -2,7 +2,8 @@
 //! its template, or `pep = false`), and the pre-filter applied before the PEP (`prefilter`).
 //!
 //! A TOML file ([`file`]) lists, per actor template, a `deny` list evaluated first and an
-//! `allow` list; nothing matched means deny. Some destinations are denied whatever the rules
+//! `allow` list; nothing matched means deny. Substrate's `EgressPolicy` YAML ([`yaml`]: ordered
+//! `hostnames` / `cidrs` / `all` allow rules) compiles into the same rules. Some destinations are denied whatever the rules
 //! say ([`always`]): cloud metadata services, link-local, loopback, unspecified, the node's own
 //! addresses and the actor's gateway, unless an allow rule names that exact address. The policy
 //! is immutable; [`Shared`] swaps in a new one on SIGHUP or when the file changes
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 mod always;
 mod file;
 mod reload;
+mod yaml;
 
 pub use always::{always_denied, always_denied_name, default_gateways, node_addresses, normalize};
 pub use reload::{Shared, spawn_reloader};
@@ -85,14 +87,20 @@ pub struct Policy {
 
 impl Policy {
     /// Parses policy text; `origin` names it in error messages (usually the file's path).
+    /// TOML, or Substrate `EgressPolicy` YAML when `origin` ends in `.yaml`/`.yml` or the text's
+    /// first document says `kind: EgressPolicy`.
     pub fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
-        file::parse(text, origin)
+        if yaml::is_yaml(origin, text) {
+            yaml::parse(text, origin)
+        } else {
+            file::parse(text, origin)
+        }
     }
 
     /// Reads (at most [`MAX_FILE_BYTES`]) and parses the policy file at `path`.
     pub fn load(path: &Path) -> Result<Policy, Error> {
         let text = file::read(path)?;
-        file::parse(&text, path)
+        Policy::parse(&text, path)
     }
 
     /// The policy when no file is given: every template has no rules, so the agent denies
@@ -156,7 +164,7 @@ pub struct TemplatePolicy {
     /// With a PEP configured, let the PEP decide (`true`, the default) or decide here and dial
     /// directly (`false`).
     pub pep: bool,
-    /// With a PEP deciding, apply these rules first and reset what they deny.
+    /// With a PEP deciding, apply these rules first and refuse what they deny.
     pub prefilter: bool,
     label: Arc<str>,
     deny: Vec<Rule>,

@@ -2,8 +2,10 @@
 //! accept -> classify (SNI / Host / the actor's DNS answer / IP) -> decide ([`route`]: the
 //! policy, always-denied addresses) -> CONNECT to the PEP with the actor's identity, or a
 //! direct dial when no PEP decides -> relay. The actors' DNS (TCP here, UDP from the capture
-//! fronts' DNS sockets) goes to the [`dns`] forwarder instead. Any failure or denial resets the
-//! actor's connection (fail closed) and says why in the log.
+//! fronts' DNS sockets) goes to the [`dns`] forwarder instead. A refusal (the policy, the
+//! always-denied addresses, the PEP's non-2xx answer) is answered in the actor's protocol
+//! ([`refuse`]: 403, TLS alert or a clean close); any other failure resets the actor's
+//! connection (fail closed). Either way the log says why.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -29,7 +31,7 @@ use crate::{
     metrics::{self, Classification, ConnectionEnd, Decision, Metrics, RouteKind},
     netns,
     policy::{self, RuleKind, TemplatePolicy},
-    relay, resolve,
+    refuse, relay, resolve,
     route::{self, Route},
     socket::{self, SocketFactory},
     tunnel,
@@ -59,7 +61,8 @@ pub enum Outcome {
     Tunneled,
     /// Dialled by the agent itself (no PEP decides for this actor) and relayed to the end.
     Direct,
-    /// Denied by the policy or the always-denied addresses: reset at once.
+    /// Denied by the policy or the always-denied addresses: answered as a refusal
+    /// ([`refuse`]).
     Denied,
     /// A direct dial's name did not resolve (or resolved only to denied addresses).
     ResolveFailed,
@@ -67,7 +70,8 @@ pub enum Outcome {
     UpstreamUnreachable,
     /// DNS over TCP, answered by the agent's forwarder.
     Dns,
-    /// The PEP answered non-2xx (policy deny or its upstream failed).
+    /// The PEP answered non-2xx (policy deny or its upstream failed): answered as a refusal
+    /// ([`refuse`]).
     PepRefused,
     /// The PEP did not answer in time.
     PepTimeout,
@@ -314,6 +318,9 @@ impl Context {
 
     /// Counts the end of a served connection and writes its access log line.
     fn record(&self, closed: &Closed, flow: &Flow, start: Instant) {
+        if let Some((reason, response)) = closed.refusal {
+            self.metrics.refusal(reason, response);
+        }
         let classification = Classification::from(closed.authority.as_ref().map(|a| a.source));
         let setup = closed
             .relay_started
@@ -638,8 +645,8 @@ impl Context {
     }
 
     /// classify -> decide -> CONNECT or dial -> relay. Both sockets are armed to reset from
-    /// the start and disarmed only when the relay ends cleanly, so every early return (and any
-    /// drop of the task) resets them.
+    /// the start and disarmed only when the relay ends cleanly or a refusal was answered, so
+    /// every other early return (and any drop of the task) resets them.
     async fn pipeline(&self, mut stream: TcpStream, flow: &Flow) -> Closed {
         socket::arm_reset(&stream);
         let _ = stream.set_nodelay(true);
@@ -690,8 +697,13 @@ impl Context {
         });
         match route {
             Route::Deny { rule } => {
+                // Not needed past the decision: not kept while the refusal is answered.
+                drop(denied);
+                drop(policy);
                 let mut closed =
                     Closed::failed(Outcome::Denied, Some(authority), None, &"denied by policy");
+                let refused = Box::pin(refuse::refuse(stream, &peeked)).await;
+                closed.refused(refuse::Reason::of_rule(&rule), refused);
                 closed.rule = rule;
                 closed.route = "deny";
                 closed
@@ -726,7 +738,16 @@ impl Context {
                         closed.dialled = Some(dialled);
                         closed
                     }
-                    Err(closed) => closed,
+                    Err(mut closed) => {
+                        // Resolved only to denied addresses: refused like any denial.
+                        if closed.outcome == Outcome::Denied {
+                            let reason =
+                                refuse::Reason::of_rule(closed.error.as_deref().unwrap_or(""));
+                            let refused = Box::pin(refuse::refuse(stream, &peeked)).await;
+                            closed.refused(reason, refused);
+                        }
+                        closed
+                    }
                 };
                 closed.authority = Some(authority);
                 closed.rule = rule;
@@ -848,7 +869,13 @@ impl Context {
                     | tunnel::Error::Request { .. } => Outcome::PepError,
                 };
                 let status = e.status().map(|s| s.as_u16());
-                return Closed::failed(outcome, Some(authority), status, &e);
+                let mut closed = Closed::failed(outcome, Some(authority), status, &e);
+                // The PEP said no: answered as a refusal. Every other error stays a reset.
+                if let tunnel::Error::Refused(_) = e {
+                    let refused = Box::pin(refuse::refuse(stream, &peeked)).await;
+                    closed.refused(refuse::Reason::Pep, refused);
+                }
+                return closed;
             }
         };
         let mut closed = self
@@ -912,6 +939,7 @@ impl Context {
             relay: engine.as_str(),
             route: "",
             relay_started,
+            refusal: None,
         }
     }
 }
@@ -989,6 +1017,8 @@ struct Closed {
     route: &'static str,
     /// When the relay started (`None`: it never did).
     relay_started: Option<Instant>,
+    /// Who refused the flow and how the actor was answered, if it was refused.
+    refusal: Option<(refuse::Reason, refuse::Response)>,
 }
 
 impl Closed {
@@ -1011,6 +1041,23 @@ impl Closed {
             relay: "",
             route: "",
             relay_started: None,
+            refusal: None,
+        }
+    }
+
+    /// Records the refusal answered to the actor; an answer that could not be delivered (the
+    /// connection was reset instead) is added to the error.
+    fn refused(&mut self, reason: refuse::Reason, refused: refuse::Refused) {
+        self.refusal = Some((reason, refused.response));
+        if let Some(e) = refused.error {
+            let error = self.error.get_or_insert_with(String::new);
+            if !error.is_empty() {
+                error.push_str("; ");
+            }
+            error.push_str(&format!(
+                "answering the refusal ({}) failed, reset instead: {e}",
+                refused.response.as_str()
+            ));
         }
     }
 
@@ -1026,6 +1073,7 @@ impl Closed {
         let pep_status = self.pep_status.unwrap_or(0);
         let rule = self.rule.as_str();
         let dialled = self.dialled.map(|d| d.to_string()).unwrap_or_default();
+        let refusal = self.refusal.map_or("", |(_, response)| response.as_str());
         macro_rules! closed {
             ($level:ident $(, $($extra:tt)+)?) => {
                 $level!(
@@ -1044,6 +1092,7 @@ impl Closed {
                     bytes_down = self.bytes_down,
                     duration_ms,
                     outcome = self.outcome.as_str(),
+                    refusal,
                     $($($extra)+)?
                     "connection closed"
                 )

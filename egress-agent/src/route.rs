@@ -1,4 +1,4 @@
-//! Where a classified connection goes: reset at once, through the PEP, or dialled by the agent
+//! Where a classified connection goes: refused at once, through the PEP, or dialled by the agent
 //! itself. One function, [`route`], holds the evaluation order docs/policy.md describes.
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,7 +11,7 @@ use crate::{
 /// The decision for one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
-    /// Reset the actor's connection: `rule` says what denied it.
+    /// Refuse the actor's connection ([`crate::refuse`]): `rule` says what denied it.
     Deny {
         /// The rule (or always-denied reason) that decided.
         rule: String,

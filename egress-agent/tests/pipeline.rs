@@ -418,23 +418,66 @@ async fn upstream_half_close_reaches_the_client_which_keeps_sending() {
 }
 
 #[tokio::test]
-async fn pep_deny_resets_the_actor() {
+async fn pep_refusals_are_answered_in_the_actor_s_protocol() {
     let proxy = recording_proxy(Behaviour::Status(403)).await;
     let ctx = context(proxy.addr, Duration::from_secs(5));
-    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    // (what the actor sends, the answer up to a clean EOF, the CONNECT target)
+    let cases: [(&[u8], Vec<u8>, &str); 3] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n",
+            egress_agent::refuse::http_403(),
+            "denied.example.test:443",
+        ),
+        // curl's hello says TLS 1.0 in its record header: the alert does too.
+        (
+            CURL_CLIENT_HELLO,
+            vec![0x15, 3, 1, 0, 2, 2, 49],
+            "curl.fixture.egress.test:443",
+        ),
+        // Nothing sent (server-first): a clean close with no bytes.
+        (b"", Vec::new(), "10.9.8.7:443"),
+    ];
+    for (i, (first, answer, target)) in cases.into_iter().enumerate() {
+        let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+        client.write_all(first).await.unwrap();
+        let got = read_to_end_or_error(&mut client)
+            .await
+            .expect("a clean EOF after the answer, not a reset");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&answer),
+            "{target}"
+        );
+        assert_eq!(task.await.unwrap(), Outcome::PepRefused);
+        assert_eq!(proxy.seen.lock().unwrap()[i].target, target);
+    }
+    let mut text = String::new();
+    ctx.metrics().encode(&mut text).unwrap();
+    for response in ["http_403", "tls_alert", "close"] {
+        let line = format!(r#"egress_refusals_total{{reason="pep",response="{response}"}} 1"#);
+        assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn always_denied_destinations_are_refused_without_asking_the_pep() {
+    let proxy = recording_proxy(Behaviour::Answer { reply: b"never" }).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "169.254.169.254:80").await;
     client
-        .write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n")
+        .write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
         .await
         .unwrap();
-    let err = read_to_end_or_error(&mut client)
+    let got = read_to_end_or_error(&mut client)
         .await
-        .expect_err("the actor must see a reset, not an EOF");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-    assert_eq!(task.await.unwrap(), Outcome::PepRefused);
-    assert_eq!(
-        proxy.seen.lock().unwrap()[0].target,
-        "denied.example.test:443"
-    );
+        .expect("a clean EOF after the 403, not a reset");
+    assert_eq!(got, egress_agent::refuse::http_403());
+    assert_eq!(task.await.unwrap(), Outcome::Denied);
+    assert!(proxy.seen.lock().unwrap().is_empty(), "the PEP was asked");
+    let mut text = String::new();
+    ctx.metrics().encode(&mut text).unwrap();
+    let line = r#"egress_refusals_total{reason="always_denied",response="http_403"} 1"#;
+    assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
 }
 
 #[tokio::test]
@@ -856,7 +899,11 @@ async fn connection_ends_are_counted_and_access_logged() {
         .write_all(b"GET / HTTP/1.1\r\nHost: denied.example.test\r\n\r\n")
         .await
         .unwrap();
-    expect_reset(&mut client).await;
+    let answer = read_to_end_or_error(&mut client).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 403 Forbidden\r\n"),
+        "{answer:?}"
+    );
     assert_eq!(task.await.unwrap(), Outcome::PepRefused);
 
     let mut text = String::new();
@@ -873,6 +920,7 @@ async fn connection_ends_are_counted_and_access_logged() {
         r#"egress_tunnel_setup_seconds_count{route="pep"} 1"#.into(),
         r#"egress_policy_decisions_total{decision="pep"} 2"#.into(),
         r#"egress_errors_total{kind="pep_refused"} 1"#.into(),
+        r#"egress_refusals_total{reason="pep",response="http_403"} 1"#.into(),
     ] {
         assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
     }

@@ -354,16 +354,22 @@ pub struct PolicyWorld {
 impl PolicyWorld {
     /// The world on subnet `net` with `policy` as the agent's policy file, and no PEP.
     pub fn new(net: u8, policy: &str) -> Self {
-        Self::build(net, policy, false)
+        Self::build(net, policy, false, "policy.toml")
     }
 
     /// The same world with squid as the PEP (in the node namespace, resolving the upstream's
     /// names like the agent does).
     pub fn with_pep(net: u8, policy: &str) -> Self {
-        Self::build(net, policy, true)
+        Self::build(net, policy, true, "policy.toml")
     }
 
-    fn build(net: u8, policy: &str, pep: bool) -> Self {
+    /// [`PolicyWorld::new`] with the policy file named `policy.yaml` (Substrate EgressPolicy
+    /// documents).
+    pub fn yaml(net: u8, policy: &str) -> Self {
+        Self::build(net, policy, false, "policy.yaml")
+    }
+
+    fn build(net: u8, policy: &str, pep: bool, file_name: &str) -> Self {
         crate::require_root();
         crate::require_commands(&["curl", "openssl", "bash", "ip", "dnsmasq", "dig"]);
         let topo = Topology::new(net);
@@ -410,7 +416,7 @@ impl PolicyWorld {
             ],
         );
         let dir = tempfile::tempdir().expect("policy dir");
-        let policy_file = dir.path().join("policy.toml");
+        let policy_file = dir.path().join(file_name);
         std::fs::write(&policy_file, policy).expect("write policy");
         let squid = pep.then(|| {
             Squid::start(

@@ -17,7 +17,7 @@ use egress_tests::{
     agent::{ActorSpec, Agent, AgentOptions, ConnectionLog, admin_get, wait_admin_ready},
     cgroup::Cgroup,
     client::banner_exchange_command,
-    process,
+    process, refusal,
     squid::SquidConfig,
     topology::Topology,
     world::{NAME, T, World},
@@ -185,11 +185,7 @@ fn scrape_counts_tunnels_and_pep_denials() {
     let tunneled = w.agent_line(w.topo.upstream_addr(443));
     assert_eq!(tunneled.outcome.as_deref(), Some("tunneled"));
     let refused = w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/"));
-    assert!(
-        !refused.success(),
-        "squid denies 8443: {}",
-        refused.describe()
-    );
+    refusal::assert_curl_tls_access_denied(&refused);
     let refused = w.agent_line(w.topo.upstream_addr(8443));
     assert_eq!(refused.outcome.as_deref(), Some("pep_refused"));
     assert_eq!(refused.pep_status, Some(403));
@@ -250,6 +246,19 @@ fn scrape_counts_tunnels_and_pep_denials() {
     assert_eq!(
         m.value("egress_errors_total", &[("kind", "pep_refused")]),
         1.0
+    );
+    assert_eq!(
+        m.value(
+            "egress_refusals_total",
+            &[("reason", "pep"), ("response", "tls_alert")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.count_with("egress_refusals_total", "reason", "pep"),
+        1,
+        "{}",
+        m.text
     );
     assert_eq!(m.value("egress_listeners", &[("front", "cgroup")]), 1.0);
     assert_eq!(m.value("egress_listeners", &[("front", "dns")]), 1.0);
@@ -332,12 +341,13 @@ fn scrape_counts_direct_dials_and_policy_denials() {
         "{:?}",
         direct.line
     );
-    let denied = w.curl(NAME, w.v4(), 8080, &format!("http://{NAME}:8080/"));
-    assert!(
-        !denied.success(),
-        "no rule allows 8080: {}",
-        denied.describe()
+    // No rule allows 8080: the agent answers the request 403 itself.
+    let url = format!("http://{NAME}:8080/");
+    let denied = process::run(
+        &mut refusal::with_status(w.curl_command(true, NAME, w.v4(), 8080, &url)),
+        T,
     );
+    refusal::assert_curl_got_403(&denied);
     let denied = w.agent_line(w.topo.upstream_addr(8080));
     assert_eq!(
         denied.outcome.as_deref(),
@@ -382,6 +392,13 @@ fn scrape_counts_direct_dials_and_policy_denials() {
     );
     assert_eq!(
         m.value("egress_policy_decisions_total", &[("decision", "deny")]),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "egress_refusals_total",
+            &[("reason", "policy"), ("response", "http_403")]
+        ),
         1.0
     );
     // A denial is a decision, not an error; no PEP answered anything.

@@ -20,6 +20,7 @@ use egress_tests::{
     netns::{Netns, veth},
     pki::TestCa,
     process::{self, command_in},
+    refusal,
     squid::{AccessEntry, Squid, SquidConfig},
     topology::Topology,
     upstream::{BANNER, Upstream, UpstreamSpec},
@@ -180,34 +181,63 @@ fn ipv6_destination_is_captured() {
     assert_eq!(seen[0].sni.as_deref(), Some(NAME6));
 }
 
+/// Squid refuses (403 for a port, 403 for a domain): the actor's clients get the refusal in
+/// their own protocol, never a reset.
 #[test]
-fn pep_deny_resets_the_actor_connection() {
+fn pep_refusals_as_the_actor_sees_them() {
+    const DENIED: &str = "denied.egress.test";
     let mut w = World::new(
         16,
         "actor-16",
-        SquidConfig::default().deny_port(8443),
+        SquidConfig::default()
+            .deny_port(8443)
+            .deny_port(2222)
+            .deny_domain(DENIED),
         |o| o,
     );
+    let refusal = |conn: &egress_tests::agent::ConnectionLog| {
+        assert_eq!(
+            conn.outcome.as_deref(),
+            Some("pep_refused"),
+            "{:?}",
+            conn.line
+        );
+        assert_eq!(conn.pep_status, Some(403), "{:?}", conn.line);
+        conn.line.field_str("refusal").unwrap_or_default()
+    };
+
+    // TLS: curl and openssl print the alert.
+    let tls = w.topo.upstream_addr(8443);
     let out = w.curl(NAME, w.v4(), 8443, &format!("https://{NAME}:8443/"));
-    assert!(
-        !out.success(),
-        "a denied connection must fail: {}",
-        out.describe()
+    refusal::assert_curl_tls_access_denied(&out);
+    assert_eq!(refusal(&w.agent_line(tls)), "tls_alert");
+    refusal::assert_s_client_access_denied(Some(&w.topo.actor), Some(&w.cgroup), tls, NAME);
+    let conn = w.agent.wait_for_connection_to(tls, 1, T);
+    assert_eq!(refusal(&conn), "tls_alert");
+
+    // Plain HTTP to a denied domain: the agent's 403.
+    let http = w.topo.upstream_addr(8080);
+    let url = format!("http://{DENIED}:8080/");
+    let out = process::run(
+        &mut refusal::with_status(w.curl_command(true, DENIED, w.v4(), 8080, &url)),
+        T,
     );
-    // curl reports the reset during the TLS handshake (35) or as a receive failure (56).
-    assert!(
-        matches!(out.code(), Some(35) | Some(56)),
-        "curl exit code: {}",
-        out.describe()
-    );
-    let original = w.topo.upstream_addr(8443);
-    let conn = w.agent_line(original);
-    assert_eq!(conn.outcome.as_deref(), Some("pep_refused"));
-    assert_eq!(conn.pep_status, Some(403));
-    assert!(
-        w.upstream.seen_on(original).is_empty(),
-        "nothing reached the upstream"
-    );
+    refusal::assert_curl_got_403(&out);
+    let conn = w.agent_line(http);
+    assert_eq!(conn.authority.as_deref(), Some("denied.egress.test:8080"));
+    assert_eq!(refusal(&conn), "http_403");
+
+    // Any other TCP: a clean EOF with no bytes.
+    let raw = w.topo.upstream_addr(2222);
+    refusal::assert_raw_tcp_clean_eof(Some(&w.topo.actor), Some(&w.cgroup), raw, "PING\\r\\n");
+    assert_eq!(refusal(&w.agent_line(raw)), "close");
+
+    for addr in [tls, http, raw] {
+        assert!(
+            w.upstream.seen_on(addr).is_empty(),
+            "nothing reached the upstream at {addr}"
+        );
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ use egress_tests::{
     agent::{Agent, AgentOptions, ConnectionLog},
     netns::Netns,
     pki::TestCa,
-    process,
+    process, refusal,
     squid::{AccessEntry, SquidConfig},
     world::{NAME, T, World},
 };
@@ -66,12 +66,18 @@ fn error_of(conn: &ConnectionLog) -> String {
     conn.line.field_str("error").unwrap_or_default()
 }
 
-/// The actor's curl failed the way a reset tunnel fails (no HTTP answer at all).
+/// The actor's curl failed the way a reset tunnel fails (no HTTP answer at all): a PEP that
+/// could not be asked is no refusal, so no access-denied alert either.
 fn assert_curl_reset(out: &process::Output) {
     assert!(!out.success(), "curl must fail: {}", out.describe());
     assert!(
         matches!(out.code(), Some(35) | Some(56) | Some(52) | Some(7)),
         "curl exit code: {}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.contains("alert access denied"),
+        "a failure, not a refusal: {}",
         out.describe()
     );
 }
@@ -197,7 +203,7 @@ fn proxy_authorization_reaches_squid() {
 }
 
 #[test]
-fn wrong_proxy_authorization_gets_407_and_a_reset() {
+fn wrong_proxy_authorization_gets_407_and_a_refusal() {
     let secrets = tempfile::tempdir().expect("tempdir");
     let auth = file(
         secrets.path(),
@@ -215,11 +221,13 @@ fn wrong_proxy_authorization_gets_407_and_a_reset() {
         },
     );
     let out = curl_443(&w);
-    assert_curl_reset(&out);
+    // A non-2xx answer is a refusal: the actor's TLS client gets the access-denied alert.
+    refusal::assert_curl_tls_access_denied(&out);
     let original = w.topo.upstream_addr(443);
     let conn = w.agent_line(original);
     assert_eq!(conn.outcome.as_deref(), Some("pep_refused"));
     assert_eq!(conn.pep_status, Some(407));
+    assert_eq!(conn.line.field_str("refusal").as_deref(), Some("tls_alert"));
     assert!(w.upstream.seen_on(original).is_empty());
 }
 

@@ -13,9 +13,9 @@ use std::{
 
 use egress_tests::{
     agent::ConnectionLog,
-    client::{banner_exchange_command, bash_tcp_command},
+    client::{banner_exchange_command, bash_tcp_command, curl_command},
     dns::dig_in,
-    process,
+    process, refusal,
     upstream::BANNER,
     world::{BANNER_NAME, DENIED, METADATA, METADATA_ALIAS, NAME, OTHER, PolicyWorld, T},
 };
@@ -44,7 +44,7 @@ allow = [ { host = "web.egress.test", ports = [8443] } ]
 fn empty_policy_denies_everything() {
     let mut w = PolicyWorld::new(70, "");
     let out = w.curl(NAME, IpAddr::V4(w.topo.upstream_v4()), 8443, "/");
-    assert!(!out.success(), "an empty policy let a request through");
+    refusal::assert_curl_tls_access_denied(&out);
     let line = w.line(w.web(8443), 0);
     assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
     assert!(
@@ -52,6 +52,27 @@ fn empty_policy_denies_everything() {
         "{:?}",
         line.line
     );
+    assert_eq!(field(&line, "refusal"), "tls_alert");
+    // Each refusal as the actor's client sees it: openssl's alert, curl's 403 for plain HTTP,
+    // a clean EOF with no bytes for a client that sends nothing (server-first).
+    refusal::assert_s_client_access_denied(Some(&w.topo.actor), Some(&w.cgroup), w.web(8443), NAME);
+    assert_eq!(field(&w.line(w.web(8443), 1), "refusal"), "tls_alert");
+    let http = process::run(
+        &mut refusal::with_status(curl_command(
+            Some(&w.topo.actor),
+            Some(&w.cgroup),
+            &w.ca.cert_path(),
+            &[(NAME, 8080, w.web(8080).ip())],
+            &format!("http://{NAME}:8080/"),
+        )),
+        T,
+    );
+    refusal::assert_curl_got_403(&http);
+    assert_eq!(field(&w.line(w.web(8080), 0), "refusal"), "http_403");
+    refusal::assert_raw_tcp_clean_eof(Some(&w.topo.actor), Some(&w.cgroup), w.web(2222), "");
+    let line = w.line(w.web(2222), 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert_eq!(field(&line, "refusal"), "close");
     assert_eq!(
         w.upstream.total_accepted(),
         0,
@@ -115,6 +136,14 @@ allow = [ { host = "*" }, { cidr = "0.0.0.0/0" }, { cidr = "::/0" } ]
         "the metadata address answered: {}",
         out.describe()
     );
+    // The agent's own 403, read to a clean end.
+    out.expect_success("the 403 and a clean close");
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 403 Forbidden\r\n")
+            && out.stdout.contains(refusal::HTTP_403_BODY),
+        "{}",
+        out.describe()
+    );
     let line = w.line(meta, 0);
     assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
     assert!(
@@ -122,11 +151,13 @@ allow = [ { host = "*" }, { cidr = "0.0.0.0/0" }, { cidr = "::/0" } ]
         "{:?}",
         line.line
     );
+    assert_eq!(field(&line, "refusal"), "http_403");
     // A name that resolves there is denied too (the agent resolves it, then refuses).
     let alias = w.curl(METADATA_ALIAS, IpAddr::V4(w.topo.upstream_v4()), 8443, "/");
-    assert!(!alias.success());
+    refusal::assert_curl_tls_access_denied(&alias);
     let line = w.line(w.web(8443), 0);
     assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert_eq!(field(&line, "refusal"), "tls_alert");
     // The node's own address is always denied as well.
     let node = SocketAddr::new(IpAddr::V4(w.topo.node_uplink_v4()), 8443);
     let out = w.curl(NAME, node.ip(), 8443, "/");
@@ -355,4 +386,110 @@ allow = [ { host = "web.egress.test", ports = [8443] }, { host = "banner.egress.
         "{:?}",
         line.line
     );
+}
+
+/// Substrate's EgressPolicy documents as the policy file: ordered allow rules by hostname and
+/// by the dialled address, the other namespace's document not applying, and a hot reload.
+#[test]
+fn substrate_egress_policy_yaml() {
+    let mut w = PolicyWorld::yaml(
+        78,
+        r#"
+apiVersion: substrate.agent/v1alpha1
+kind: EgressPolicy
+metadata: { name: coder, namespace: team-a }
+spec:
+  rules:
+    - hostnames: ["web.egress.test"]
+      ports: [8443]
+    - cidrs: ["10.250.78.2"]
+      ports: [2222, 8080]
+---
+apiVersion: substrate.agent/v1alpha1
+kind: EgressPolicy
+metadata: { name: coder, namespace: team-b }
+spec:
+  rules:
+    - all: {}
+"#,
+    );
+    let loaded = w.agent.wait_for_message("policy loaded", T);
+    let summary = loaded.field_str("policy").unwrap_or_default();
+    assert!(
+        summary.contains("policy.yaml: 2 template entries")
+            && summary
+                .contains("EgressPolicy team-a/coder (pep=true, prefilter=false, 0 deny, 2 allow)"),
+        "{summary}"
+    );
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    w.curl(NAME, ip, 8443, "/yaml")
+        .expect_success("allowed by hostnames");
+    let line = w.line(w.web(8443), 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder rules[0] hostnames web.egress.test ports=8443"
+    );
+    // A server-first flow with no name: decided by the cidr on the address dialled.
+    let banner = w.web(2222);
+    process::run(
+        &mut banner_exchange_command(Some(&w.topo.actor), Some(&w.cgroup), banner),
+        T,
+    )
+    .expect_success("allowed by cidrs");
+    let line = w.line(banner, 0);
+    assert_eq!(line.outcome.as_deref(), Some("direct"), "{:?}", line.line);
+    assert_eq!(line.source.as_deref(), Some("ip"));
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder rules[1] cidrs 10.250.78.2 ports=2222,8080"
+    );
+    // A Host header naming the allowed address does not open another address.
+    let other = w.other(8080);
+    let out = process::run(
+        &mut bash_tcp_command(
+            Some(&w.topo.actor),
+            Some(&w.cgroup),
+            other,
+            "printf 'GET / HTTP/1.1\\r\\nHost: 10.250.78.2:8080\\r\\n\\r\\n' >&3; cat <&3",
+        ),
+        T,
+    );
+    out.expect_success("the agent's 403 and a clean close");
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{}",
+        out.describe()
+    );
+    let line = w.line(other, 0);
+    assert_eq!(line.outcome.as_deref(), Some("denied"), "{:?}", line.line);
+    assert_eq!(field(&line, "refusal"), "http_403");
+    // team-b's `all` is not this actor's: nothing else is allowed.
+    let denied = w.curl(OTHER, w.other(8443).ip(), 8443, "/");
+    refusal::assert_curl_tls_access_denied(&denied);
+    let line = w.line(w.other(8443), 0);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy team-a/coder: no allow rule matched (deny by default)"
+    );
+    assert_eq!(w.upstream.accepted(w.other(8443)), 0);
+
+    // Hot reload, as for TOML.
+    w.replace_policy(
+        r#"
+kind: EgressPolicy
+metadata: { name: coder }
+spec:
+  rules:
+    - hostnames: ["other.egress.test"]
+"#,
+    );
+    w.curl(OTHER, w.other(8443).ip(), 8443, "/")
+        .expect_success("other.egress.test is allowed now");
+    let line = w.line(w.other(8443), 1);
+    assert_eq!(
+        field(&line, "rule"),
+        "EgressPolicy coder rules[0] hostnames other.egress.test"
+    );
+    refusal::assert_curl_tls_access_denied(&w.curl(NAME, ip, 8443, "/"));
 }

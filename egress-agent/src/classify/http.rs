@@ -22,25 +22,51 @@ const MAX_PORT_DIGITS: usize = 5;
 /// Host of an HTTP/1.x request at the start of `buf`: the `Host` header or, without one, the
 /// absolute-form (or CONNECT authority-form) request-target.
 pub fn sniff(buf: &[u8]) -> Sniff {
+    match head(buf, host) {
+        Head::Partial => Sniff::Incomplete,
+        Head::Invalid => Sniff::NotMatched,
+        Head::Complete(sniff) => sniff,
+    }
+}
+
+/// Whether `buf` starts with a whole HTTP/1.x request head (whatever its Host): a refused
+/// flow that sent one is answered `403 Forbidden`.
+pub(crate) fn is_request(buf: &[u8]) -> bool {
+    matches!(head(buf, |_| ()), Head::Complete(()))
+}
+
+/// A request head at the start of a buffer.
+enum Head<T> {
+    /// Not whole yet.
+    Partial,
+    /// Not HTTP/1.x, malformed, or too many headers.
+    Invalid,
+    /// Whole: what the caller made of it.
+    Complete(T),
+}
+
+/// Parses the request head at the start of `buf` and, once it is whole, hands it to
+/// `complete`.
+fn head<T>(buf: &[u8], complete: impl Fn(&Request<'_, '_>) -> T) -> Head<T> {
     match method(buf) {
-        Method::NotHttp => return Sniff::NotMatched,
-        Method::Partial => return Sniff::Incomplete,
+        Method::NotHttp => return Head::Invalid,
+        Method::Partial => return Head::Partial,
         Method::Complete => {}
     }
     let mut headers = [EMPTY_HEADER; STACK_HEADERS];
-    match parse(buf, &mut headers) {
-        Ok(sniff) => sniff,
+    match parse(buf, &mut headers, &complete) {
+        Ok(head) => head,
         Err(httparse::Error::TooManyHeaders) => {
             // Every header needs its own line, so the line count bounds them (and the
             // caller's max_bytes bounds the lines).
             let lines = buf.iter().filter(|&&b| b == b'\n').count();
             if lines > MAX_HEADERS {
-                return Sniff::NotMatched;
+                return Head::Invalid;
             }
             let mut headers = vec![EMPTY_HEADER; lines];
-            parse(buf, &mut headers).unwrap_or(Sniff::NotMatched)
+            parse(buf, &mut headers, &complete).unwrap_or(Head::Invalid)
         }
-        Err(_) => Sniff::NotMatched,
+        Err(_) => Head::Invalid,
     }
 }
 
@@ -71,11 +97,15 @@ fn method(buf: &[u8]) -> Method {
 }
 
 /// Parses the request head with `headers` as httparse's header array.
-fn parse<'b>(buf: &'b [u8], headers: &mut [Header<'b>]) -> Result<Sniff, httparse::Error> {
+fn parse<'b, T>(
+    buf: &'b [u8],
+    headers: &mut [Header<'b>],
+    complete: &impl Fn(&Request<'_, '_>) -> T,
+) -> Result<Head<T>, httparse::Error> {
     let mut request = Request::new(headers);
     Ok(match request.parse(buf)? {
-        Status::Partial => Sniff::Incomplete,
-        Status::Complete(_) => host(&request),
+        Status::Partial => Head::Partial,
+        Status::Complete(_) => Head::Complete(complete(&request)),
     })
 }
 
@@ -484,10 +514,41 @@ mod tests {
         assert_eq!(sniff(&req("GET / HTTP/1.1", &headers)), Sniff::NotMatched);
     }
 
+    #[test]
+    fn a_whole_head_is_a_request_whatever_its_host() {
+        let no_host = req("GET / HTTP/1.0", &[]);
+        let two_hosts = req("GET / HTTP/1.1", &["Host: a.example", "Host: b.example"]);
+        let many: Vec<String> = (0..200).map(|i| format!("X-H{i}: {i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let many = req("GET / HTTP/1.1", &many);
+        for request in [CURL_HTTP, &no_host, &two_hosts, &many] {
+            assert!(is_request(request), "{}", String::from_utf8_lossy(request));
+            // Whatever follows the head (a body, a pipelined request) does not matter.
+            assert!(is_request(&[request, b"body"].concat()));
+        }
+        assert_eq!(sniff(&no_host), Sniff::NotMatched);
+        for partial in [
+            &CURL_HTTP[..CURL_HTTP.len() - 1],
+            b"GET / HTTP/1.1\r\n",
+            b"GET",
+            b"",
+        ] {
+            assert!(!is_request(partial), "{}", String::from_utf8_lossy(partial));
+        }
+        for other in [
+            &b"SSH-2.0-OpenSSH_9.2\r\n"[..],
+            b"\x16\x03\x01\x00\x05",
+            b"GET / FTP/1.1\r\n\r\n",
+        ] {
+            assert!(!is_request(other), "{}", String::from_utf8_lossy(other));
+        }
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = sniff(&bytes);
+            let _ = is_request(&bytes);
         }
 
         #[test]

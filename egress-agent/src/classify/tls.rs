@@ -40,6 +40,23 @@ pub(crate) fn sniff_bounded(buf: &[u8], max_bytes: usize) -> Sniff {
     }
 }
 
+/// The legacy version of the first record of a whole ClientHello (with or without SNI) at the
+/// start of `buf`, or `None` when `buf` does not start with one: a refused TLS flow is
+/// answered with an alert in the version the client used.
+pub(crate) fn client_hello_version(buf: &[u8]) -> Option<u16> {
+    let Hello::Message(message) = client_hello(buf, buf.len()) else {
+        return None;
+    };
+    match parse_tls_message_handshake(&message) {
+        Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(_)))) => {}
+        _ => return None,
+    }
+    match buf {
+        [_, major, minor, ..] => Some(u16::from_be_bytes([*major, *minor])),
+        _ => None,
+    }
+}
+
 /// State of the ClientHello handshake message at the start of a buffer.
 enum Hello<'a> {
     Incomplete,
@@ -350,6 +367,40 @@ mod tests {
     }
 
     #[test]
+    fn fixtures_are_whole_client_hellos_with_their_record_version() {
+        for (what, bytes, _) in FIXTURES {
+            let version = u16::from_be_bytes([bytes[1], bytes[2]]);
+            assert!(
+                (0x0301..=0x0303).contains(&version),
+                "{what}: {version:#06x}"
+            );
+            assert_eq!(client_hello_version(bytes), Some(version), "{what}");
+            // A hello cut short is no hello (yet).
+            assert_eq!(
+                client_hello_version(&bytes[..bytes.len() - 1]),
+                None,
+                "{what}"
+            );
+        }
+        // A record claiming TLS 1.0 is answered in TLS 1.0.
+        let mut v10 = CURL_HELLO.to_vec();
+        v10[2] = 1;
+        assert_eq!(client_hello_version(&v10), Some(0x0301));
+        // A handshake record that is not a ClientHello is none.
+        let mut server_hello = CURL_HELLO.to_vec();
+        server_hello[5] = 2;
+        assert_eq!(client_hello_version(&server_hello), None);
+        for other in [
+            &b""[..],
+            b"\x16",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"\x15\x03\x03\x00\x02\x02\x31",
+        ] {
+            assert_eq!(client_hello_version(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
     fn fixtures_every_strict_prefix_is_incomplete() {
         for (what, bytes, _) in FIXTURES {
             for cut in 0..bytes.len() {
@@ -636,6 +687,7 @@ mod tests {
             if let Sniff::Name(name) = sniff(&bytes) {
                 prop_assert_eq!(normalize_name(name.as_bytes()), Some(name));
             }
+            let _ = client_hello_version(&bytes);
         }
 
         #[test]

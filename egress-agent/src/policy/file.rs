@@ -15,11 +15,11 @@ use super::{
 };
 
 /// Most template entries in one file.
-const MAX_TEMPLATES: usize = 10_000;
+pub(super) const MAX_TEMPLATES: usize = 10_000;
 /// Most rules in one `deny` or `allow` list.
-const MAX_RULES: usize = 10_000;
+pub(super) const MAX_RULES: usize = 10_000;
 /// Most entries in one rule's `ports`.
-const MAX_PORTS: usize = 1_024;
+pub(super) const MAX_PORTS: usize = 1_024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -216,7 +216,7 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
     })
 }
 
-fn check_identity(what: &str, value: &str) -> Result<(), String> {
+pub(super) fn check_identity(what: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!(
             "template {what} is empty: write the actor's template {what} as the agent gets it"
@@ -318,18 +318,7 @@ fn compile_rules(
         };
         let mut text = format!("{label} {list}[{index}] {shown}");
         if let Some(ranges) = &ports {
-            let shown: Vec<String> = ranges
-                .iter()
-                .map(|&(lo, hi)| {
-                    if lo == hi {
-                        lo.to_string()
-                    } else {
-                        format!("{lo}-{hi}")
-                    }
-                })
-                .collect();
-            text.push_str(" ports=");
-            text.push_str(&shown.join(","));
+            text.push_str(&shown_ports(ranges));
         }
         out.push(Rule {
             target,
@@ -340,7 +329,23 @@ fn compile_rules(
     Ok(out)
 }
 
-fn host_pattern(raw: &str) -> Result<NamePattern, String> {
+/// ` ports=443,8000-8999`: a rule's ports as its text shows them.
+pub(super) fn shown_ports(ranges: &[(u16, u16)]) -> String {
+    let shown: Vec<String> = ranges
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    format!(" ports={}", shown.join(","))
+}
+
+/// A `host` pattern: `*`, `*.suffix` or an exact name (canonical).
+pub(super) fn host_pattern(raw: &str) -> Result<NamePattern, String> {
     if raw == "*" {
         return Ok(NamePattern::Any);
     }
@@ -384,7 +389,8 @@ fn host_pattern(raw: &str) -> Result<NamePattern, String> {
     }
 }
 
-fn network(raw: &str) -> Result<IpNet, String> {
+/// A `cidr`: a network without bits past its prefix, or a bare address; normalized.
+pub(super) fn network(raw: &str) -> Result<IpNet, String> {
     let hint = "expected an address or network, e.g. \"192.0.2.7\", \"10.252.0.0/16\", \
                 \"fd00::/8\"";
     let net = if raw.contains('/') {
@@ -453,7 +459,8 @@ fn port_list(ports: Spanned<Vec<Spanned<toml::Value>>>) -> Result<Vec<(u16, u16)
     Ok(out)
 }
 
-fn port_range(value: &toml::Value) -> Result<(u16, u16), String> {
+/// One `ports` entry: a number, or a `"LOW-HIGH"` (or `"N"`) string.
+pub(super) fn port_range(value: &toml::Value) -> Result<(u16, u16), String> {
     let one = |n: i64| -> Result<u16, String> {
         u16::try_from(n)
             .ok()
@@ -500,7 +507,7 @@ fn port_range(value: &toml::Value) -> Result<(u16, u16), String> {
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;

@@ -80,7 +80,7 @@ impl Shared {
         if only_if_changed && *loaded == Some(hash) {
             return Ok(false);
         }
-        let policy = file::parse(&text, path)?;
+        let policy = Policy::parse(&text, path)?;
         self.current.store(Arc::new(policy));
         *loaded = Some(hash);
         Ok(true)
@@ -89,7 +89,7 @@ impl Shared {
 
 fn load(path: &Path) -> Result<(Policy, u64), Error> {
     let text = file::read(path)?;
-    let policy = file::parse(&text, path)?;
+    let policy = Policy::parse(&text, path)?;
     Ok((policy, hash_text(&text)))
 }
 
