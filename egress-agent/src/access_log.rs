@@ -109,6 +109,10 @@ pub struct Entry<'a> {
     pub classification: &'a str,
     /// pep, direct, deny, or "" (ended before the decision).
     pub route: &'a str,
+    /// The PEP serving the actor (`default` or a `[peps.NAME]` name; "" when it has none).
+    pub pep: &'a str,
+    /// How a refusal was answered: http_403, tls_alert, close ("" when not refused).
+    pub refusal: &'a str,
     /// The PEP's status (0: no answer, or no PEP).
     pub pep_status: u16,
     /// How the connection ended.
@@ -334,6 +338,8 @@ mod tests {
             authority: "example.com:443",
             classification: "sni",
             route: "pep",
+            pep: "default",
+            refusal: "",
             pep_status: 200,
             outcome: "tunneled",
             rule: "",

@@ -302,6 +302,8 @@ impl Context {
                 authority: "",
                 classification: Classification::None.as_str(),
                 route: "",
+                pep: actor.map_or("", |f| f.actor.pep.pep.as_deref().unwrap_or("")),
+                refusal: "",
                 pep_status: 0,
                 outcome: outcome.as_str(),
                 rule: "",
@@ -362,6 +364,8 @@ impl Context {
                 authority: &authority,
                 classification: classification.as_str(),
                 route: closed.route,
+                pep: flow.actor.pep.pep.as_deref().unwrap_or(""),
+                refusal: closed.refusal.map_or("", |(_, response)| response.as_str()),
                 pep_status: closed.pep_status.unwrap_or(0),
                 outcome: closed.outcome.as_str(),
                 rule: &closed.rule,
@@ -1074,6 +1078,7 @@ impl Closed {
         let rule = self.rule.as_str();
         let dialled = self.dialled.map(|d| d.to_string()).unwrap_or_default();
         let refusal = self.refusal.map_or("", |(_, response)| response.as_str());
+        let pep = flow.actor.pep.pep.as_deref().unwrap_or("");
         macro_rules! closed {
             ($level:ident $(, $($extra:tt)+)?) => {
                 $level!(
@@ -1084,6 +1089,7 @@ impl Closed {
                     original_dst = %flow.original_dst,
                     authority = %authority,
                     source,
+                    pep,
                     pep_status,
                     rule,
                     dialled = %dialled,
