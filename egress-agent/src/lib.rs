@@ -9,6 +9,7 @@ pub mod actors;
 pub mod admin;
 pub mod app;
 pub mod capture;
+pub mod certs;
 pub mod classify;
 pub mod config;
 pub mod control;
