@@ -288,6 +288,8 @@ pub struct Store {
 
 struct Inner {
     source: Source,
+    /// The runtime current when the store was made, for `register` calls from outside one.
+    runtime: Option<tokio::runtime::Handle>,
     actors: Mutex<HashMap<String, Entry>>,
     generations: Arc<AtomicU64>,
 }
@@ -357,6 +359,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 source,
+                runtime: tokio::runtime::Handle::try_current().ok(),
                 actors: Mutex::new(HashMap::new()),
                 generations: Arc::new(AtomicU64::new(1)),
             }),
@@ -365,8 +368,9 @@ impl Store {
 
     /// Starts keeping `actor_id`'s certificate current (files: load now and watch; signer: a
     /// key and CSR now, renewal before expiry). Idempotent; registering again with another
-    /// template or namespace starts over (the signer is told the new ones). Needs a tokio
-    /// runtime: outside one, the actor stays without a certificate and the error says so.
+    /// template or namespace starts over (the signer is told the new ones). Its task runs on
+    /// the current tokio runtime, else on the one current when the store was made; with
+    /// neither, the actor stays without a certificate and the error says so.
     pub fn register(&self, actor_id: &str, template: &str, template_namespace: &str) {
         let mut actors = lock(&self.inner.actors);
         if let Some(entry) = actors.get(actor_id)
@@ -386,7 +390,10 @@ impl Store {
             template_namespace: template_namespace.to_string(),
             state: Mutex::new(State::default()),
         });
-        let task = match tokio::runtime::Handle::try_current() {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| e.to_string())
+            .or_else(|e| self.inner.runtime.clone().ok_or(e));
+        let task = match runtime {
             Ok(runtime) => {
                 let generations = Arc::clone(&self.inner.generations);
                 let handle = match &self.inner.source {

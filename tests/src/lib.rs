@@ -53,6 +53,7 @@ pub mod netns;
 pub mod nginx;
 pub mod pki;
 pub mod process;
+pub mod signer;
 pub mod squid;
 pub mod topology;
 pub mod udp;

@@ -575,6 +575,18 @@ mod tests {
         .await;
     }
 
+    #[tokio::test]
+    async fn register_from_outside_the_runtime_uses_the_stores() {
+        let r = rig("a1");
+        let (chain, key) = r.ca.leaf("a1", -10, 3600);
+        write_pair(&r.actor_dir, &chain, &key);
+        let store = r.store.clone();
+        std::thread::spawn(move || store.register("a1", "t", "ns"))
+            .join()
+            .unwrap();
+        wait_for("the pair", 5, || r.store.current("a1").is_ok()).await;
+    }
+
     #[test]
     fn load_names_the_key_problem_without_key_bytes() {
         let root = tempfile::tempdir().unwrap();
