@@ -122,7 +122,8 @@ const MAX_REASON_CHARS: usize = 200;
 /// Asks one signer for certificates.
 pub(super) struct Client {
     url: String,
-    uri: Uri,
+    /// The request target in origin form (`/v1/sign?x`): what servers expect from a client.
+    target: Uri,
     host: String,
     port: u16,
     authority: HeaderValue,
@@ -208,11 +209,16 @@ impl Client {
         if let Some(path) = &token_file {
             read_token(path)?;
         }
+        let target = uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse::<Uri>()
+            .map_err(|e| bad(&format!("its path: {e}")))?;
         let authority = HeaderValue::from_str(authority.as_str())
             .map_err(|_| bad("its host is not a valid Host header"))?;
         Ok(Client {
             url: url.to_string(),
-            uri,
+            target,
             host,
             port,
             authority,
@@ -262,7 +268,7 @@ impl Client {
         };
         let mut builder = Request::builder()
             .method(Method::POST)
-            .uri(self.uri.clone())
+            .uri(self.target.clone())
             .header(HOST, self.authority.clone())
             .header(CONTENT_TYPE, REQUEST_TYPE)
             .header(ACCEPT, RESPONSE_TYPE)
@@ -679,6 +685,7 @@ mod tests {
         lifetime: Mutex<i64>,
         requests: AtomicUsize,
         headers: Mutex<Vec<HeaderMap>>,
+        targets: Mutex<Vec<String>>,
     }
 
     impl Drop for TestSigner {
@@ -701,6 +708,7 @@ mod tests {
                 lifetime: Mutex::new(lifetime),
                 requests: AtomicUsize::new(0),
                 headers: Mutex::new(Vec::new()),
+                targets: Mutex::new(Vec::new()),
             });
             let task = tokio::spawn({
                 let (ca, state) = (Arc::clone(&ca), Arc::clone(&state));
@@ -752,6 +760,7 @@ mod tests {
     async fn answer(ca: &Ca, state: &SignerState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         state.requests.fetch_add(1, Ordering::SeqCst);
         state.headers.lock().unwrap().push(req.headers().clone());
+        state.targets.lock().unwrap().push(req.uri().to_string());
         let mode = *state.mode.lock().unwrap();
         let lifetime = *state.lifetime.lock().unwrap();
         let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -853,6 +862,11 @@ mod tests {
             assert_eq!(h[HEADER_ACTOR_TEMPLATE], "coder");
             assert_eq!(h[HEADER_ACTOR_TEMPLATE_NAMESPACE], "team-a");
             assert_eq!(h[HOST], signer.addr.to_string());
+            assert_eq!(
+                signer.state.targets.lock().unwrap()[0],
+                "/v1/sign",
+                "origin-form request target"
+            );
         }
         // Lifetime 4 s (1 s back-dated): renewed at two thirds, about 1.7 s from now.
         wait_for("a renewal", 6, || {
