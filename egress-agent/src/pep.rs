@@ -979,7 +979,12 @@ impl fmt::Debug for Authorization {
 /// Reads a file of at most `max` bytes. The file is opened first and then checked (no race
 /// between the check and the read), and opened non-blocking so a FIFO cannot stall start-up.
 /// A `secret` file must have no group or other permission bits.
-fn read_file(what: &'static str, path: &Path, max: u64, secret: bool) -> Result<Vec<u8>, Error> {
+pub(crate) fn read_file(
+    what: &'static str,
+    path: &Path,
+    max: u64,
+    secret: bool,
+) -> Result<Vec<u8>, Error> {
     let read_err = |source| Error::Read {
         what,
         path: path.to_path_buf(),

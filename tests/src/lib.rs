@@ -54,6 +54,7 @@ pub mod nginx;
 pub mod pki;
 pub mod process;
 pub mod refusal;
+pub mod signer;
 pub mod squid;
 pub mod topology;
 pub mod udp;

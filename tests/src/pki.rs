@@ -78,6 +78,22 @@ impl TestCa {
         }
     }
 
+    /// Signs a PKCS#10 request (PEM) as a client certificate (extended key usage
+    /// clientAuth) with the request's subject and key, valid from 1 s ago for `lifetime`;
+    /// returns the leaf in PEM, or why the request is unusable.
+    pub fn sign_csr(&self, csr_pem: &str, lifetime: std::time::Duration) -> Result<String, String> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("not a PEM PKCS#10 request: {e}"))?;
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.not_before = now - time::Duration::seconds(1);
+        csr.params.not_after = now + lifetime;
+        csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        csr.signed_by(&self.cert, &self.key)
+            .map(|cert| cert.pem())
+            .map_err(|e| format!("cannot sign it: {e}"))
+    }
+
     /// Writes an issued certificate and key as `NAME.pem` / `NAME.key` in the CA's directory.
     pub fn write_issued(&self, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
         let cert = self.dir.path().join(format!("{name}.pem"));
