@@ -27,6 +27,8 @@ use crate::{
     socket::SocketFactory,
 };
 
+pub mod h2;
+
 pub use crate::pep::{
     HEADER_ACTOR_ID, HEADER_ACTOR_TEMPLATE, HEADER_ACTOR_TEMPLATE_NAMESPACE,
     HEADER_AUTHORITY_SOURCE, HEADER_CONNECT_AUTHORITY, HEADER_ORIGINAL_DESTINATION,
@@ -416,7 +418,7 @@ impl Connector {
 }
 
 /// rustls's error inside an I/O error, as text.
-fn tls_reason(e: &io::Error) -> Option<String> {
+pub(crate) fn tls_reason(e: &io::Error) -> Option<String> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .map(ToString::to_string)

@@ -1,0 +1,787 @@
+//! HTTP/2 CONNECT to the PEP over pooled connections: many tunnels share one TLS (or
+//! plaintext) connection per (PEP, actor, certificate generation), each tunnel one CONNECT
+//! stream. A new tunnel then costs one HEADERS round trip instead of TCP + TLS + CONNECT.
+//!
+//! - A connection takes new streams while it has seen no GOAWAY, its task runs, and its open
+//!   streams are below both [`Settings::max_streams`] and the PEP's
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS`. When every connection of a key is full, another is
+//!   dialed, up to [`MAX_CONNECTIONS_PER_KEY`]; past that, opens fail with
+//!   [`Error::Overloaded`]. Dials of one key are serialized, so a burst of opens for a new
+//!   actor shares one connection instead of dialing one each.
+//! - A connection the PEP sent GOAWAY on takes no new streams: hyper learns of the GOAWAY when
+//!   the next request is handed to it and answers that request "canceled"; the pool then
+//!   retires the connection and retries the request once on another (a CONNECT the PEP never
+//!   processed is safe to retry). The streams already open on it finish undisturbed.
+//! - Dropping a [`Stream`] resets that stream (RST_STREAM CANCEL after END_STREAM), never the
+//!   connection. Shutting a stream's write side down sends END_STREAM (a half-close).
+//! - A connection without streams for [`IDLE_TIMEOUT`] is closed; every connection pings the
+//!   PEP every [`KEEP_ALIVE_INTERVAL`], so a dead PEP is noticed even while idle.
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::Notify,
+};
+use tracing::{debug, info};
+
+use super::{Error, PepStream};
+
+/// Most connections one key (PEP, actor, certificate generation) may have open at once.
+pub const MAX_CONNECTIONS_PER_KEY: usize = 8;
+/// A connection with no stream for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a connection pings the PEP (also while idle), so a dead PEP is noticed.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed as dead.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest [`Settings::max_streams`] accepted: beyond this one connection's failure takes too
+/// many tunnels with it.
+pub const MAX_STREAMS: usize = 1000;
+/// Smallest flow-control window HTTP/2 allows to be announced (its initial value).
+pub const MIN_WINDOW: u32 = 65_535;
+/// Largest flow-control window HTTP/2 allows (2^31 - 1).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// The ALPN protocol id of HTTP/2 over TLS.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// How the pooled connections are sized (`[pep.http2]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Most CONNECT streams on one connection (the PEP's own limit applies too).
+    pub max_streams: usize,
+    /// Flow-control window of each stream: how much the PEP may send on one tunnel before the
+    /// agent's relay has read it (bounds per-tunnel buffering; limits a tunnel's throughput
+    /// to window / round trip).
+    pub stream_window: u32,
+    /// Flow-control window of the whole connection, shared by its streams (bounds the memory
+    /// one connection can make the agent hold).
+    pub connection_window: u32,
+}
+
+impl Default for Settings {
+    /// 100 streams (nghttpx's and most servers' default), a 4 MiB stream window (a bulk
+    /// tunnel at ~1 Gbit/s over a 30 ms round trip) and a 16 MiB connection window (four such
+    /// tunnels at full speed at once).
+    fn default() -> Self {
+        Settings {
+            max_streams: 100,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// A [`Settings`] value outside what HTTP/2 (or the pool) allows.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    /// `max_streams` is 0 or above [`MAX_STREAMS`].
+    #[error("pep.http2.max_streams = {0}: give 1 to {MAX_STREAMS}")]
+    MaxStreams(usize),
+    /// A window outside [`MIN_WINDOW`]..=[`MAX_WINDOW`].
+    #[error("pep.http2.{name} = {value}: give {MIN_WINDOW} to {MAX_WINDOW} bytes")]
+    Window {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: u32,
+    },
+}
+
+impl Settings {
+    /// Checks the values against what HTTP/2 and the pool allow (for config validation).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.max_streams == 0 || self.max_streams > MAX_STREAMS {
+            return Err(SettingsError::MaxStreams(self.max_streams));
+        }
+        for (name, value) in [
+            ("stream_window", self.stream_window),
+            ("connection_window", self.connection_window),
+        ] {
+            if !(MIN_WINDOW..=MAX_WINDOW).contains(&value) {
+                return Err(SettingsError::Window { name, value });
+            }
+        }
+        Ok(())
+    }
+
+    /// The values brought into range (h2 asserts on windows above [`MAX_WINDOW`]).
+    fn clamped(self) -> Settings {
+        Settings {
+            max_streams: self.max_streams.clamp(1, MAX_STREAMS),
+            stream_window: self.stream_window.clamp(MIN_WINDOW, MAX_WINDOW),
+            connection_window: self.connection_window.clamp(MIN_WINDOW, MAX_WINDOW),
+        }
+    }
+}
+
+/// Returns `config` offering HTTP/2 (ALPN `h2`) and nothing else: the TLS configuration a
+/// dial for [`Pool::open`] uses.
+pub fn with_alpn_h2(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
+/// What a pooled connection belongs to: connections are never shared between PEPs, actors,
+/// or two certificates of one actor.
+#[derive(Clone, Debug, Hash, Eq, PartialEq)]
+pub struct Key {
+    /// The PEP (its name in the config, or its address).
+    pub pep: String,
+    /// The actor whose tunnels the connection carries.
+    pub actor: String,
+    /// The generation of the actor's client certificate the connection presented (0 without).
+    pub generation: u64,
+}
+
+/// The pool's counts, for status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// HTTP/2 connections alive: taking streams, or draining after GOAWAY.
+    pub connections: usize,
+    /// CONNECT streams (tunnels) open.
+    pub streams: usize,
+    /// Connections dialed since start.
+    pub connections_opened_total: u64,
+    /// Streams opened (answered 2xx) since start.
+    pub streams_opened_total: u64,
+    /// Connections the PEP ended gracefully (GOAWAY without error, or a clean close).
+    pub goaways_total: u64,
+}
+
+/// Bounds that are constants in production and shortened by the tests.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_connections: usize,
+    idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS_PER_KEY,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// HTTP/2 connections to PEPs, by [`Key`]; cheap to clone (shared).
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Settings,
+    limits: Limits,
+    keys: Mutex<HashMap<Key, Entry>>,
+    next_id: AtomicU64,
+    connections: AtomicUsize,
+    streams: AtomicUsize,
+    connections_opened: AtomicU64,
+    streams_opened: AtomicU64,
+    goaways: AtomicU64,
+}
+
+/// One key's connections, and the lock its dials take turns on.
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<Conn>>,
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+type Connection =
+    hyper::client::conn::http2::Connection<TokioIo<PepStream>, Empty<Bytes>, TokioExecutor>;
+
+/// One pooled HTTP/2 connection.
+struct Conn {
+    id: u64,
+    sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    /// hyper's dispatch task, polled by the connection's driver; kept here so that the PEP's
+    /// current stream limit can be read at any time (h2 updates it when SETTINGS arrive).
+    task: Mutex<Option<Pin<Box<Connection>>>>,
+    /// Streams reserved or open on this connection.
+    streams: AtomicUsize,
+    /// Set when the connection must take no new streams (GOAWAY, failure, removal, idle).
+    closed: AtomicBool,
+    /// When the stream count last fell to zero.
+    idle_since: Mutex<Instant>,
+    /// Wakes the driver: the connection was closed, or its last stream ended.
+    wake: Notify,
+    /// Counts the connection out of [`Stats::connections`] when the last reference goes.
+    pool: Weak<Inner>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data under these locks stays consistent even if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Conn {
+    /// The PEP's `SETTINGS_MAX_CONCURRENT_STREAMS` as last received (our own initial
+    /// assumption until its SETTINGS arrive).
+    fn peer_max_streams(&self) -> usize {
+        lock(&self.task)
+            .as_ref()
+            .map_or(0, |task| task.current_max_send_streams())
+    }
+
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.sender.is_closed()
+    }
+
+    /// Takes no new streams from now on; the driver ends hyper's dispatch task, and the
+    /// connection closes once its open streams have ended.
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// A stream slot on a connection, given back when dropped.
+struct Slot {
+    conn: Arc<Conn>,
+    pool: Arc<Inner>,
+    /// The connection was dialed for this open (not reused).
+    fresh: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.conn.idle_since) = Instant::now();
+            self.conn.wake.notify_one();
+        }
+    }
+}
+
+impl Inner {
+    /// A slot on a usable connection of `key` with room, if there is one; retired
+    /// connections are dropped from the key on the way.
+    fn reserve(self: &Arc<Self>, key: &Key) -> Option<Slot> {
+        let mut keys = lock(&self.keys);
+        let entry = keys.get_mut(key)?;
+        entry.conns.retain(|c| c.usable());
+        let max = self.settings.max_streams;
+        // Fill the first connection first: the others then go idle and close.
+        let conn = entry.conns.iter().find(|c| {
+            let limit = max.min(c.peer_max_streams());
+            c.streams.load(Ordering::Acquire) < limit
+        })?;
+        Some(self.slot(conn.clone(), false))
+    }
+
+    fn slot(self: &Arc<Self>, conn: Arc<Conn>, fresh: bool) -> Slot {
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        self.streams.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            conn,
+            pool: self.clone(),
+            fresh,
+        }
+    }
+
+    fn dial_lock(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.keys)
+            .entry(key.clone())
+            .or_default()
+            .dialing
+            .clone()
+    }
+
+    /// Usable connections of `key`.
+    fn count(&self, key: &Key) -> usize {
+        lock(&self.keys)
+            .get(key)
+            .map_or(0, |e| e.conns.iter().filter(|c| c.usable()).count())
+    }
+
+    /// Takes `conn` out of `key`'s list (and the key out of the map when it was the last).
+    fn forget(&self, key: &Key, id: u64) {
+        let mut keys = lock(&self.keys);
+        if let Some(entry) = keys.get_mut(key) {
+            entry.conns.retain(|c| c.id != id);
+        }
+        Self::prune_locked(&mut keys, key);
+    }
+
+    /// Takes `key` out of the map if it has no connection and no open is dialing for it
+    /// (failed dials would otherwise leave an entry per key behind).
+    fn prune(&self, key: &Key) {
+        Self::prune_locked(&mut lock(&self.keys), key);
+    }
+
+    fn prune_locked(keys: &mut HashMap<Key, Entry>, key: &Key) {
+        if keys
+            .get(key)
+            .is_some_and(|e| e.conns.is_empty() && Arc::strong_count(&e.dialing) == 1)
+        {
+            keys.remove(key);
+        }
+    }
+}
+
+impl Pool {
+    /// An empty pool; `settings` out of range are brought into range (see
+    /// [`Settings::validate`] for the check that reports them).
+    pub fn new(settings: Settings) -> Pool {
+        Pool::with_limits(settings, Limits::default())
+    }
+
+    fn with_limits(settings: Settings, limits: Limits) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                settings: settings.clamped(),
+                limits,
+                keys: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                connections: AtomicUsize::new(0),
+                streams: AtomicUsize::new(0),
+                connections_opened: AtomicU64::new(0),
+                streams_opened: AtomicU64::new(0),
+                goaways: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> Settings {
+        self.inner.settings
+    }
+
+    /// A CONNECT stream for `key`: reuses a live connection with a free stream slot (no
+    /// GOAWAY seen, stream count below min(max_streams, the PEP's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS)), or dials a new one with `dial` (which returns the
+    /// TLS-or-plain connection, ALPN `h2` already negotiated: see [`with_alpn_h2`]) and
+    /// handshakes HTTP/2. `response_timeout` bounds waiting for another open's dial of the
+    /// same key, and separately the handshake, request and answer; `dial` bounds itself.
+    ///
+    /// A request that a reused connection could not carry (GOAWAY, connection gone) is
+    /// retried once, on another connection.
+    pub async fn open<F, Fut>(
+        &self,
+        key: &Key,
+        dial: F,
+        request: Request<Empty<Bytes>>,
+        response_timeout: Duration,
+    ) -> Result<Stream, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<PepStream, Error>>,
+    {
+        let mut dial = Some(dial);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let slot = match self.inner.reserve(key) {
+                Some(slot) => slot,
+                None => self.dial(key, &mut dial, response_timeout).await?,
+            };
+            let attempt = tokio::time::timeout(response_timeout, connect(&slot, &request)).await;
+            let error = match attempt {
+                Err(_) => return Err(Error::Timeout(response_timeout)),
+                Ok(Ok((io, status))) => {
+                    self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Stream {
+                        io: TokioIo::new(io),
+                        status,
+                        slot,
+                    });
+                }
+                Ok(Err(Attempt::Refused(status))) => return Err(Error::Refused(status)),
+                Ok(Err(Attempt::Http(e))) => e,
+            };
+            if !connection_gone(&error) {
+                return Err(http_error(key, error));
+            }
+            slot.conn.close();
+            debug!(
+                pep = %key.pep, actor = %key.actor, conn = slot.conn.id, error = %error,
+                "HTTP/2 connection to the PEP cannot take the stream: retired"
+            );
+            if slot.fresh || attempts >= 2 {
+                return Err(http_error(key, error));
+            }
+        }
+    }
+
+    /// Waits for the key's dial lock, then reserves on a connection another open dialed
+    /// meanwhile, or dials one (if `dial` is still unused and the key has room).
+    async fn dial<F, Fut>(
+        &self,
+        key: &Key,
+        dial: &mut Option<F>,
+        response_timeout: Duration,
+    ) -> Result<Slot, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<PepStream, Error>>,
+    {
+        let dialing = self.inner.dial_lock(key);
+        let result = self
+            .dial_in_turn(key, dial, &dialing, response_timeout)
+            .await;
+        drop(dialing);
+        if result.is_err() {
+            self.inner.prune(key);
+        }
+        result
+    }
+
+    async fn dial_in_turn<F, Fut>(
+        &self,
+        key: &Key,
+        dial: &mut Option<F>,
+        dialing: &tokio::sync::Mutex<()>,
+        response_timeout: Duration,
+    ) -> Result<Slot, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<PepStream, Error>>,
+    {
+        let _turn = tokio::time::timeout(response_timeout, dialing.lock())
+            .await
+            .map_err(|_| Error::Timeout(response_timeout))?;
+        if let Some(slot) = self.inner.reserve(key) {
+            return Ok(slot);
+        }
+        let limit = self.inner.limits.max_connections;
+        if self.inner.count(key) >= limit {
+            // Fields reused: `connecting` = connections of this key, `waiting` = streams each.
+            return Err(Error::Overloaded {
+                connecting: limit,
+                waiting: self.inner.settings.max_streams,
+            });
+        }
+        let Some(dial) = dial.take() else {
+            // Only a retry after a reused connection failed gets here, and that never
+            // follows a dial of its own.
+            return Err(Error::Overloaded {
+                connecting: limit,
+                waiting: self.inner.settings.max_streams,
+            });
+        };
+        let stream = dial().await?;
+        if let PepStream::Tls(tls) = &stream
+            && tls.get_ref().1.alpn_protocol() != Some(ALPN_H2)
+        {
+            return Err(Error::Tls {
+                pep: key.pep.clone(),
+                reason: "the PEP did not agree to HTTP/2 (ALPN h2): use HTTP/1.1 for this PEP, \
+                         or enable HTTP/2 on its TLS port"
+                    .into(),
+            });
+        }
+        let conn = tokio::time::timeout(response_timeout, self.handshake(key, stream))
+            .await
+            .map_err(|_| Error::Timeout(response_timeout))?
+            .map_err(|e| http_error(key, e))?;
+        let slot = self.inner.slot(conn.clone(), true);
+        lock(&self.inner.keys)
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn);
+        Ok(slot)
+    }
+
+    async fn handshake(&self, key: &Key, stream: PepStream) -> Result<Arc<Conn>, hyper::Error> {
+        let s = self.inner.settings;
+        let (sender, task) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_max_send_streams(s.max_streams)
+            .initial_stream_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            sender,
+            task: Mutex::new(Some(Box::pin(task))),
+            streams: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            wake: Notify::new(),
+            pool: Arc::downgrade(&self.inner),
+        });
+        self.inner.connections.fetch_add(1, Ordering::AcqRel);
+        self.inner
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(pep = %key.pep, actor = %key.actor, generation = key.generation, conn = id,
+            "HTTP/2 connection to the PEP open");
+        tokio::spawn(drive(
+            conn.clone(),
+            Arc::downgrade(&self.inner),
+            key.clone(),
+        ));
+        Ok(conn)
+    }
+
+    /// The actor is gone: its connections take no new streams and close once the streams
+    /// still open on them have ended.
+    pub fn remove(&self, actor_id: &str) {
+        let removed: Vec<Arc<Conn>> = {
+            let mut keys = lock(&self.inner.keys);
+            let gone: Vec<Key> = keys
+                .keys()
+                .filter(|k| k.actor == actor_id)
+                .cloned()
+                .collect();
+            gone.iter()
+                .filter_map(|k| keys.remove(k))
+                .flat_map(|e| e.conns)
+                .collect()
+        };
+        for conn in removed {
+            conn.close();
+        }
+    }
+
+    /// Connections and streams now, and the totals since start.
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        Stats {
+            connections: i.connections.load(Ordering::Acquire),
+            streams: i.streams.load(Ordering::Acquire),
+            connections_opened_total: i.connections_opened.load(Ordering::Relaxed),
+            streams_opened_total: i.streams_opened.load(Ordering::Relaxed),
+            goaways_total: i.goaways.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Polls hyper's dispatch task of `conn` until it ends (GOAWAY, connection failure), the
+/// connection is closed by the pool, or it has been idle for the idle timeout; then takes it
+/// out of the pool. Ending the dispatch task makes h2 close the connection gracefully once
+/// its open streams have ended.
+async fn drive(conn: Arc<Conn>, pool: Weak<Inner>, key: Key) {
+    let idle_timeout = match pool.upgrade() {
+        Some(p) => p.limits.idle_timeout,
+        None => return,
+    };
+    let mut task = std::pin::pin!(std::future::poll_fn(|cx| {
+        match lock(&conn.task).as_mut() {
+            Some(task) => task.as_mut().poll(cx).map(Some),
+            None => Poll::Ready(None),
+        }
+    }));
+    let ended = loop {
+        let idle_for = lock(&conn.idle_since).elapsed();
+        let busy = conn.streams.load(Ordering::Acquire) > 0;
+        if conn.closed.load(Ordering::Acquire) {
+            break "closed by the pool";
+        }
+        if !busy && idle_for >= idle_timeout {
+            break "idle";
+        }
+        let check = if busy {
+            idle_timeout
+        } else {
+            idle_timeout - idle_for
+        };
+        tokio::select! {
+            result = &mut task => break match result {
+                Some(Ok(())) => {
+                    if let Some(p) = pool.upgrade() {
+                        p.goaways.fetch_add(1, Ordering::Relaxed);
+                    }
+                    "ended by the PEP (GOAWAY or close)"
+                }
+                Some(Err(e)) => {
+                    info!(pep = %key.pep, actor = %key.actor, conn = conn.id, error = %e,
+                        "HTTP/2 connection to the PEP failed");
+                    "failed"
+                }
+                None => "closed by the pool",
+            },
+            _ = conn.wake.notified() => {}
+            _ = tokio::time::sleep(check) => {}
+        }
+    };
+    conn.closed.store(true, Ordering::Release);
+    // Dropping hyper's dispatch task is what lets h2 send GOAWAY and close.
+    drop(lock(&conn.task).take());
+    if let Some(p) = pool.upgrade() {
+        p.forget(&key, conn.id);
+    }
+    debug!(pep = %key.pep, actor = %key.actor, conn = conn.id, streams = conn.streams.load(Ordering::Acquire),
+        reason = ended, "HTTP/2 connection to the PEP retired");
+}
+
+/// Why one CONNECT attempt failed.
+enum Attempt {
+    Refused(StatusCode),
+    Http(hyper::Error),
+}
+
+/// Sends the CONNECT on `slot`'s connection; on 2xx, the stream as a byte pipe.
+async fn connect(
+    slot: &Slot,
+    request: &Request<Empty<Bytes>>,
+) -> Result<(Upgraded, StatusCode), Attempt> {
+    let mut sender = slot.conn.sender.clone();
+    let response = sender
+        .send_request(copy(request))
+        .await
+        .map_err(Attempt::Http)?;
+    let status = response.status();
+    if !status.is_success() {
+        // Dropping the answer resets the stream if the PEP left it open.
+        return Err(Attempt::Refused(status));
+    }
+    let io = hyper::upgrade::on(response).await.map_err(Attempt::Http)?;
+    Ok((io, status))
+}
+
+/// The request again (a retry needs a second one; the body is empty).
+fn copy(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut copy = Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// The error says the connection (not the request) failed before the PEP processed the
+/// request: a GOAWAY, a refused stream, a closed or broken connection. Such a CONNECT may be
+/// sent again on another connection.
+fn connection_gone(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<::h2::Error>() {
+            return h2.is_go_away()
+                || h2.is_io()
+                || h2.reason() == Some(::h2::Reason::REFUSED_STREAM);
+        }
+        if c.is::<io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An HTTP failure whose cause is TLS (the PEP's alert, e.g. it refused the client
+/// certificate, which TLS 1.3 delivers after the handshake) becomes [`Error::Tls`].
+fn http_error(key: &Key, e: hyper::Error) -> Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>()
+            && let Some(reason) = super::tls_reason(io)
+        {
+            return Error::Tls {
+                pep: key.pep.clone(),
+                reason,
+            };
+        }
+        cause = c.source();
+    }
+    Error::Http(e)
+}
+
+/// An open tunnel: one CONNECT stream on a pooled HTTP/2 connection. Dropping it resets the
+/// stream; shutting its write side down half-closes it (END_STREAM).
+pub struct Stream {
+    /// The stream's bytes (declared first: dropped, and so reset, before the slot is freed).
+    pub io: TokioIo<Upgraded>,
+    /// The PEP's answer.
+    pub status: StatusCode,
+    slot: Slot,
+}
+
+impl Stream {
+    /// The pool's id of the connection carrying this stream (for logs).
+    pub fn connection(&self) -> u64 {
+        self.slot.conn.id
+    }
+
+    /// Whether the stream went on a connection that was already open.
+    pub fn reused(&self) -> bool {
+        !self.slot.fresh
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("status", &self.status)
+            .field("connection", &self.connection())
+            .field("reused", &self.reused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    /// Sends END_STREAM once the bytes written so far are out.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl crate::relay::Peer for Stream {
+    /// Never plain TCP: the stream's bytes are HTTP/2 frames on the wire.
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;
