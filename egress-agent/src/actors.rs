@@ -664,6 +664,22 @@ impl Manager {
                 .values()
                 .map(status::PepSummary::new)
                 .collect(),
+            actor_certs: self
+                .ctx
+                .actor_certs()
+                .into_iter()
+                .flat_map(|(pep, certs)| {
+                    certs
+                        .into_iter()
+                        .map(move |c| status::ActorCert::new(&pep, c))
+                })
+                .collect(),
+            pools: self
+                .ctx
+                .pools()
+                .into_iter()
+                .map(|(pep, s)| status::PoolSummary::new(&pep, s))
+                .collect(),
             policy: status::PolicySummary {
                 file: policy.path().map(Path::to_path_buf),
                 summary: policy.current().summary(),
@@ -730,13 +746,23 @@ impl Manager {
             });
         }
         let actor = Arc::new(actor);
+        // Its certificate (if its PEP takes per-actor ones) starts loading before its
+        // connects are redirected, so its first connection finds it.
+        self.ctx.actor_added(&actor);
         let entry = match &actor.capture {
             Capture::Cgroup {
                 cgroup,
                 cgroup_id,
                 netns,
-            } => self.add_cgroup(&actor, cgroup, *cgroup_id, netns.as_deref(), source)?,
-            Capture::Veth(v) => self.add_veth(&actor, v, source, slot)?,
+            } => self.add_cgroup(&actor, cgroup, *cgroup_id, netns.as_deref(), source),
+            Capture::Veth(v) => self.add_veth(&actor, v, source, slot),
+        };
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.ctx.forget_actor(&actor.id);
+                return Err(e);
+            }
         };
         let status = self.status(&entry);
         let listeners = format!("{:?}", status.listeners);
@@ -753,6 +779,7 @@ impl Manager {
                 template = %actor.template,
                 template_namespace = %actor.template_namespace,
                 source = source.as_str(),
+                pep = %actor.pep,
                 capture = "cgroup",
                 cgroup = %cgroup.display(),
                 cgroup_id,
@@ -765,6 +792,7 @@ impl Manager {
                 template = %actor.template,
                 template_namespace = %actor.template_namespace,
                 source = source.as_str(),
+                pep = %actor.pep,
                 capture = "veth",
                 netns = %v.netns.display(),
                 worker_netns = %crate::netns::label(v.worker_netns.as_deref()),

@@ -59,6 +59,9 @@ pub enum Error {
     /// The admin listener could not be opened.
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    /// A PEP's per-actor certificate source is unusable.
+    #[error("pep.tls.actor_certs: {0}")]
+    Certs(#[from] crate::certs::Error),
     /// The access log could not be opened.
     #[error(transparent)]
     AccessLog(#[from] access_log::Error),
@@ -132,7 +135,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     crate::policy::spawn_reloader(policy.clone());
     let registry = Arc::new(actors::Registry::default());
     let ctx = Arc::new(
-        proxy::Context::new(config.clone(), registry.clone(), policy)
+        proxy::Context::new(config.clone(), registry.clone(), policy)?
             .with_metrics(metrics.clone())
             .with_health(health.clone())
             .with_access_log(access_log),

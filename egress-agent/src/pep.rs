@@ -139,6 +139,9 @@ pub enum Error {
          and not `default` or `none`, which mean the global `[pep]` and no PEP"
     )]
     Name(String),
+    /// `[pep.tls.actor_certs]` is unusable.
+    #[error("pep.tls.actor_certs: {0}")]
+    ActorCerts(String),
     /// A named PEP without an address.
     #[error("[peps.{0}] has no address: set `address = \"HOST:PORT\"` in it")]
     NoNamedAddress(String),
@@ -783,6 +786,12 @@ impl Tls {
         client_key_file: Option<&Path>,
         actor_certs: Option<&crate::certs::SourceConfig>,
     ) -> Result<Tls, Error> {
+        if let Some(source) = actor_certs {
+            // Checked now, so that a missing directory or an unreadable token stops the
+            // agent before it takes over capture; the connector makes the store it uses.
+            crate::certs::Store::new(source.clone())
+                .map_err(|e| Error::ActorCerts(e.to_string()))?;
+        }
         if actor_certs.is_some() && (client_cert_file.is_some() || client_key_file.is_some()) {
             return Err(Error::Needs {
                 setting: "pep.tls.actor_certs",

@@ -81,6 +81,9 @@ pub enum Outcome {
     PepTls,
     /// The HTTP exchange with the PEP failed.
     PepError,
+    /// The actor had no valid client certificate for its PEP (none yet, expired, not yet
+    /// valid): nothing was sent, the connection reset.
+    NoCertificate,
     /// No capture record for the accepted connection.
     NoRecord,
     /// A record whose cgroup is no configured actor.
@@ -110,6 +113,7 @@ impl Outcome {
             Outcome::PepUnreachable => "pep_unreachable",
             Outcome::PepTls => "pep_tls",
             Outcome::PepError => "pep_error",
+            Outcome::NoCertificate => "no_certificate",
             Outcome::NoRecord => "no_record",
             Outcome::UnknownActor => "unknown_actor",
             Outcome::Overloaded => "overloaded",
@@ -176,8 +180,13 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context serving the actors of `actors` (which change at run time) with `policy`.
-    pub fn new(config: Arc<Config>, actors: Arc<Registry>, policy: Arc<policy::Shared>) -> Self {
+    /// A context serving the actors of `actors` (which change at run time) with `policy`;
+    /// fails when a PEP's per-actor certificate source is unusable.
+    pub fn new(
+        config: Arc<Config>,
+        actors: Arc<Registry>,
+        policy: Arc<policy::Shared>,
+    ) -> Result<Self, crate::certs::Error> {
         let sockets = SocketFactory::new(config.socket_mark);
         let resolver = match resolve::Resolver::new(
             config.dns_upstream,
@@ -204,18 +213,16 @@ impl Context {
                     policy::always_denied(ip, &node).map(|r| r.to_string())
                 })
         });
-        Context {
+        Ok(Context {
             connectors: config
                 .pep
                 .iter()
                 .chain(config.peps.values())
                 .map(|pep| {
-                    (
-                        pep.name.clone(),
-                        tunnel::Connector::new(pep.clone(), sockets.clone()),
-                    )
+                    tunnel::Connector::new(pep.clone(), sockets.clone())
+                        .map(|c| (pep.name.clone(), c))
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
             limit: Arc::new(Semaphore::new(config.max_connections)),
             node_addresses,
             actor_addresses: Mutex::new(HashMap::new()),
@@ -229,7 +236,7 @@ impl Context {
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::default()),
             access_log: None,
-        }
+        })
     }
 
     /// The same context counting into `metrics` (its own, unserved ones otherwise).
@@ -410,6 +417,36 @@ impl Context {
         &self.policy
     }
 
+    /// An actor was registered: its PEP starts keeping its certificate current (if it takes
+    /// per-actor certificates).
+    pub fn actor_added(&self, actor: &Actor) {
+        if let Some(connector) = self.connector(actor) {
+            connector.actor_added(actor);
+        }
+    }
+
+    /// Every PEP's per-actor certificates, as `(pep name, statuses)`, for `status` and metrics.
+    pub fn actor_certs(&self) -> Vec<(String, Vec<crate::certs::CertStatus>)> {
+        let mut all: Vec<_> = self
+            .connectors
+            .iter()
+            .filter_map(|(name, c)| c.certs().map(|s| (name.clone(), s.status())))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Every HTTP/2 PEP's pool figures, as `(pep name, stats)`.
+    pub fn pools(&self) -> Vec<(String, tunnel::h2::Stats)> {
+        let mut all: Vec<_> = self
+            .connectors
+            .iter()
+            .filter_map(|(name, c)| c.pool().map(|p| (name.clone(), p.stats())))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The connector of the PEP that serves `actor`, if it has one.
     fn connector(&self, actor: &Actor) -> Option<&tunnel::Connector> {
         actor
@@ -422,6 +459,9 @@ impl Context {
     /// Drops what the agent learned about actor `id` (its DNS answers, its addresses): it was
     /// removed.
     pub fn forget_actor(&self, id: &str) {
+        for connector in self.connectors.values() {
+            connector.actor_removed(id);
+        }
         if let Some(dns) = &self.dns {
             dns.answers().forget_actor(id);
         }
@@ -733,7 +773,7 @@ impl Context {
                             .relay(
                                 stream,
                                 upstream,
-                                |u| u,
+                                |u: &TcpStream| Some(u),
                                 peeked.freeze(),
                                 Bytes::new(),
                                 Outcome::Direct,
@@ -853,7 +893,7 @@ impl Context {
             Ok(r) => r,
             Err(e) => return Closed::failed(Outcome::PepError, Some(authority), None, &e),
         };
-        let tunnel = match Box::pin(connector.open(request)).await {
+        let tunnel = match Box::pin(connector.open(request, &flow.actor.id)).await {
             Ok(t) => t,
             Err(e) => {
                 let outcome = match &e {
@@ -868,6 +908,7 @@ impl Context {
                     tunnel::Error::Overloaded { .. } | tunnel::Error::SlotTimeout(_) => {
                         Outcome::Overloaded
                     }
+                    tunnel::Error::Certificate(_) => Outcome::NoCertificate,
                     tunnel::Error::Http(_)
                     | tunnel::Error::Header(_)
                     | tunnel::Error::Request { .. } => Outcome::PepError,
@@ -886,7 +927,7 @@ impl Context {
             .relay(
                 stream,
                 tunnel.stream,
-                tunnel::PepStream::tcp,
+                tunnel::TunnelIo::tcp,
                 peeked,
                 tunnel.leftover,
                 Outcome::Tunneled,
@@ -906,12 +947,14 @@ impl Context {
         &self,
         mut stream: TcpStream,
         mut upstream: U,
-        tcp: impl Fn(&U) -> &TcpStream,
+        tcp: impl Fn(&U) -> Option<&TcpStream>,
         peeked: Bytes,
         leftover: Bytes,
         done: Outcome,
     ) -> Closed {
-        socket::arm_reset(tcp(&upstream));
+        if let Some(tcp) = tcp(&upstream) {
+            socket::arm_reset(tcp);
+        }
         let relay_started = Some(Instant::now());
         let settings = relay::Settings {
             mode: self.config.relay,
@@ -925,7 +968,9 @@ impl Context {
         } = relay::relay(&mut stream, &mut upstream, peeked, leftover, settings).await;
         if result.is_ok() {
             socket::disarm_reset(&stream);
-            socket::disarm_reset(tcp(&upstream));
+            if let Some(tcp) = tcp(&upstream) {
+                socket::disarm_reset(tcp);
+            }
         }
         Closed {
             outcome: if result.is_ok() {

@@ -30,6 +30,12 @@ pub struct Report {
     /// The named PEPs (`[peps.NAME]`), in name order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peps: Vec<PepSummary>,
+    /// Each actor's client certificate, for PEPs with per-actor certificates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actor_certs: Vec<ActorCert>,
+    /// Each HTTP/2 PEP's pooled connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSummary>,
     /// The policy in force.
     pub policy: PolicySummary,
     /// Whether every actor is served, and what is not.
@@ -91,6 +97,71 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().chars().take(128).collect())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// An actor's client certificate for its PEP (never the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorCert {
+    /// The PEP's name.
+    pub pep: String,
+    /// The actor.
+    pub actor: String,
+    /// The current certificate's subject (none yet: `None`).
+    pub subject: Option<String>,
+    /// Its serial.
+    pub serial: Option<String>,
+    /// Its end of validity, RFC 3339.
+    pub not_after: Option<String>,
+    /// How many times a new certificate replaced the previous one.
+    pub renewals: u64,
+    /// The last failure to get or load one, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+impl ActorCert {
+    /// From the store's state of one actor of PEP `pep`.
+    pub fn new(pep: &str, c: crate::certs::CertStatus) -> Self {
+        ActorCert {
+            pep: pep.to_string(),
+            actor: c.actor,
+            subject: c.subject,
+            serial: c.serial,
+            not_after: c.not_after.map(crate::certs::rfc3339),
+            renewals: c.renewals,
+            last_error: c.last_error,
+        }
+    }
+}
+
+/// One HTTP/2 PEP's pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// The PEP's name.
+    pub pep: String,
+    /// Connections open now.
+    pub connections: usize,
+    /// Tunnels (streams) open now.
+    pub streams: usize,
+    /// Connections opened since start.
+    pub connections_opened_total: u64,
+    /// Tunnels opened since start.
+    pub streams_opened_total: u64,
+    /// GOAWAYs received since start.
+    pub goaways_total: u64,
+}
+
+impl PoolSummary {
+    /// From the pool's figures.
+    pub fn new(pep: &str, s: crate::tunnel::h2::Stats) -> Self {
+        PoolSummary {
+            pep: pep.to_string(),
+            connections: s.connections,
+            streams: s.streams,
+            connections_opened_total: s.connections_opened_total,
+            streams_opened_total: s.streams_opened_total,
+            goaways_total: s.goaways_total,
+        }
+    }
 }
 
 /// The PEP link, without its secrets.
@@ -344,6 +415,18 @@ pub fn render(r: &Report) -> String {
     for p in &r.peps {
         out.push_str(&format!("          {}\n", pep_line(p)));
     }
+    for p in &r.pools {
+        out.push_str(&format!(
+            "          {} HTTP/2: {} connections, {} tunnels open; {} connections and {} tunnels \
+             opened, {} GOAWAY\n",
+            p.pep,
+            p.connections,
+            p.streams,
+            p.connections_opened_total,
+            p.streams_opened_total,
+            p.goaways_total
+        ));
+    }
     out.push_str(&format!("policy    {}\n", r.policy.summary));
     if r.ready.ready {
         out.push_str("ready     yes\n");
@@ -388,6 +471,36 @@ pub fn render(r: &Report) -> String {
         &rows,
         "  ",
     ));
+
+    if !r.actor_certs.is_empty() {
+        out.push_str(&format!("\nCERTIFICATES ({})\n", r.actor_certs.len()));
+        let rows: Vec<Vec<String>> = r
+            .actor_certs
+            .iter()
+            .map(|c| {
+                vec![
+                    c.actor.clone(),
+                    c.pep.clone(),
+                    c.subject.clone().unwrap_or_else(|| "-".into()),
+                    c.not_after.clone().unwrap_or_else(|| "-".into()),
+                    c.renewals.to_string(),
+                    c.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "ACTOR",
+                "PEP",
+                "SUBJECT",
+                "NOT AFTER",
+                "RENEWALS",
+                "LAST ERROR",
+            ],
+            &rows,
+            "  ",
+        ));
+    }
 
     if let Some(d) = &r.discovery {
         out.push_str(&format!(
@@ -586,6 +699,8 @@ mod tests {
             uptime_seconds: 3725,
             bpffs_dir: "/sys/fs/bpf/egress".into(),
             peps: Vec::new(),
+            actor_certs: Vec::new(),
+            pools: Vec::new(),
             pep: None,
             policy: PolicySummary {
                 file: None,

@@ -5,6 +5,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll},
     time::Duration,
@@ -92,6 +93,10 @@ pub enum Error {
     /// A header value could not be encoded (validated at start-up, so not expected).
     #[error("header {0} has a value HTTP cannot carry")]
     Header(http::HeaderName),
+    /// The actor has no certificate to present (none yet, expired, not yet valid): nothing
+    /// is sent to the PEP.
+    #[error("no client certificate for the actor: {0}")]
+    Certificate(#[from] crate::certs::Error),
     /// The request could not be built from the authority.
     #[error("CONNECT request to {authority}: {source}")]
     Request {
@@ -189,11 +194,98 @@ impl AsyncWrite for PepStream {
     }
 }
 
+/// A tunnel's byte pipe: an HTTP/1.1 connection of its own, or a stream on a pooled HTTP/2
+/// connection.
+pub enum TunnelIo {
+    /// The connection to the PEP itself (HTTP/1.1).
+    Http1(PepStream),
+    /// A CONNECT stream on a shared HTTP/2 connection (boxed: it holds the pool's slot).
+    Http2(Box<h2::Stream>),
+}
+
+impl TunnelIo {
+    /// The TCP connection that carries only this tunnel (HTTP/1.1): armed to reset when the
+    /// tunnel fails. `None` for an HTTP/2 stream, whose early end resets the stream only.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            TunnelIo::Http1(s) => Some(s.tcp()),
+            TunnelIo::Http2(_) => None,
+        }
+    }
+}
+
+impl crate::relay::Peer for TunnelIo {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            TunnelIo::Http1(s) => s.plain_tcp(),
+            TunnelIo::Http2(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Http1(s) => Pin::new(s).poll_read(cx, buf),
+            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TunnelIo::Http1(s) => Pin::new(s).poll_write(cx, buf),
+            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TunnelIo::Http1(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            TunnelIo::Http1(s) => s.is_write_vectored(),
+            TunnelIo::Http2(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Http1(s) => Pin::new(s).poll_flush(cx),
+            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Http1(s) => Pin::new(s).poll_shutdown(cx),
+            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An open tunnel: the connection to the PEP after its 2xx answer, and any bytes the PEP
 /// already sent past that answer (a server-first upstream's banner can arrive with it).
 pub struct Tunnel {
     /// The connection to the PEP, now a byte pipe to the upstream.
-    pub stream: PepStream,
+    pub stream: TunnelIo,
     /// Upstream bytes read together with the CONNECT answer.
     pub leftover: Bytes,
     /// The PEP's answer.
@@ -275,25 +367,75 @@ pub fn connect_request(
 }
 
 /// Opens tunnels through one PEP, with at most `max_connecting` connects in progress and at
-/// most `max_waiting` connections waiting for one of those slots.
+/// most `max_waiting` connections waiting for one of those slots. With per-actor
+/// certificates each connection presents the certificate of the actor it carries; with
+/// HTTP/2 tunnels are streams on connections pooled per actor (and certificate).
 pub struct Connector {
     pep: Pep,
     sockets: SocketFactory,
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// The TLS configuration without per-actor certificates (with the agent-wide one, if any).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    certs: Option<crate::certs::Store>,
+    h2: Option<h2::Pool>,
     connecting: Semaphore,
     waiting: AtomicUsize,
 }
 
 impl Connector {
-    /// A connector for `pep` whose sockets come from `sockets`.
-    pub fn new(pep: Pep, sockets: SocketFactory) -> Self {
-        Connector {
-            tls: pep.tls.as_ref().map(pep::Tls::connector),
+    /// A connector for `pep` whose sockets come from `sockets`; its actors' certificate
+    /// source (if any) is checked now.
+    pub fn new(pep: Pep, sockets: SocketFactory) -> Result<Self, crate::certs::Error> {
+        let certs = match pep.tls.as_ref().and_then(|t| t.actor_certs.clone()) {
+            Some(source) => Some(crate::certs::Store::with_sockets(source, sockets.clone())?),
+            None => None,
+        };
+        let h2 = (pep.http == pep::HttpVersion::Http2).then(|| {
+            h2::Pool::new(h2::Settings {
+                max_streams: pep.http2.max_streams as usize,
+                stream_window: pep.http2.stream_window,
+                connection_window: pep.http2.connection_window,
+            })
+        });
+        let tls = pep.tls.as_ref().map(|t| match h2 {
+            Some(_) => h2::with_alpn_h2(&t.client_config()),
+            None => t.client_config(),
+        });
+        Ok(Connector {
+            tls,
+            certs,
+            h2,
             connecting: Semaphore::new(pep.max_connecting.min(Semaphore::MAX_PERMITS)),
             waiting: AtomicUsize::new(0),
             sockets,
             pep,
+        })
+    }
+
+    /// Starts keeping `actor`'s certificate current, if this PEP takes per-actor ones.
+    pub fn actor_added(&self, actor: &Actor) {
+        if let Some(certs) = &self.certs {
+            certs.register(&actor.id, &actor.template, &actor.template_namespace);
         }
+    }
+
+    /// Drops `actor_id`'s certificate and pooled connections.
+    pub fn actor_removed(&self, actor_id: &str) {
+        if let Some(certs) = &self.certs {
+            certs.remove(actor_id);
+        }
+        if let Some(h2) = &self.h2 {
+            h2.remove(actor_id);
+        }
+    }
+
+    /// The per-actor certificate store, if this PEP takes per-actor certificates.
+    pub fn certs(&self) -> Option<&crate::certs::Store> {
+        self.certs.as_ref()
+    }
+
+    /// The HTTP/2 pool, if this PEP speaks HTTP/2.
+    pub fn pool(&self) -> Option<&h2::Pool> {
+        self.h2.as_ref()
     }
 
     /// The PEP this connector opens tunnels through.
@@ -306,11 +448,38 @@ impl Connector {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Connects (bounded by the connect timeout) and asks the PEP for a tunnel (bounded by
-    /// the response timeout).
-    pub async fn open(&self, request: Request<Empty<Bytes>>) -> Result<Tunnel, Error> {
-        let stream = self.connect().await?;
+    /// Opens a tunnel for `actor_id`'s connection: connects (bounded by the connect timeout)
+    /// with the actor's certificate when this PEP takes per-actor ones, and asks the PEP for
+    /// a tunnel (bounded by the response timeout). HTTP/2: a stream on the actor's pooled
+    /// connection, or a new connection when none has room.
+    pub async fn open(
+        &self,
+        request: Request<Empty<Bytes>>,
+        actor_id: &str,
+    ) -> Result<Tunnel, Error> {
+        let (tls, generation) = self.tls_for(actor_id)?;
         let timeout = self.pep.response_timeout;
+        if let Some(pool) = &self.h2 {
+            let key = h2::Key {
+                pep: self.pep.name.clone(),
+                actor: actor_id.to_string(),
+                generation,
+            };
+            let stream = pool
+                .open(&key, || self.connect_with(tls), request, timeout)
+                .await
+                .map_err(|e| match e {
+                    Error::Http(e) if self.tls.is_some() => self.tls_error(e),
+                    e => e,
+                })?;
+            let status = stream.status;
+            return Ok(Tunnel {
+                stream: TunnelIo::Http2(Box::new(stream)),
+                leftover: Bytes::new(),
+                status,
+            });
+        }
+        let stream = self.connect_with(tls).await?;
         match tokio::time::timeout(timeout, exchange(stream, request)).await {
             Err(_) => Err(Error::Timeout(timeout)),
             Ok(Err(Error::Http(e))) if self.tls.is_some() => Err(self.tls_error(e)),
@@ -318,13 +487,37 @@ impl Connector {
         }
     }
 
-    /// A connection to the PEP, TLS done if configured: waits for a connect slot (at most
-    /// the connect timeout, and only if fewer than `max_waiting` already wait), then connects
-    /// within the connect timeout.
+    /// The TLS configuration for `actor_id`'s connections and its certificate generation (0
+    /// without per-actor certificates): fails when the actor has no valid certificate now.
+    fn tls_for(&self, actor_id: &str) -> Result<(Option<Arc<rustls::ClientConfig>>, u64), Error> {
+        let (Some(base), Some(certs)) = (&self.tls, &self.certs) else {
+            return Ok((self.tls.clone(), 0));
+        };
+        let current = certs.current(actor_id)?;
+        let generation = current.generation;
+        let mut config = (**base).clone();
+        config.client_auth_cert_resolver = Arc::new(current);
+        // A resumed session would carry another handshake's (another certificate's)
+        // authentication: every connection does a full handshake with its actor's certificate.
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok((Some(Arc::new(config)), generation))
+    }
+
+    /// A connection to the PEP, TLS done if configured (with the agent-wide certificate if
+    /// any, never a per-actor one): waits for a connect slot (at most the connect timeout,
+    /// and only if fewer than `max_waiting` already wait), then connects within the connect
+    /// timeout.
     pub async fn connect(&self) -> Result<PepStream, Error> {
+        self.connect_with(self.tls.clone()).await
+    }
+
+    async fn connect_with(
+        &self,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<PepStream, Error> {
         let _slot = self.slot().await?;
         let timeout = self.pep.connect_timeout;
-        tokio::time::timeout(timeout, self.connect_unbounded())
+        tokio::time::timeout(timeout, self.connect_unbounded(tls))
             .await
             .map_err(|_| Error::ConnectTimeout(timeout))?
     }
@@ -351,7 +544,10 @@ impl Connector {
         }
     }
 
-    async fn connect_unbounded(&self) -> Result<PepStream, Error> {
+    async fn connect_unbounded(
+        &self,
+        tls_config: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<PepStream, Error> {
         let pep = &self.pep.addr;
         let addr = match pep.socket_addr() {
             Some(addr) => addr,
@@ -372,11 +568,12 @@ impl Connector {
             .connect(addr)
             .await
             .map_err(|source| Error::Unreachable { pep: addr, source })?;
-        let (Some(connector), Some(tls)) = (&self.tls, &self.pep.tls) else {
+        let (Some(config), Some(tls)) = (tls_config, &self.pep.tls) else {
             return Ok(PepStream::Plain(stream));
         };
         // A failed handshake drops the socket: arm it so the PEP sees a reset, not a close.
         crate::socket::arm_reset(&stream);
+        let connector = tokio_rustls::TlsConnector::from(config);
         match connector.connect(tls.server_name.clone(), stream).await {
             Ok(stream) => {
                 crate::socket::disarm_reset(stream.get_ref().0);
@@ -473,7 +670,7 @@ async fn exchange(stream: PepStream, request: Request<Empty<Bytes>>) -> Result<T
         None => conn.await?,
     };
     Ok(Tunnel {
-        stream: parts.io.into_inner(),
+        stream: TunnelIo::Http1(parts.io.into_inner()),
         leftover: parts.read_buf,
         status,
     })
@@ -821,12 +1018,15 @@ mod tests {
         )
         .await;
         let pep = tls_pep(addr, &pki, &pki.ca_file, false);
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
-        let mut tunnel = connector.open(request(&pep)).await.expect("TLS tunnel");
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
+        let mut tunnel = connector
+            .open(request(&pep), "actor-1")
+            .await
+            .expect("TLS tunnel");
         assert_eq!(tunnel.status, StatusCode::OK);
         assert_eq!(&tunnel.leftover[..], b"banner");
-        assert!(matches!(tunnel.stream, PepStream::Tls(_)));
-        assert!(tunnel.stream.tcp().peer_addr().is_ok());
+        assert!(matches!(tunnel.stream, TunnelIo::Http1(PepStream::Tls(_))));
+        assert!(tunnel.stream.tcp().unwrap().peer_addr().is_ok());
         // Through the tunnel and back (the proxy echoes), with a clean half-close.
         tunnel.stream.write_all(b"ping").await.unwrap();
         tunnel.stream.shutdown().await.unwrap();
@@ -852,9 +1052,9 @@ mod tests {
         // Another CA entirely.
         let other = pki_ca_file(&pki);
         let pep = tls_pep(addr, &pki, &other, false);
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
         let err = connector
-            .open(request(&pep))
+            .open(request(&pep), "actor-1")
             .await
             .err()
             .expect("must fail");
@@ -875,9 +1075,9 @@ mod tests {
             )
             .unwrap(),
         );
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
         let err = connector
-            .open(request(&pep))
+            .open(request(&pep), "actor-1")
             .await
             .err()
             .expect("must fail");
@@ -890,8 +1090,8 @@ mod tests {
             crate::pep::Tls::load(&pep.addr, &pki.ca_file, Some("pep.test"), None, None, None)
                 .unwrap(),
         );
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
-        assert!(connector.open(request(&pep)).await.is_ok());
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
+        assert!(connector.open(request(&pep), "actor-1").await.is_ok());
         assert_eq!(
             heads.lock().unwrap().len(),
             1,
@@ -915,12 +1115,15 @@ mod tests {
         )
         .await;
         let pep = tls_pep(addr, &pki, &pki.ca_file, true);
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
-        connector.open(request(&pep)).await.expect("mTLS tunnel");
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
+        connector
+            .open(request(&pep), "actor-1")
+            .await
+            .expect("mTLS tunnel");
         let pep = tls_pep(addr, &pki, &pki.ca_file, false);
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
         let err = connector
-            .open(request(&pep))
+            .open(request(&pep), "actor-1")
             .await
             .err()
             .expect("must fail");
@@ -937,9 +1140,9 @@ mod tests {
         )
         .await;
         let pep = tls_pep(addr, &pki, &pki.ca_file, false);
-        let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+        let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
         let err = connector
-            .open(request(&pep))
+            .open(request(&pep), "actor-1")
             .await
             .err()
             .expect("must fail");
@@ -965,7 +1168,7 @@ mod tests {
         pep.max_connecting = 1;
         pep.max_waiting = 1;
         pep.connect_timeout = Duration::from_millis(400);
-        let connector = Arc::new(Connector::new(pep, SocketFactory::new(0)));
+        let connector = Arc::new(Connector::new(pep, SocketFactory::new(0)).unwrap());
         let spawn = |c: Arc<Connector>| tokio::spawn(async move { c.connect().await });
         let first = spawn(connector.clone());
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -210,11 +210,14 @@ fn context(pep: SocketAddr, pep_timeout: Duration) -> Arc<Context> {
         ..Default::default()
     };
     let registry = Registry::with_cgroup_actors([actor()]);
-    Arc::new(Context::new(
-        Arc::new(config),
-        Arc::new(registry),
-        Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
-    ))
+    Arc::new(
+        Context::new(
+            Arc::new(config),
+            Arc::new(registry),
+            Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
+        )
+        .unwrap(),
+    )
 }
 
 /// Connects a client to a fresh "agent listener" and serves the accepted side with the
@@ -562,11 +565,14 @@ fn tls_context(
         ..Default::default()
     };
     let registry = Registry::with_cgroup_actors([actor()]);
-    Arc::new(Context::new(
-        Arc::new(config),
-        Arc::new(registry),
-        Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
-    ))
+    Arc::new(
+        Context::new(
+            Arc::new(config),
+            Arc::new(registry),
+            Arc::new(egress_agent::policy::Shared::new(None).unwrap()),
+        )
+        .unwrap(),
+    )
 }
 
 #[tokio::test]

@@ -252,6 +252,8 @@ fn actor(id: &str) -> Actor {
             cgroup_id: 7,
             netns: None,
         },
+        asked_pep: None,
+        pep: crate::pep::Selection::nothing(),
     }
 }
 
@@ -791,7 +793,7 @@ fn tls_pep(addr: SocketAddr, pki: &Pki) -> Pep {
         host: addr.ip().to_string(),
         port: addr.port(),
     };
-    let tls = crate::pep::Tls::load(&pep_addr, &pki.ca_file, None, None, None).unwrap();
+    let tls = crate::pep::Tls::load(&pep_addr, &pki.ca_file, None, None, None, None).unwrap();
     Pep {
         tls: Some(tls),
         connect_timeout: T,
@@ -861,7 +863,7 @@ async fn setup_cost() {
     let pki = pki();
     let server = TestPep::start(ServerOptions::default(), Some(pki.server.clone())).await;
     let pep = tls_pep(server.addr, &pki);
-    let connector = Connector::new(pep.clone(), SocketFactory::new(0));
+    let connector = Connector::new(pep.clone(), SocketFactory::new(0)).unwrap();
     let summary = |mut times: Vec<Duration>| {
         times.sort();
         let mean = times.iter().sum::<Duration>() / times.len() as u32;
@@ -873,12 +875,12 @@ async fn setup_cost() {
     };
     // Warm up both paths (first TLS handshake, allocations).
     for _ in 0..20 {
-        connector.open(request("a1", ECHO)).await.unwrap();
+        connector.open(request("a1", ECHO), "a1").await.unwrap();
     }
     let mut h1 = Vec::new();
     for _ in 0..N {
         let start = Instant::now();
-        let tunnel = connector.open(request("a1", ECHO)).await.unwrap();
+        let tunnel = connector.open(request("a1", ECHO), "a1").await.unwrap();
         h1.push(start.elapsed());
         drop(tunnel);
     }
