@@ -45,6 +45,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod client;
+pub mod contract;
 pub mod dns;
 pub mod gvisor;
 pub mod kube;

@@ -78,6 +78,36 @@ impl TestCa {
         }
     }
 
+    /// Issues a client certificate (extended key usage clientAuth) with subject `CN=cn`,
+    /// valid from `not_before` to `not_after` (offsets from now: negative for the past).
+    pub fn issue_client(
+        &self,
+        cn: &str,
+        not_before: time::Duration,
+        not_after: time::Duration,
+    ) -> Issued {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "egress tests");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + not_before;
+        params.not_after = now + not_after;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().expect("generate client key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("sign client certificate");
+        Issued {
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// Signs a PKCS#10 request (PEM) as a client certificate (extended key usage
     /// clientAuth) with the request's subject and key, valid from 1 s ago for `lifetime`;
     /// returns the leaf in PEM, or why the request is unusable.
