@@ -51,6 +51,7 @@ pub mod gvisor;
 pub mod kube;
 pub mod load;
 pub mod netns;
+pub mod nghttpx;
 pub mod nginx;
 pub mod pki;
 pub mod process;
@@ -82,7 +83,8 @@ pub fn require_commands(names: &[&str]) {
     if !missing.is_empty() {
         panic!(
             "this test needs {missing:?} on PATH; install them (Debian: squid-openssl, curl, \
-             openssl, iproute2, util-linux, runsc, dnsmasq-base, bind9-dnsutils), e.g. with \
+             openssl, iproute2, util-linux, runsc, dnsmasq-base, bind9-dnsutils, \
+             nghttp2-proxy), e.g. with \
              `cargo xtask setup`"
         );
     }

@@ -40,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // `dig`, to ask that DNS server directly (readiness checks and DNS assertions).
     "bind9-dnsutils",
+    // nghttpx: an HTTP/2 CONNECT proxy in front of squid, the PEP of the HTTP/2 tests.
+    "nghttp2-proxy",
     // The bench's upstream (plain HTTP and HTTPS, sendfile); `-light` is the smallest build.
     "nginx-light",
     // The deployment's checks (cargo xtask check-manifests): the kind harness's lint, and the

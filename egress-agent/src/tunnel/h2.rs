@@ -11,7 +11,12 @@
 //! - A connection the PEP sent GOAWAY on takes no new streams: hyper learns of the GOAWAY when
 //!   the next request is handed to it and answers that request "canceled"; the pool then
 //!   retires the connection and retries the request once on another (a CONNECT the PEP never
-//!   processed is safe to retry). The streams already open on it finish undisturbed.
+//!   processed is safe to retry). The streams already open on it finish undisturbed. A
+//!   stream the PEP refuses (REFUSED_STREAM) is retried once as well, without retiring its
+//!   connection.
+//! - The open that dials a connection keeps the key's dial turn until its CONNECT is answered
+//!   (the answer comes after the PEP's SETTINGS): a burst of opens then fills the connection
+//!   up to the PEP's own stream limit, not past it.
 //! - Dropping a [`Stream`] resets that stream (RST_STREAM CANCEL after END_STREAM), never the
 //!   connection. Shutting a stream's write side down sends END_STREAM (a half-close).
 //! - A connection without streams for [`IDLE_TIMEOUT`] is closed; every connection pings the
@@ -37,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    sync::Notify,
+    sync::{Notify, OwnedMutexGuard},
 };
 use tracing::{debug, info};
 
@@ -400,11 +405,14 @@ impl Pool {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let slot = match self.inner.reserve(key) {
-                Some(slot) => slot,
+            let (slot, turn) = match self.inner.reserve(key) {
+                Some(slot) => (slot, None),
                 None => self.dial(key, &mut dial, response_timeout).await?,
             };
             let attempt = tokio::time::timeout(response_timeout, connect(&slot, &request)).await;
+            // The answer on a fresh connection came after the PEP's SETTINGS (its first
+            // frame): the opens waiting for this dial now see the PEP's stream limit.
+            drop(turn);
             let error = match attempt {
                 Err(_) => return Err(Error::Timeout(response_timeout)),
                 Ok(Ok((io, status))) => {
@@ -418,37 +426,43 @@ impl Pool {
                 Ok(Err(Attempt::Refused(status))) => return Err(Error::Refused(status)),
                 Ok(Err(Attempt::Http(e))) => e,
             };
-            if !connection_gone(&error) {
-                return Err(http_error(key, error));
+            match unprocessed(&error) {
+                None => return Err(http_error(key, error)),
+                // The PEP refused the stream (over its limit): the connection is fine.
+                Some(Unprocessed::Stream) => {}
+                Some(Unprocessed::Connection) => {
+                    slot.conn.close();
+                    debug!(
+                        pep = %key.pep, actor = %key.actor, conn = slot.conn.id, error = %error,
+                        "HTTP/2 connection to the PEP cannot take streams: retired"
+                    );
+                }
             }
-            slot.conn.close();
-            debug!(
-                pep = %key.pep, actor = %key.actor, conn = slot.conn.id, error = %error,
-                "HTTP/2 connection to the PEP cannot take the stream: retired"
-            );
             if slot.fresh || attempts >= 2 {
                 return Err(http_error(key, error));
             }
         }
     }
 
-    /// Waits for the key's dial lock, then reserves on a connection another open dialed
-    /// meanwhile, or dials one (if `dial` is still unused and the key has room).
+    /// Waits for the key's dial turn, then reserves on a connection another open dialed
+    /// meanwhile, or dials one (if `dial` is still unused and the key has room). After a
+    /// dial, the turn is handed back still held: it is released once the first CONNECT on
+    /// the new connection is answered, so that a burst of opens does not pile onto the
+    /// connection before the PEP's SETTINGS say how many streams it takes.
     async fn dial<F, Fut>(
         &self,
         key: &Key,
         dial: &mut Option<F>,
         response_timeout: Duration,
-    ) -> Result<Slot, Error>
+    ) -> Result<(Slot, Option<OwnedMutexGuard<()>>), Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<PepStream, Error>>,
     {
         let dialing = self.inner.dial_lock(key);
         let result = self
-            .dial_in_turn(key, dial, &dialing, response_timeout)
+            .dial_in_turn(key, dial, dialing, response_timeout)
             .await;
-        drop(dialing);
         if result.is_err() {
             self.inner.prune(key);
         }
@@ -459,18 +473,18 @@ impl Pool {
         &self,
         key: &Key,
         dial: &mut Option<F>,
-        dialing: &tokio::sync::Mutex<()>,
+        dialing: Arc<tokio::sync::Mutex<()>>,
         response_timeout: Duration,
-    ) -> Result<Slot, Error>
+    ) -> Result<(Slot, Option<OwnedMutexGuard<()>>), Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<PepStream, Error>>,
     {
-        let _turn = tokio::time::timeout(response_timeout, dialing.lock())
+        let turn = tokio::time::timeout(response_timeout, dialing.lock_owned())
             .await
             .map_err(|_| Error::Timeout(response_timeout))?;
         if let Some(slot) = self.inner.reserve(key) {
-            return Ok(slot);
+            return Ok((slot, None));
         }
         let limit = self.inner.limits.max_connections;
         if self.inner.count(key) >= limit {
@@ -509,10 +523,13 @@ impl Pool {
             .or_default()
             .conns
             .push(conn);
-        Ok(slot)
+        Ok((slot, Some(turn)))
     }
 
     async fn handshake(&self, key: &Key, stream: PepStream) -> Result<Arc<Conn>, hyper::Error> {
+        // Many streams' small frames share this socket: Nagle would hold one stream's HEADERS
+        // behind another's unacknowledged bytes (a delayed-ACK stall of ~40 ms).
+        let _ = stream.tcp().set_nodelay(true);
         let s = self.inner.settings;
         let (sender, task) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -675,26 +692,36 @@ fn copy(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
     copy
 }
 
-/// The error says the connection (not the request) failed before the PEP processed the
-/// request: a GOAWAY, a refused stream, a closed or broken connection. Such a CONNECT may be
-/// sent again on another connection.
-fn connection_gone(e: &hyper::Error) -> bool {
+/// A CONNECT the PEP did not process, so it may be sent again.
+enum Unprocessed {
+    /// The PEP refused the stream (REFUSED_STREAM); its connection is fine.
+    Stream,
+    /// The connection failed or is going away (GOAWAY, closed, broken).
+    Connection,
+}
+
+/// Whether the error says the request was never processed, and why.
+fn unprocessed(e: &hyper::Error) -> Option<Unprocessed> {
     if e.is_canceled() || e.is_closed() {
-        return true;
+        return Some(Unprocessed::Connection);
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(h2) = c.downcast_ref::<::h2::Error>() {
-            return h2.is_go_away()
-                || h2.is_io()
-                || h2.reason() == Some(::h2::Reason::REFUSED_STREAM);
+            return if h2.is_go_away() || h2.is_io() {
+                Some(Unprocessed::Connection)
+            } else if h2.reason() == Some(::h2::Reason::REFUSED_STREAM) {
+                Some(Unprocessed::Stream)
+            } else {
+                None
+            };
         }
         if c.is::<io::Error>() {
-            return true;
+            return Some(Unprocessed::Connection);
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 /// An HTTP failure whose cause is TLS (the PEP's alert, e.g. it refused the client

@@ -56,6 +56,9 @@ struct TestPep {
 struct ServerOptions {
     /// The server's SETTINGS_MAX_CONCURRENT_STREAMS.
     max_streams: Option<u32>,
+    /// How long a new connection waits before the server speaks (its SETTINGS come late,
+    /// as from a distant PEP).
+    delay: Duration,
 }
 
 impl TestPep {
@@ -73,10 +76,12 @@ impl TestPep {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 seen.accepted.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.set_nodelay(true);
                 let seen = seen.clone();
                 let goaway = goaway.subscribe();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    tokio::time::sleep(options.delay).await;
                     match acceptor {
                         None => serve_h2(tcp, options, seen.clone(), goaway).await,
                         Some(acceptor) => {
@@ -419,6 +424,7 @@ async fn the_peps_stream_limit_is_honoured() {
     let pep = TestPep::start(
         ServerOptions {
             max_streams: Some(1),
+            ..ServerOptions::default()
         },
         None,
     )
@@ -442,6 +448,56 @@ async fn the_peps_stream_limit_is_honoured() {
         .expect("a second connection, not a wait on the first");
     assert_ne!(first.connection(), second.connection());
     assert_eq!(pep.seen.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_learns_the_peps_stream_limit_before_piling_on() {
+    // 12 opens at once for a new key, all held open together, against a PEP that takes 5
+    // streams a connection: 3 connections, nobody stuck behind the PEP's limit.
+    let pep = TestPep::start(
+        ServerOptions {
+            max_streams: Some(5),
+            delay: Duration::from_millis(300),
+        },
+        None,
+    )
+    .await;
+    let pool = Pool::new(Settings::default());
+    let dials = Arc::new(AtomicUsize::new(0));
+    let all_open = Arc::new(tokio::sync::Barrier::new(12));
+    let opens: Vec<_> = (0..12)
+        .map(|_| {
+            let (pool, dial, all_open) = (pool.clone(), pep.dial(&dials), all_open.clone());
+            tokio::spawn(async move {
+                let stream = pool
+                    .open(
+                        &key("a1"),
+                        dial,
+                        request("a1", ECHO),
+                        Duration::from_secs(3),
+                    )
+                    .await
+                    .expect("no open waits behind the PEP's limit");
+                all_open.wait().await;
+                stream.connection()
+            })
+        })
+        .collect();
+    // Bounded: if one open fails, the others wait at the barrier for good.
+    let mut conns = tokio::time::timeout(T, async {
+        let mut conns = Vec::new();
+        for open in opens {
+            conns.push(open.await.unwrap());
+        }
+        conns
+    })
+    .await
+    .expect("all 12 streams open at once within the bound");
+    conns.sort();
+    let mut per_conn: Vec<usize> = conns.chunk_by(|a, b| a == b).map(<[u64]>::len).collect();
+    per_conn.sort();
+    assert_eq!(per_conn, [2, 5, 5]);
+    assert_eq!(dials.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
