@@ -430,7 +430,20 @@ impl Context {
         let mut all: Vec<_> = self
             .connectors
             .iter()
-            .filter_map(|(name, c)| c.certs().map(|s| (name.clone(), s.status())))
+            .filter_map(|(name, c)| {
+                c.certs().map(|store| {
+                    let mut all = store.status();
+                    // A certificate in place but unusable now (expired, not yet valid) says so.
+                    for cert in &mut all {
+                        if cert.last_error.is_none()
+                            && let Err(e) = store.current(&cert.actor)
+                        {
+                            cert.last_error = Some(e.to_string());
+                        }
+                    }
+                    (name.clone(), all)
+                })
+            })
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all

@@ -94,7 +94,6 @@ pub fn files_source(dir: &Path) -> String {
     format!("source = \"files\"\ndir = \"{}\"", dir.display())
 }
 
-
 impl Default for CertDir {
     fn default() -> Self {
         CertDir::new()

@@ -9,18 +9,16 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr},
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
-    sync::Arc,
     time::Duration,
 };
 
 use egress_tests::{
     agent::{ActorSpec, Agent, AgentOptions},
-    contract::{CertDir, Pki, client_cert, files_source, pep_toml, pki},
     cgroup::Cgroup,
     client::{bash_tcp_command, curl_command},
+    contract::{CertDir, Pki, client_cert, files_source, pep_toml, pki},
     nghttpx::{Nghttpx, NghttpxConfig},
     pki::TestCa,
     process::{self, ChildGuard},
@@ -98,7 +96,9 @@ fn substrate_connects_to_the_address_and_the_actor_is_its_certificate() {
     curl_443(&w).expect_success("curl through the substrate profile");
     let original = w.topo.upstream_addr(443);
     // The target is the address the actor dialled; the name only a hint.
-    let entry = w.squid.wait_for_request("CONNECT", &original.to_string(), T);
+    let entry = w
+        .squid
+        .wait_for_request("CONNECT", &original.to_string(), T);
     assert_eq!(
         entry.connect_authority.as_deref(),
         Some(format!("{NAME}:443").as_str()),
@@ -162,10 +162,7 @@ fn headers_over_tls_carry_the_headers_and_the_actor_certificate() {
             .is_some_and(|s| s.contains("CN=actor-131")),
         "{entry:?}"
     );
-    assert_eq!(
-        w.agent_line(original).outcome.as_deref(),
-        Some("tunneled")
-    );
+    assert_eq!(w.agent_line(original).outcome.as_deref(), Some("tunneled"));
 }
 
 /// `openssl s_client` against the PEP with `cert`/`key` (or none), sending a CONNECT: what it
@@ -205,7 +202,8 @@ fn the_pep_refuses_no_certificate_and_another_ca_and_the_agent_fails_closed() {
     // squid itself, as openssl sees it.
     let none = s_client_to_pep(&w, &pki, None);
     assert!(
-        none.stderr.contains("alert certificate required") || none.stdout.contains("alert certificate required"),
+        none.stderr.contains("alert certificate required")
+            || none.stdout.contains("alert certificate required"),
         "no certificate: {}",
         none.describe()
     );
@@ -325,7 +323,7 @@ fn rotation_keeps_the_open_tunnel_and_new_tunnels_use_the_new_certificate() {
     let pki = pki();
     let certs = CertDir::new();
     certs.write("actor-134", &client_cert(&pki.actors_ca, "actor-134-first"));
-    let mut w = mtls_world(
+    let w = mtls_world(
         134,
         &pki,
         pep_toml(
@@ -338,18 +336,25 @@ fn rotation_keeps_the_open_tunnel_and_new_tunnels_use_the_new_certificate() {
     wait_for_subject(&w.agent, "actor-134", "CN=actor-134-first");
     let banner = w.topo.upstream_addr(2222);
     let (mut held, lines) = held_echo(&w, banner);
-    let first = lines.recv_timeout(T).expect("the banner through the first tunnel");
+    let first = lines
+        .recv_timeout(T)
+        .expect("the banner through the first tunnel");
     assert!(first.contains("banner") || !first.is_empty(), "{first:?}");
 
     // The runtime rotates the pair while the tunnel is open.
-    certs.write("actor-134", &client_cert(&pki.actors_ca, "actor-134-second"));
+    certs.write(
+        "actor-134",
+        &client_cert(&pki.actors_ca, "actor-134-second"),
+    );
     let renewed = wait_for_subject(&w.agent, "actor-134", "CN=actor-134-second");
     assert_eq!(renewed["renewals"], 1, "{renewed:#}");
 
     // A new tunnel presents the new certificate.
     curl_443(&w).expect_success("curl after the rotation");
     let original = w.topo.upstream_addr(443);
-    let entry = w.squid.wait_for_request("CONNECT", &original.to_string(), T);
+    let entry = w
+        .squid
+        .wait_for_request("CONNECT", &original.to_string(), T);
     assert!(
         entry
             .client_cert_subject
@@ -362,7 +367,9 @@ fn rotation_keeps_the_open_tunnel_and_new_tunnels_use_the_new_certificate() {
     let stdin = held.child_mut().stdin.as_mut().expect("stdin");
     writeln!(stdin, "still-here").expect("write to the held client");
     stdin.flush().expect("flush");
-    let echo = lines.recv_timeout(T).expect("the echo through the first tunnel");
+    let echo = lines
+        .recv_timeout(T)
+        .expect("the echo through the first tunnel");
     assert_eq!(echo, "still-here");
     drop(held);
     // Its CONNECT, logged when it closed, was made with the first certificate.
@@ -405,18 +412,26 @@ fn a_signer_issues_the_actor_certificate_from_a_key_the_agent_made() {
         &pki.pep_ca.cert_path(),
         &format!("source = \"signer\"\nurl = \"{}\"", signer.url()),
     );
-    w.agent = Agent::start(&w.topo.node, None, opts);
-    w.agent.wait_ready(T);
+    // A new agent takes over the pins (the first one, stopped, stays in the world until the
+    // end: dropping it detaches what is pinned).
+    let mut again = Agent::start(&w.topo.node, None, opts);
+    again.wait_ready(T);
     signer.wait_for_issued(1, T);
-    wait_for_subject(&w.agent, "actor-135", "CN=actor-135");
+    wait_for_subject(&again, "actor-135", "CN=actor-135");
     let request = &signer.requests()[0];
-    assert_eq!(request.actor_id.as_deref(), Some("actor-135"), "{request:?}");
+    assert_eq!(
+        request.actor_id.as_deref(),
+        Some("actor-135"),
+        "{request:?}"
+    );
     assert_eq!(request.template.as_deref(), Some("coder"), "{request:?}");
     assert_eq!(request.status, 200, "{request:?}");
 
     curl_443(&w).expect_success("curl with the signer's certificate");
     let original = w.topo.upstream_addr(443);
-    let entry = w.squid.wait_for_request("CONNECT", &original.to_string(), T);
+    let entry = w
+        .squid
+        .wait_for_request("CONNECT", &original.to_string(), T);
     assert!(
         entry
             .client_cert_subject
@@ -424,7 +439,13 @@ fn a_signer_issues_the_actor_certificate_from_a_key_the_agent_made() {
             .is_some_and(|s| s.contains("CN=actor-135")),
         "{entry:?}"
     );
-    assert_eq!(w.agent_line(original).outcome.as_deref(), Some("tunneled"));
+    assert_eq!(
+        again
+            .wait_for_connection_to(original, 0, T)
+            .outcome
+            .as_deref(),
+        Some("tunneled")
+    );
 }
 
 /// Two actors' tunnels through nghttpx (HTTP/2 CONNECT, client certificates required) in front
@@ -515,17 +536,21 @@ fn http2_pools_each_actor_on_its_own_connection_with_many_tunnels() {
             .collect();
         assert_eq!(mine.len(), PER_ACTOR, "{id}'s tunnels: {entries:#?}");
         assert!(
-            mine.iter().all(|e| e.method == "CONNECT" && e.alpn.as_deref() == Some("h2")),
+            mine.iter()
+                .all(|e| e.method == "CONNECT" && e.alpn.as_deref() == Some("h2")),
             "{mine:#?}"
         );
         assert!(
-            mine.iter()
-                .all(|e| e.actor_id.as_deref() == Some(id)),
+            mine.iter().all(|e| e.actor_id.as_deref() == Some(id)),
             "each tunnel carries its own actor's headers under its own certificate: {mine:#?}"
         );
         // One connection (one client port) carried all of this actor's tunnels.
         let ports: std::collections::BTreeSet<u16> = mine.iter().map(|e| e.remote_port).collect();
-        assert_eq!(ports.len(), 1, "{id}'s tunnels on one connection: {mine:#?}");
+        assert_eq!(
+            ports.len(),
+            1,
+            "{id}'s tunnels on one connection: {mine:#?}"
+        );
     }
     let s = status(&agent);
     let pool = &s["pools"][0];
@@ -539,5 +564,8 @@ fn http2_pools_each_actor_on_its_own_connection_with_many_tunnels() {
             .count(),
         2 * PER_ACTOR
     );
-    assert_eq!(upstream.seen_on(topo.upstream_addr(443)).len(), 2 * PER_ACTOR);
+    assert_eq!(
+        upstream.seen_on(topo.upstream_addr(443)).len(),
+        2 * PER_ACTOR
+    );
 }
