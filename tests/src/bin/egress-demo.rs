@@ -18,6 +18,7 @@ use std::{
 use egress_tests::{
     agent::{Agent, ConnectionLog},
     client::banner_exchange_command,
+    contract::{CertDir, Pki, client_cert, files_source, pep_toml, pki},
     process::{self, command_in},
     squid::{AccessEntry, Squid, SquidConfig},
     world::{NAME, PolicyWorld, T, VethWorld, World},
@@ -25,6 +26,8 @@ use egress_tests::{
 
 /// The no-PEP part's world, where the signal thread and the panic guard can take it.
 static POLICY_WORLD: Mutex<Option<PolicyWorld>> = Mutex::new(None);
+/// The substrate part's world (with its certificates), likewise.
+static SUBSTRATE_WORLD: Mutex<Option<(World, CertDir, Pki)>> = Mutex::new(None);
 
 /// The demo's policy: one name on one port.
 const DEMO_POLICY: &str = r#"[[template]]
@@ -259,11 +262,12 @@ fn main() -> ExitCode {
     drop(world.lock().unwrap_or_else(|e| e.into_inner()).take());
     failures += veth_part(&veth_world);
     failures += policy_part();
+    failures += substrate_part();
     if failures == 0 {
         println!(
             "demo: every captured connection (cgroup and veth actors) reached its upstream through \
-             squid with the actor's identity, and with no PEP the agent allowed and denied by its \
-             policy"
+             squid with the actor's identity, with no PEP the agent allowed and denied by its \
+             policy, and through the substrate profile squid verified the actor's own certificate"
         );
         ExitCode::SUCCESS
     } else {
@@ -482,6 +486,122 @@ fn policy_part() -> usize {
     failures
 }
 
+/// Agent Substrate's contract: mTLS to squid (`https_port` requiring client certificates),
+/// the actor proven by its own certificate, CONNECT to the address it dialled.
+fn substrate_part() -> usize {
+    println!(
+        "\n--- substrate profile: mTLS to the PEP, the actor's own certificate, CONNECT ip:port ---"
+    );
+    let pki = pki();
+    let certs = CertDir::new();
+    certs.write(
+        "demo-substrate",
+        &client_cert(&pki.actors_ca, "demo-substrate"),
+    );
+    let pep = pep_toml(
+        "substrate",
+        "1.1",
+        &pki.pep_ca.cert_path(),
+        &files_source(certs.path()),
+    );
+    let built = World::new(
+        203,
+        "demo-substrate",
+        SquidConfig::default()
+            .tls(&pki.pep_cert, &pki.pep_key)
+            .client_ca(&pki.actors_ca.cert_path()),
+        |mut o| {
+            o.config_extra = pep.clone();
+            o
+        },
+    );
+    println!(
+        "  squid          https_port {} requiring client certificates from the actors' CA",
+        built.squid.addr()
+    );
+    println!(
+        "  certificates   {}/{}/tls.crt + tls.key (written by the runtime; CN=demo-substrate)",
+        certs.path().display(),
+        egress_agent::certs::dir_name("demo-substrate")
+    );
+    for line in pep.lines() {
+        println!("    | {line}");
+    }
+    *SUBSTRATE_WORLD.lock().unwrap_or_else(|e| e.into_inner()) = Some((built, certs, pki));
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        wait_for_cleanup()
+    }
+    let mut failures = 0;
+    let mut guard = SUBSTRATE_WORLD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((w, _, _)) = guard.as_mut() else {
+        wait_for_cleanup()
+    };
+    let ip = IpAddr::V4(w.topo.upstream_v4());
+    let original = w.topo.upstream_addr(443);
+    // The certificate is loaded within a second of the actor's registration.
+    let mut out = w.curl(NAME, ip, 443, &format!("https://{NAME}/"));
+    for _ in 0..20 {
+        if out.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        out = w.curl(NAME, ip, 443, &format!("https://{NAME}/"));
+    }
+    println!("\n[substrate 1] actor runs: curl https://{NAME}/");
+    print_client(&out);
+    match wait_conn(
+        &w.agent,
+        &original.to_string(),
+        w.agent.connection_lines().len().saturating_sub(1),
+    ) {
+        Some(c) => println!(
+            "    agent   outcome={} authority={} pep={} pep_status={}",
+            s(&c.outcome),
+            s(&c.authority),
+            c.line.field_str("pep").unwrap_or_default(),
+            c.pep_status.map_or("-".into(), |v| v.to_string())
+        ),
+        None => println!("    agent   (no connection line)"),
+    }
+    match wait_squid(&w.squid, &original.to_string()) {
+        Some(e) => {
+            println!(
+                "    squid   {} {} status={} client-certificate=\"{}\" x-ate-connect-authority={} x-ate-actor-id={}",
+                e.method,
+                e.uri,
+                e.status.map_or("-".into(), |v| v.to_string()),
+                s(&e.client_cert_subject),
+                s(&e.connect_authority),
+                s(&e.actor_id)
+            );
+            if !e
+                .client_cert_subject
+                .as_deref()
+                .is_some_and(|c| c.contains("CN=demo-substrate"))
+            {
+                println!("    expected the actor's certificate CN=demo-substrate in squid's log");
+                failures += 1;
+            }
+        }
+        None => {
+            println!("    squid   (no CONNECT to {original}: the target must be the address)");
+            failures += 1;
+        }
+    }
+    if !out.success() {
+        failures += 1;
+    }
+    drop(guard);
+    println!("\ncleaning up...");
+    drop(
+        SUBSTRATE_WORLD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
+    failures
+}
+
 fn which_runsc() -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("runsc").is_file()))
@@ -560,6 +680,12 @@ impl Drop for Cleanup {
                 .unwrap_or_else(|e| e.into_inner())
                 .take(),
         );
+        drop(
+            SUBSTRATE_WORLD
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -589,10 +715,16 @@ fn install_cleanup_on_signal(world: Shared, veth_world: SharedVeth) {
             let taken_veth = veth_world.lock().unwrap_or_else(|e| e.into_inner()).take();
             // try_lock: the demo holds it while a step runs; then main's guard cleans up.
             let taken_policy = POLICY_WORLD.try_lock().ok().and_then(|mut g| g.take());
-            if taken.is_some() || taken_veth.is_some() || taken_policy.is_some() {
+            let taken_substrate = SUBSTRATE_WORLD.try_lock().ok().and_then(|mut g| g.take());
+            if taken.is_some()
+                || taken_veth.is_some()
+                || taken_policy.is_some()
+                || taken_substrate.is_some()
+            {
                 drop(taken);
                 drop(taken_veth);
                 drop(taken_policy);
+                drop(taken_substrate);
                 eprintln!("cleaned up");
                 std::process::exit(130);
             }
