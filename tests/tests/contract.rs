@@ -127,6 +127,16 @@ fn substrate_connects_to_the_address_and_the_actor_is_its_certificate() {
     assert_eq!(s["pep"]["profile"], "substrate", "{s:#}");
     assert_eq!(s["pep"]["actor_certs"], "files", "{s:#}");
     assert_eq!(s["actors"][0]["pep"], "default (default)", "{s:#}");
+    let text = w.agent.control(&["status"]);
+    text.expect_success("status");
+    println!("{}", text.stdout);
+    for want in [
+        "(substrate, HTTP/1.1, tls, per-actor certificates from files)",
+        "CERTIFICATES (1)",
+        "CN=actor-130",
+    ] {
+        assert!(text.stdout.contains(want), "{want}: {}", text.stdout);
+    }
 }
 
 #[test]
