@@ -141,6 +141,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             .with_access_log(access_log),
     );
     ctx.spawn_refresh();
+    metrics.register_collector(Box::new(crate::metrics::PepLinks::new(&ctx)));
     // Netlink and nft block while the configured actors are set up.
     let manager = tokio::task::block_in_place(|| {
         actors::Manager::start(

@@ -768,6 +768,126 @@ impl Collector for DiscoveryStats {
     }
 }
 
+/// The PEP links at scrape time: each actor's certificate end (PEPs with per-actor
+/// certificates) and each HTTP/2 pool's connections and tunnels.
+pub struct PepLinks {
+    ctx: std::sync::Weak<crate::proxy::Context>,
+}
+
+impl PepLinks {
+    /// Reads `ctx`'s connectors at each scrape (nothing once it is gone).
+    pub fn new(ctx: &Arc<crate::proxy::Context>) -> Self {
+        PepLinks {
+            ctx: Arc::downgrade(ctx),
+        }
+    }
+}
+
+impl fmt::Debug for PepLinks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PepLinks").finish_non_exhaustive()
+    }
+}
+
+impl Collector for PepLinks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(ctx) = self.ctx.upgrade() else {
+            return Ok(());
+        };
+        let certs = ctx.actor_certs();
+        if !certs.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "egress_actor_cert_expiry_timestamp_seconds",
+                "End of validity (Unix time) of each actor's current client certificate",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pep, all) in &certs {
+                for cert in all {
+                    let Some(end) = cert.not_after else { continue };
+                    let secs = end
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                    let labels = [("pep", pep.as_str()), ("actor", cert.actor.as_str())];
+                    ConstGauge::new(secs).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            let mut family = encoder.encode_descriptor(
+                "egress_actor_cert_renewals",
+                "Times an actor's client certificate was replaced by a new one",
+                None,
+                MetricType::Counter,
+            )?;
+            for (pep, all) in &certs {
+                for cert in all {
+                    let labels = [("pep", pep.as_str()), ("actor", cert.actor.as_str())];
+                    ConstCounter::new(cert.renewals).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            let mut family = encoder.encode_descriptor(
+                "egress_actor_cert_usable",
+                "1 when an actor has a certificate valid now (its tunnels can open), else 0",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pep, actor, usable) in ctx.actor_certs_usable() {
+                let labels = [("pep", pep.as_str()), ("actor", actor.as_str())];
+                ConstGauge::new(i64::from(usable)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let pools = ctx.pools();
+        if pools.is_empty() {
+            return Ok(());
+        }
+        for (name, help, kind, value) in [
+            (
+                "egress_pep_h2_connections",
+                "HTTP/2 connections to the PEP open now",
+                MetricType::Gauge,
+                (|s: &crate::tunnel::h2::Stats| s.connections as u64) as fn(&_) -> u64,
+            ),
+            (
+                "egress_pep_h2_streams",
+                "Tunnels (HTTP/2 streams) open now",
+                MetricType::Gauge,
+                |s| s.streams as u64,
+            ),
+            (
+                "egress_pep_h2_connections_opened",
+                "HTTP/2 connections opened to the PEP",
+                MetricType::Counter,
+                |s| s.connections_opened_total,
+            ),
+            (
+                "egress_pep_h2_streams_opened",
+                "Tunnels opened as HTTP/2 streams",
+                MetricType::Counter,
+                |s| s.streams_opened_total,
+            ),
+            (
+                "egress_pep_h2_goaways",
+                "GOAWAY frames received from the PEP",
+                MetricType::Counter,
+                |s| s.goaways_total,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+            for (pep, stats) in &pools {
+                let labels = [("pep", pep.as_str())];
+                let v = value(stats);
+                match kind {
+                    MetricType::Counter => {
+                        ConstCounter::new(v).encode(family.encode_family(&labels)?)?
+                    }
+                    _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                        .encode(family.encode_family(&labels)?)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,6 +449,23 @@ impl Context {
         all
     }
 
+    /// Every actor with per-actor certificates, as `(pep name, actor, usable now)`: whether a
+    /// tunnel of it could present a valid certificate this moment.
+    pub fn actor_certs_usable(&self) -> Vec<(String, String, bool)> {
+        let mut all = Vec::new();
+        for (name, connector) in &self.connectors {
+            let Some(store) = connector.certs() else {
+                continue;
+            };
+            for cert in store.status() {
+                let usable = store.current(&cert.actor).is_ok();
+                all.push((name.clone(), cert.actor, usable));
+            }
+        }
+        all.sort();
+        all
+    }
+
     /// Every HTTP/2 PEP's pool figures, as `(pep name, stats)`.
     pub fn pools(&self) -> Vec<(String, tunnel::h2::Stats)> {
         let mut all: Vec<_> = self

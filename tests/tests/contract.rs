@@ -15,7 +15,7 @@ use std::{
 };
 
 use egress_tests::{
-    agent::{ActorSpec, Agent, AgentOptions},
+    agent::{ActorSpec, Agent, AgentOptions, admin_get},
     cgroup::Cgroup,
     client::{bash_tcp_command, curl_command},
     contract::{CertDir, Pki, client_cert, files_source, pep_toml, pki},
@@ -47,6 +47,13 @@ fn mtls_world(net: u8, pki: &Pki, pep: String) -> World {
 
 fn curl_443(w: &World) -> process::Output {
     w.curl(NAME, w.v4(), 443, &format!("https://{NAME}:443/"))
+}
+
+/// The agent's `/metrics` (the admin listener's default address, in the node namespace).
+fn metrics(node: &egress_tests::netns::Netns) -> String {
+    let (code, body) = admin_get(node, "127.0.0.1:15090".parse().expect("addr"), "/metrics");
+    assert_eq!(code, 200, "{body}");
+    body
 }
 
 /// `egress-agent status --json` of the world's agent.
@@ -130,6 +137,17 @@ fn substrate_connects_to_the_address_and_the_actor_is_its_certificate() {
     let text = w.agent.control(&["status"]);
     text.expect_success("status");
     println!("{}", text.stdout);
+    let m = metrics(&w.topo.node);
+    assert!(
+        m.contains(r#"egress_actor_cert_usable{pep="default",actor="actor-130"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"egress_actor_cert_expiry_timestamp_seconds{pep="default",actor="actor-130"}"#
+        ),
+        "{m}"
+    );
     for want in [
         "(substrate, HTTP/1.1, tls, per-actor certificates from files)",
         "CERTIFICATES (1)",
@@ -298,6 +316,11 @@ fn an_expired_certificate_fails_closed_before_anything_is_sent() {
         .unwrap_or_default()
         .to_string();
     assert!(last_error.contains("expired"), "{s:#}");
+    let m = metrics(&w.topo.node);
+    assert!(
+        m.contains(r#"egress_actor_cert_usable{pep="default",actor="actor-133"} 0"#),
+        "{m}"
+    );
 }
 
 /// A client in the actor holding a tunnel to the banner server open: it printed the banner,
@@ -566,6 +589,18 @@ fn http2_pools_each_actor_on_its_own_connection_with_many_tunnels() {
     let pool = &s["pools"][0];
     assert_eq!(pool["connections_opened_total"], 2, "{s:#}");
     assert_eq!(pool["streams_opened_total"], 2 * PER_ACTOR as u64, "{s:#}");
+    let m = metrics(&topo.node);
+    assert!(
+        m.contains(r#"egress_pep_h2_connections_opened_total{pep="default"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            r#"egress_pep_h2_streams_opened_total{{pep="default"}} {}"#,
+            2 * PER_ACTOR
+        )),
+        "{m}"
+    );
     let squid_connects = squid.wait_for_entries(2 * PER_ACTOR, T);
     assert_eq!(
         squid_connects
