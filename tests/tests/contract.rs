@@ -614,3 +614,79 @@ fn http2_pools_each_actor_on_its_own_connection_with_many_tunnels() {
         2 * PER_ACTOR
     );
 }
+
+/// Three actors, three choices: the global PEP (by default), a named PEP chosen by the
+/// template namespace, and no PEP (the actor's own `pep = "none"`: the embedded policy, empty,
+/// denies everything and the actor gets the refusal).
+#[test]
+fn each_actor_uses_the_pep_it_selects() {
+    egress_tests::require_root();
+    let by_namespace = Cgroup::new();
+    let no_pep = Cgroup::new();
+    let mut w = World::new(137, "actor-137", SquidConfig::default(), |mut o| {
+        // The named PEP is the same squid: the agent's log says which one a tunnel used.
+        o.config_extra = format!(
+            "[peps.second]\naddress = \"{}\"\n[pep_by_namespace]\n\"team-b\" = \"second\"\n",
+            o.pep
+        );
+        let netns = o.actors[0].netns.clone();
+        let mut b = ActorSpec::new("actor-137b", "coder", "team-b", &by_namespace);
+        b.netns = netns.clone();
+        let mut c = ActorSpec::new("actor-137c", "coder", "team-a", &no_pep).pep("none");
+        c.netns = netns;
+        o.actor(b).actor(c)
+    });
+    let list = w.agent.control(&["actor", "list"]);
+    list.expect_success("actor list");
+    for want in [
+        "actor-137 template=\"coder\" template_namespace=\"team-a\" source=config capture=cgroup pep=\"default (default)\"",
+        "actor-137b template=\"coder\" template_namespace=\"team-b\" source=config capture=cgroup pep=\"second (namespace)\"",
+        "actor-137c template=\"coder\" template_namespace=\"team-a\" source=config capture=cgroup pep=\"none (actor)\"",
+    ] {
+        assert!(list.stdout.contains(want), "{want}\n{}", list.stdout);
+    }
+    let ip = w.v4();
+    let curl = |cgroup: &Cgroup| {
+        process::run(
+            &mut curl_command(
+                Some(&w.topo.actor),
+                Some(cgroup),
+                &w.ca.cert_path(),
+                &[(NAME, 443, ip)],
+                &format!("https://{NAME}:443/"),
+            ),
+            T,
+        )
+    };
+    curl(&w.cgroup).expect_success("the default PEP's actor");
+    curl(&by_namespace).expect_success("the namespace's PEP's actor");
+    let refused = curl(&no_pep);
+    egress_tests::refusal::assert_curl_tls_access_denied(&refused);
+
+    let original = w.topo.upstream_addr(443);
+    let lines = w.agent.wait_for_connections(3, T);
+    let by_actor = |id: &str| {
+        lines
+            .iter()
+            .find(|c| c.actor.as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:?}"))
+    };
+    let a = by_actor("actor-137");
+    assert_eq!(a.line.field_str("pep").as_deref(), Some("default"));
+    assert_eq!(a.outcome.as_deref(), Some("tunneled"));
+    let b = by_actor("actor-137b");
+    assert_eq!(b.line.field_str("pep").as_deref(), Some("second"));
+    assert_eq!(b.outcome.as_deref(), Some("tunneled"));
+    let c = by_actor("actor-137c");
+    assert_eq!(c.line.field_str("pep").as_deref(), Some(""), "{:?}", c.line);
+    assert_eq!(c.outcome.as_deref(), Some("denied"), "{:?}", c.line);
+    let connects = w.squid.wait_for_entries(2, T);
+    let ids: std::collections::BTreeSet<_> =
+        connects.iter().filter_map(|e| e.actor_id.clone()).collect();
+    assert_eq!(
+        ids,
+        ["actor-137".to_string(), "actor-137b".to_string()].into(),
+        "the actor without a PEP never reached squid: {connects:?}"
+    );
+    assert_eq!(w.upstream.seen_on(original).len(), 2);
+}

@@ -362,6 +362,21 @@ mod tests {
     }
 
     #[test]
+    fn the_pep_annotation_is_the_actor_s_choice() {
+        assert_eq!(actor("pod-containerd.json").pep, None);
+        let mut pod = fixture("pod-containerd.json");
+        pod.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ANNOTATION_PEP.into(), "squid-a".into());
+        match map(&pod, &classes()) {
+            Mapping::Actor(a) => assert_eq!(a.pep.as_deref(), Some("squid-a")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn finished_and_unlabelled_pods_are_ignored() {
         assert_eq!(
             map(&fixture("pod-succeeded.json"), &classes()),
