@@ -871,7 +871,7 @@ impl Collector for PepLinks {
                 |s| s.goaways_total,
             ),
         ] {
-            let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for (pep, stats) in &pools {
                 let labels = [("pep", pep.as_str())];
                 let v = value(stats);

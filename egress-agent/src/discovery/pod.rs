@@ -29,6 +29,8 @@ pub const VETH_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
 
 /// What a pod is to discovery.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// One value at a time per pod event, moved once: boxing the actor would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Mapping {
     /// Not (or no longer) an actor: not labelled, or its phase is Succeeded or Failed.
     Ignored,
