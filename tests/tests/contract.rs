@@ -45,6 +45,20 @@ fn mtls_world(net: u8, pki: &Pki, pep: String) -> World {
     )
 }
 
+/// [`mtls_world`] with `profile` over HTTP/1.1 and the actors' certificates from `certs`.
+fn files_world(net: u8, pki: &Pki, profile: &str, certs: &CertDir) -> World {
+    mtls_world(
+        net,
+        pki,
+        pep_toml(
+            profile,
+            "1.1",
+            &pki.pep_ca.cert_path(),
+            &files_source(certs.path()),
+        ),
+    )
+}
+
 fn curl_443(w: &World) -> process::Output {
     w.curl(NAME, w.v4(), 443, &format!("https://{NAME}:443/"))
 }
@@ -89,16 +103,7 @@ fn substrate_connects_to_the_address_and_the_actor_is_its_certificate() {
     let pki = pki();
     let certs = CertDir::new();
     certs.write("actor-130", &client_cert(&pki.actors_ca, "actor-130"));
-    let mut w = mtls_world(
-        130,
-        &pki,
-        pep_toml(
-            "substrate",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let mut w = files_world(130, &pki, "substrate", &certs);
     wait_for_subject(&w.agent, "actor-130", "CN=actor-130");
     curl_443(&w).expect_success("curl through the substrate profile");
     let original = w.topo.upstream_addr(443);
@@ -162,16 +167,7 @@ fn headers_over_tls_carry_the_headers_and_the_actor_certificate() {
     let pki = pki();
     let certs = CertDir::new();
     certs.write("actor-131", &client_cert(&pki.actors_ca, "actor-131"));
-    let mut w = mtls_world(
-        131,
-        &pki,
-        pep_toml(
-            "headers",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let mut w = files_world(131, &pki, "headers", &certs);
     wait_for_subject(&w.agent, "actor-131", "CN=actor-131");
     curl_443(&w).expect_success("curl through headers over mTLS");
     let original = w.topo.upstream_addr(443);
@@ -217,16 +213,7 @@ fn the_pep_refuses_no_certificate_and_another_ca_and_the_agent_fails_closed() {
     let certs = CertDir::new();
     let other_ca = TestCa::with_name("egress test other CA");
     certs.write("actor-132", &client_cert(&other_ca, "actor-132"));
-    let mut w = mtls_world(
-        132,
-        &pki,
-        pep_toml(
-            "substrate",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let mut w = files_world(132, &pki, "substrate", &certs);
     // squid itself, as openssl sees it.
     let none = s_client_to_pep(&w, &pki, None);
     assert!(
@@ -282,16 +269,7 @@ fn an_expired_certificate_fails_closed_before_anything_is_sent() {
             time::Duration::hours(-1),
         ),
     );
-    let mut w = mtls_world(
-        133,
-        &pki,
-        pep_toml(
-            "substrate",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let mut w = files_world(133, &pki, "substrate", &certs);
     let out = curl_443(&w);
     assert!(!out.success(), "{}", out.describe());
     let original = w.topo.upstream_addr(443);
@@ -356,16 +334,7 @@ fn rotation_keeps_the_open_tunnel_and_new_tunnels_use_the_new_certificate() {
     let pki = pki();
     let certs = CertDir::new();
     certs.write("actor-134", &client_cert(&pki.actors_ca, "actor-134-first"));
-    let w = mtls_world(
-        134,
-        &pki,
-        pep_toml(
-            "substrate",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let w = files_world(134, &pki, "substrate", &certs);
     wait_for_subject(&w.agent, "actor-134", "CN=actor-134-first");
     let banner = w.topo.upstream_addr(2222);
     let (mut held, lines) = held_echo(&w, banner);
@@ -420,16 +389,7 @@ fn rotation_keeps_the_open_tunnel_and_new_tunnels_use_the_new_certificate() {
 fn a_signer_issues_the_actor_certificate_from_a_key_the_agent_made() {
     let pki = pki();
     let certs = CertDir::new();
-    let mut w = mtls_world(
-        135,
-        &pki,
-        pep_toml(
-            "substrate",
-            "1.1",
-            &pki.pep_ca.cert_path(),
-            &files_source(certs.path()),
-        ),
-    );
+    let mut w = files_world(135, &pki, "substrate", &certs);
     // The signer listens on the loopback of the node namespace, where the agent runs; the
     // agent is started again with it as its certificate source.
     let signer = Signer::start(
