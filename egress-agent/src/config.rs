@@ -27,6 +27,14 @@ pub enum Error {
     /// The PEP link settings are unusable.
     #[error(transparent)]
     Pep(#[from] pep::Error),
+    /// An actor asks for a PEP that is not configured (a refusal: the actor is not served).
+    #[error("actor {actor:?}: {problem}")]
+    PepChoice {
+        /// The actor.
+        actor: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
     /// `[pep_by_namespace]` names a PEP that is not configured.
     #[error("{0}")]
     PepSelection(String),
@@ -276,7 +284,10 @@ impl ActorSpec {
         };
         let pep = peps
             .select(self.pep.as_deref(), &self.template_namespace)
-            .map_err(&problem)?;
+            .map_err(|problem| Error::PepChoice {
+                actor: self.label(),
+                problem,
+            })?;
         if self.id.is_empty() {
             return Err(problem("id is empty".into()));
         }

@@ -454,16 +454,15 @@ impl Pep {
             }
         }
         if pep.profile == Profile::Substrate {
-            let mtls = pep
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.client_cert_file.is_some() || t.actor_certs.is_some());
+            // The actor is proven by its certificate alone (no identity headers): one
+            // agent-wide certificate would make every actor the same to the PEP.
+            let mtls = pep.tls.as_ref().is_some_and(|t| t.actor_certs.is_some());
             if !mtls {
                 return Err(Error::Needs {
                     setting: "profile \"substrate\"",
-                    needs: "mTLS: a CA to verify the PEP (pep.tls.ca_file) and client \
-                            certificates (pep.tls.actor_certs, or pep.tls.client_cert_file and \
-                            client_key_file)",
+                    needs: "mTLS with per-actor certificates: a CA to verify the PEP \
+                            (pep.tls.ca_file) and [pep.tls.actor_certs] (an agent-wide \
+                            client_cert_file would not tell the PEP which actor connects)",
                 });
             }
         }
@@ -718,8 +717,8 @@ impl Http2 {
                 file.max_streams,
                 &mut h2.max_streams,
                 1u32,
-                10_000u32,
-                "give 1 to 10000",
+                1_000u32,
+                "give 1 to 1000",
             ),
             (
                 "stream_window",
@@ -1261,7 +1260,7 @@ pub struct PepFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http2File {
-    /// Most tunnels on one connection (1-10000, default 100).
+    /// Most tunnels on one connection (1-1000, default 100).
     pub max_streams: Option<u64>,
     /// Receive window of a stream in bytes (default 4 MiB).
     pub stream_window: Option<u64>,

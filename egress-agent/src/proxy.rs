@@ -3,7 +3,7 @@
 //! policy, always-denied addresses) -> CONNECT to the PEP with the actor's identity, or a
 //! direct dial when no PEP decides -> relay. The actors' DNS (TCP here, UDP from the capture
 //! fronts' DNS sockets) goes to the [`dns`] forwarder instead. A refusal (the policy, the
-//! always-denied addresses, the PEP's non-2xx answer) is answered in the actor's protocol
+//! always-denied addresses, the PEP's 4xx answer) is answered in the actor's protocol
 //! ([`refuse`]: 403, TLS alert or a clean close); any other failure resets the actor's
 //! connection (fail closed). Either way the log says why.
 use std::{
@@ -70,7 +70,7 @@ pub enum Outcome {
     UpstreamUnreachable,
     /// DNS over TCP, answered by the agent's forwarder.
     Dns,
-    /// The PEP answered non-2xx (policy deny or its upstream failed): answered as a refusal
+    /// The PEP answered non-2xx: a 4xx (its decision) answered as a refusal, a 5xx reset
     /// ([`refuse`]).
     PepRefused,
     /// The PEP did not answer in time.
@@ -945,8 +945,12 @@ impl Context {
                 };
                 let status = e.status().map(|s| s.as_u16());
                 let mut closed = Closed::failed(outcome, Some(authority), status, &e);
-                // The PEP said no: answered as a refusal. Every other error stays a reset.
-                if let tunnel::Error::Refused(_) = e {
+                // The PEP said no (a 4xx: its decision): answered as a refusal. A 5xx is its
+                // own or its upstream's failure, not a decision: it stays a reset, like every
+                // other error.
+                if let tunnel::Error::Refused(status) = e
+                    && status.is_client_error()
+                {
                     let refused = Box::pin(refuse::refuse(stream, &peeked)).await;
                     closed.refused(refuse::Reason::Pep, refused);
                 }

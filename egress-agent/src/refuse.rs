@@ -1,5 +1,5 @@
 //! Refusals as the PEP contract says: a flow the agent refuses (its policy, the always-denied
-//! addresses, or the PEP's non-2xx answer) is answered in the protocol the actor spoke, so its
+//! addresses, or the PEP's 4xx answer) is answered in the protocol the actor spoke, so its
 //! client reports a refusal instead of a broken connection: an HTTP/1 request gets
 //! `403 Forbidden`, a TLS ClientHello a fatal `access_denied` alert, anything else a clean close
 //! with no bytes (FIN, never RST). A PEP that could not be asked (unreachable, timed out, TLS
@@ -50,7 +50,7 @@ pub enum Reason {
     /// An always-denied address or name (cloud metadata, link-local, loopback, the node's own
     /// addresses, the actor's gateway).
     AlwaysDenied,
-    /// The PEP answered the CONNECT with a non-2xx status.
+    /// The PEP answered the CONNECT with a 4xx status (a 5xx is reset).
     Pep,
 }
 

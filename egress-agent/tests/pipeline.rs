@@ -463,6 +463,25 @@ async fn pep_refusals_are_answered_in_the_actor_s_protocol() {
 }
 
 #[tokio::test]
+async fn a_pep_5xx_is_a_failure_and_resets_the_actor() {
+    let proxy = recording_proxy(Behaviour::Status(502)).await;
+    let ctx = context(proxy.addr, Duration::from_secs(5));
+    let (mut client, task) = captured(&ctx, "10.9.8.7:443").await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: up.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_to_end_or_error(&mut client).await.is_err(),
+        "a 502 is the PEP's failure, not a decision: a reset, no 403"
+    );
+    assert_eq!(task.await.unwrap(), Outcome::PepRefused);
+    let mut text = String::new();
+    ctx.metrics().encode(&mut text).unwrap();
+    assert!(!text.contains("egress_refusals_total{"), "{text}");
+}
+
+#[tokio::test]
 async fn always_denied_destinations_are_refused_without_asking_the_pep() {
     let proxy = recording_proxy(Behaviour::Answer { reply: b"never" }).await;
     let ctx = context(proxy.addr, Duration::from_secs(5));

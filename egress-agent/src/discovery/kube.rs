@@ -1056,7 +1056,12 @@ fn register_actor<R: Registrar>(
     }
     match registrar.add(&spec) {
         Ok(()) => Outcome::Captured(spec, false),
-        Err(e @ actors::Error::Conflict { .. }) => Outcome::Refused(e.to_string(), None),
+        // Taken id, or a PEP (annotation egress.dev/pep) that is not configured: refused, and
+        // a cgroup pod's cgroup blocked, never left uncaptured while retried.
+        Err(
+            e @ (actors::Error::Conflict { .. }
+            | actors::Error::Config(crate::config::Error::PepChoice { .. })),
+        ) => Outcome::Refused(e.to_string(), None),
         Err(e) => Outcome::Retry(ErrorKind::Register, e.to_string(), true),
     }
 }
@@ -1083,4 +1088,61 @@ fn same_capture(registered: &ActorSpec, wanted: &ActorSpec) -> bool {
         && registered.template_namespace == wanted.template_namespace
         && registered.cgroup == wanted.cgroup
         && registered.veth == wanted.veth
+        && registered.pep == wanted.pep
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// Refuses every spec as the manager refuses a PEP that is not configured.
+    #[derive(Default)]
+    struct NoSuchPep {
+        blocked: Vec<PathBuf>,
+    }
+
+    impl Registrar for NoSuchPep {
+        fn add(&mut self, spec: &ActorSpec) -> Result<(), actors::Error> {
+            Err(actors::Error::Config(crate::config::Error::PepChoice {
+                actor: spec.id.clone(),
+                problem: "no PEP is named \"nosuch\"".into(),
+            }))
+        }
+        fn remove(&mut self, id: &str) -> Result<(), actors::Error> {
+            Err(actors::Error::NotFound(id.into()))
+        }
+        fn actors(&self) -> Vec<(ActorSpec, Source)> {
+            Vec::new()
+        }
+        fn block(&mut self, cgroup: &Path) -> Result<u64, actors::Error> {
+            self.blocked.push(cgroup.to_path_buf());
+            Ok(7)
+        }
+        fn unblock(&mut self, _: u64) -> Result<(), actors::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_pod_naming_an_unconfigured_pep_is_refused_and_blocked_not_retried() {
+        let mut registrar = NoSuchPep::default();
+        let spec = ActorSpec {
+            id: "team-a/coder-1".into(),
+            cgroup: Some("/fake/kubepods/pod1".into()),
+            pep: Some("nosuch".into()),
+            ..ActorSpec::default()
+        };
+        match register(&mut registrar, spec, &HashSet::new()) {
+            Outcome::Refused(why, Some(id)) => {
+                assert_eq!(id, 7);
+                assert!(why.contains("nosuch"), "{why}");
+            }
+            Outcome::Refused(why, None) => panic!("refused but not blocked: {why}"),
+            Outcome::Captured(..) => panic!("captured"),
+            Outcome::Retry(_, why, _) => panic!("retried (uncaptured meanwhile): {why}"),
+        }
+        assert_eq!(registrar.blocked, [PathBuf::from("/fake/kubepods/pod1")]);
+    }
 }
