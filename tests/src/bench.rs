@@ -316,6 +316,9 @@ pub struct Sample {
     pub p99_us: Option<f64>,
     /// CPU seconds the path's intermediaries spent during the run.
     pub cpu_s: f64,
+    /// CPU seconds of the path's agent alone (0 on paths without one): splits a PEP path's
+    /// cost between the agent and the PEP.
+    pub agent_cpu_s: f64,
 }
 
 /// Idle connections held through a path.
@@ -425,12 +428,28 @@ impl Results {
         self.cpu_per(path, tls, false, 1e4)
     }
 
+    /// CPU seconds of the path's agent alone per 10,000 connections.
+    pub fn agent_cpu_per_10k(&self, path: Path, tls: bool) -> Option<f64> {
+        self.cpu_of(path, tls, false, 1e4, |s| s.agent_cpu_s)
+    }
+
     fn cpu_per(&self, path: Path, tls: bool, bulk: bool, per: f64) -> Option<f64> {
+        self.cpu_of(path, tls, bulk, per, |s| s.cpu_s)
+    }
+
+    fn cpu_of(
+        &self,
+        path: Path,
+        tls: bool,
+        bulk: bool,
+        per: f64,
+        f: impl Fn(&Sample) -> f64,
+    ) -> Option<f64> {
         let (mut cpu, mut units) = (0.0, 0.0);
         for ((p, m), samples) in &self.samples {
             if *p == path && m.tls() == tls && matches!(m, Metric::Bulk { .. }) == bulk {
                 for s in samples {
-                    cpu += s.cpu_s;
+                    cpu += f(s);
                     units += s.units;
                 }
             }
@@ -1136,9 +1155,11 @@ impl Bench {
         if verify {
             args.push("--verify");
         }
-        let cpu_before = cpu_seconds(&pids);
+        let agent: Vec<u32> = self.path_agent(path).map(Agent::pid).into_iter().collect();
+        let (cpu_before, agent_before) = (cpu_seconds(&pids), cpu_seconds(&agent));
         let out = self.load(path, tls, &args);
         let cpu_s = cpu_seconds(&pids) - cpu_before;
+        let agent_cpu_s = cpu_seconds(&agent) - agent_before;
         expect_clean(path, &metric.name(), &out);
         let seconds = out["seconds"].as_f64().unwrap_or(f64::NAN);
         match metric {
@@ -1159,6 +1180,7 @@ impl Bench {
                     value: bytes * 8.0 / seconds / 1e9,
                     units: bytes,
                     cpu_s,
+                    agent_cpu_s,
                     ..Sample::default()
                 }
             }
@@ -1168,6 +1190,7 @@ impl Bench {
                 p50_us: out["latency_us"]["p50"].as_f64(),
                 p99_us: out["latency_us"]["p99"].as_f64(),
                 cpu_s,
+                agent_cpu_s,
             },
         }
     }
@@ -1713,6 +1736,10 @@ pub fn pooling(r: &Results) -> Vec<PoolingRow> {
             format!("CPU of agent + PEP per 10,000 connections, {kind} (s)"),
             &|p| r.cpu_per_10k(p, tls),
         ));
+        rows.push(row(
+            format!("CPU of the agent alone per 10,000 connections, {kind} (s)"),
+            &|p| r.agent_cpu_per_10k(p, tls),
+        ));
     }
     rows
 }
@@ -1912,6 +1939,7 @@ pub fn to_json(r: &Results, meta: Value) -> Value {
             "ratio_squid_intercept": ratio(r.median(*p, *m), r.median(Path::SquidIntercept, *m)),
             "reps": v.iter().map(|s| json!({
                 "value": s.value, "units": s.units, "p50_us": s.p50_us, "p99_us": s.p99_us, "cpu_s": s.cpu_s,
+                "agent_cpu_s": s.agent_cpu_s,
             })).collect::<Vec<_>>(),
         }));
     }
@@ -2011,6 +2039,7 @@ mod tests {
             p50_us: p50,
             p99_us: p50,
             cpu_s: 0.5,
+            agent_cpu_s: 0.25,
         };
         r.samples.insert((Path::Direct, bulk), vec![s(10.0, None)]);
         r.samples.insert(
@@ -2056,6 +2085,7 @@ mod tests {
             p50_us: Some(p50),
             p99_us: Some(p50 * 2.0),
             cpu_s: 2.0,
+            agent_cpu_s: 0.5,
         };
         for (path, plain, tls) in [
             (Path::Direct, 100.0, 1000.0),
@@ -2079,6 +2109,12 @@ mod tests {
         assert_eq!(rows[0].h2_vs_nghttpx_h1(), Some(0.2));
         assert_eq!(rows[0].h2_vs_plain(), None, "egress+pep was not measured");
         assert_eq!(rows[1].h2_vs_mtls(), Some(0.4));
+        let agent_cpu = rows
+            .iter()
+            .find(|r| r.what.starts_with("CPU of the agent alone"))
+            .unwrap();
+        // 0.5 s over 10,000 connections: 0.5 s per 10k.
+        assert_eq!(agent_cpu.values[1], Some(0.5));
         let conn = rows
             .iter()
             .find(|r| r.what.starts_with("conn-plain-1"))
