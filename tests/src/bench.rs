@@ -11,10 +11,20 @@
 //! | `squid-explicit` | the client speaks CONNECT to squid itself | squid |
 //! | `squid-intercept` | nft REDIRECT in the node -> squid `intercept` / `ssl-bump` peek+splice | squid |
 //! | `nft+agent` | veth + nft REDIRECT + `SO_ORIGINAL_DST` -> agent (no PEP) -> upstream | agent C |
+//! | `egress+mtls` | eBPF -> agent -> squid `https_port` requiring the actor's certificate (`headers`, HTTP/1.1: TLS per tunnel) -> upstream | agent D, squid |
+//! | `egress+h2` | eBPF -> agent -> nghttpx (mTLS, HTTP/2 CONNECT streams on one pooled connection) -> squid -> upstream | agent E, nghttpx, squid |
+//! | `egress+nghttpx-h1` | eBPF -> agent -> nghttpx (mTLS, HTTP/1.1: TLS per tunnel) -> squid -> upstream | agent F, nghttpx, squid |
+//!
+//! The last three give the HTTP/2 pooling figure ([`pooling`]): what a new actor connection
+//! costs when its tunnel is a stream on an open HTTP/2 connection (`egress+h2`) against a TLS
+//! connection of its own (`egress+mtls`), and against the same per-tunnel TLS through the same
+//! nghttpx (`egress+nghttpx-h1`), which separates the hop nghttpx adds from what pooling saves.
 //!
 //! Address plan (`N` = the bench's subnet): upstream `10.250.N.2` (node side `.1`); the actor of
 //! path `i` (in [`Path::ALL`] order) on `10.{240+i}.N.2` (node side `.1`); the worker of the
-//! `nft+agent` path on `10.252.N.2`, its actor on the agent's pool `10.200.0.0/24`.
+//! `nft+agent` path on `10.252.N.2`, its actor on the agent's pool `10.200.0.0/24`. In the node
+//! namespace: squid on :3128 (plain), :3129/:3130 (intercept), 127.0.0.1:3131 (mTLS); nghttpx
+//! on 127.0.0.1:3443.
 //!
 //! Every figure is the median over repetitions; repetitions go round the paths in turn so
 //! that drift on the machine spreads over all of them.
@@ -31,8 +41,10 @@ use serde_json::{Value, json};
 use crate::{
     agent::{ActorSpec, Agent, AgentOptions, VethActorSpec},
     cgroup::Cgroup,
+    contract::{CertDir, Pki, client_cert, files_source, pep_toml},
     dns::Dns,
     netns::{Netns, Veth, named_veth},
+    nghttpx::{Nghttpx, NghttpxConfig},
     nginx::{Nginx, NginxSpec},
     pki::TestCa,
     squid::{Squid, SquidConfig},
@@ -49,6 +61,11 @@ pub const BULK: &str = "bulk";
 
 const T: Duration = Duration::from_secs(30);
 
+/// squid's `https_port` that requires the actors' certificates (the `egress+mtls` PEP).
+const SQUID_MTLS: &str = "127.0.0.1:3131";
+/// nghttpx's TLS frontend (the PEP of `egress+h2` and `egress+nghttpx-h1`).
+const NGHTTPX: &str = "127.0.0.1:3443";
+
 /// One way from an actor to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Path {
@@ -64,18 +81,33 @@ pub enum Path {
     SquidIntercept,
     /// nft REDIRECT + SO_ORIGINAL_DST to the agent (its veth mode), no PEP.
     NftAgent,
+    /// eBPF capture, the agent tunnelling over mTLS (its actor's certificate) to squid's
+    /// `https_port`: HTTP/1.1 CONNECT, one TLS connection per tunnel (`headers` profile).
+    EgressMtls,
+    /// eBPF capture, the agent tunnelling as HTTP/2 CONNECT streams on its actor's pooled mTLS
+    /// connection to nghttpx, which hands each tunnel to squid.
+    EgressH2,
+    /// As [`Path::EgressH2`] but HTTP/1.1 CONNECT, one TLS connection per tunnel: the same
+    /// nghttpx hop without pooling.
+    EgressNghttpxH1,
 }
 
 impl Path {
     /// Every path, in table order.
-    pub const ALL: [Path; 6] = [
+    pub const ALL: [Path; 9] = [
         Path::Direct,
         Path::Egress,
         Path::EgressPep,
         Path::SquidExplicit,
         Path::SquidIntercept,
         Path::NftAgent,
+        Path::EgressMtls,
+        Path::EgressH2,
+        Path::EgressNghttpxH1,
     ];
+
+    /// The paths whose PEP link uses per-actor client certificates (the pooling figure's).
+    pub const CONTRACT: [Path; 3] = [Path::EgressMtls, Path::EgressH2, Path::EgressNghttpxH1];
 
     /// The path's name in tables, JSON and `--paths`.
     pub fn name(self) -> &'static str {
@@ -86,6 +118,9 @@ impl Path {
             Path::SquidExplicit => "squid-explicit",
             Path::SquidIntercept => "squid-intercept",
             Path::NftAgent => "nft+agent",
+            Path::EgressMtls => "egress+mtls",
+            Path::EgressH2 => "egress+h2",
+            Path::EgressNghttpxH1 => "egress+nghttpx-h1",
         }
     }
 
@@ -281,6 +316,9 @@ pub struct Sample {
     pub p99_us: Option<f64>,
     /// CPU seconds the path's intermediaries spent during the run.
     pub cpu_s: f64,
+    /// CPU seconds of the path's agent alone (0 on paths without one): splits a PEP path's
+    /// cost between the agent and the PEP.
+    pub agent_cpu_s: f64,
 }
 
 /// Idle connections held through a path.
@@ -317,6 +355,15 @@ pub struct ShortResult {
     pub rss_kib: Vec<u64>,
 }
 
+/// The HTTP/2 pool of the `egress+h2` path's agent, as its `status` shows it after the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolRun {
+    /// HTTP/2 connections the agent opened to nghttpx since it started.
+    pub connections_opened: u64,
+    /// Tunnels (CONNECT streams) it opened on them.
+    pub streams_opened: u64,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -326,6 +373,8 @@ pub struct Results {
     pub idle: BTreeMap<Path, IdleResult>,
     /// The 1M-connection run.
     pub short: Option<ShortResult>,
+    /// The pooled path's pool over the whole run (checks and measurements).
+    pub pool: Option<PoolRun>,
     /// How long the whole run took.
     pub elapsed: Duration,
 }
@@ -379,12 +428,28 @@ impl Results {
         self.cpu_per(path, tls, false, 1e4)
     }
 
+    /// CPU seconds of the path's agent alone per 10,000 connections.
+    pub fn agent_cpu_per_10k(&self, path: Path, tls: bool) -> Option<f64> {
+        self.cpu_of(path, tls, false, 1e4, |s| s.agent_cpu_s)
+    }
+
     fn cpu_per(&self, path: Path, tls: bool, bulk: bool, per: f64) -> Option<f64> {
+        self.cpu_of(path, tls, bulk, per, |s| s.cpu_s)
+    }
+
+    fn cpu_of(
+        &self,
+        path: Path,
+        tls: bool,
+        bulk: bool,
+        per: f64,
+        f: impl Fn(&Sample) -> f64,
+    ) -> Option<f64> {
         let (mut cpu, mut units) = (0.0, 0.0);
         for ((p, m), samples) in &self.samples {
             if *p == path && m.tls() == tls && matches!(m, Metric::Bulk { .. }) == bulk {
                 for s in samples {
-                    cpu += s.cpu_s;
+                    cpu += f(s);
                     units += s.units;
                 }
             }
@@ -408,18 +473,24 @@ pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     })
 }
 
-/// Every path, up at once: namespaces, nginx, dnsmasq, squid, three agents. Fields drop in
-/// declaration order: processes first, then cgroups and namespaces.
+/// Every path, up at once: namespaces, nginx, dnsmasq, squid, nghttpx, six agents. Fields
+/// drop in declaration order: processes first, then cgroups and namespaces.
 pub struct Bench {
     agent_egress: Agent,
     agent_pep: Agent,
     agent_nft: Agent,
+    /// The agents of [`Path::CONTRACT`], each with one actor and its own certificate.
+    contract_agents: BTreeMap<Path, Agent>,
+    nghttpx: Nghttpx,
     squid: Squid,
     nginx: Nginx,
     _dns: Dns,
     ca: TestCa,
+    _pki: Pki,
+    _certs: CertDir,
     cgroup_egress: Cgroup,
     cgroup_pep: Cgroup,
+    contract_cgroups: BTreeMap<Path, Cgroup>,
     _policy_dir: tempfile::TempDir,
     actors: BTreeMap<Path, (Netns, Veth)>,
     veth_actor: Netns,
@@ -435,7 +506,9 @@ impl Bench {
     /// the intermediaries it should (panics, saying which path, otherwise).
     pub fn new(profile: Profile, bins: Bins) -> Bench {
         crate::require_root();
-        crate::require_commands(&["squid", "nginx", "nft", "ip", "dnsmasq", "dig", "nsenter"]);
+        crate::require_commands(&[
+            "squid", "nginx", "nft", "ip", "dnsmasq", "dig", "nsenter", "nghttpx",
+        ]);
         let nofile = raise_nofile();
         let mut profile = profile;
         if profile.idle > idle_capacity(nofile) {
@@ -514,6 +587,10 @@ impl Bench {
         // address on that actor's link, :3128) and the intercepting proxy (3129 HTTP, 3130 TLS).
         let squid_issued = ca.issue(&["squid.egress.test"]);
         let (squid_cert, squid_key) = ca.write_issued("squid", &squid_issued);
+        // The PEP's certificate (SAN 127.0.0.1) and the actors' CA, as the contract tests have
+        // them: squid's mTLS port and nghttpx both require a certificate from that CA.
+        let pki = crate::contract::pki();
+        let actors_ca = pki.actors_ca.cert_path();
         let intercept_if = actors[&Path::SquidIntercept].1.a_name.clone();
         let mut squid_config = SquidConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3128)),
@@ -532,8 +609,24 @@ impl Bench {
             "ssl_bump splice all".into(),
             "on_unsupported_protocol tunnel all".into(),
             "max_filedescriptors 65536".into(),
+            // What `SquidConfig::tls(..).client_ca(..)` writes: clientca= makes squid require
+            // and verify the client's certificate.
+            format!(
+                "https_port {SQUID_MTLS} tls-cert={} tls-key={} clientca={} tls-cafile={}",
+                pki.pep_cert.display(),
+                pki.pep_key.display(),
+                actors_ca.display(),
+                actors_ca.display()
+            ),
         ];
         let squid = Squid::start(&node, squid_config);
+        let nghttpx_addr: SocketAddr = NGHTTPX.parse().expect("nghttpx address");
+        let squid_plain = SocketAddr::from(([127, 0, 0, 1], 3128));
+        let nghttpx = Nghttpx::start(
+            &node,
+            NghttpxConfig::new(nghttpx_addr, squid_plain, &pki.pep_cert, &pki.pep_key)
+                .client_ca(&actors_ca),
+        );
         nft(
             &node,
             &format!(
@@ -603,16 +696,49 @@ impl Bench {
         o.policy = Some(policy.clone());
         let agent_nft = start(o);
 
+        // The contract paths: one actor each, its certificate written where the agent's
+        // `files` source reads it, the `headers` profile over mTLS.
+        let certs = CertDir::new();
+        let mut contract_agents = BTreeMap::new();
+        let mut contract_cgroups = BTreeMap::new();
+        for path in Path::CONTRACT {
+            let (pep, http) = match path {
+                Path::EgressMtls => (SQUID_MTLS, "1.1"),
+                Path::EgressH2 => (NGHTTPX, "2"),
+                _ => (NGHTTPX, "1.1"),
+            };
+            let id = contract_actor(path);
+            certs.write(&id, &client_cert(&pki.actors_ca, &id));
+            let cgroup = Cgroup::new();
+            let mut o = options(pep.into())
+                .actor(ActorSpec::new(&id, "bench", "bench", &cgroup).netns(&actors[&path].0));
+            o.config_extra = pep_toml(
+                "headers",
+                http,
+                &pki.pep_ca.cert_path(),
+                &files_source(certs.path()),
+            );
+            let agent = start(o);
+            wait_for_certificate(&agent, &id);
+            contract_agents.insert(path, agent);
+            contract_cgroups.insert(path, cgroup);
+        }
+
         let bench = Bench {
             agent_egress,
             agent_pep,
             agent_nft,
+            contract_agents,
+            nghttpx,
             squid,
             nginx,
             _dns: dns,
             ca,
+            _pki: pki,
+            _certs: certs,
             cgroup_egress,
             cgroup_pep,
+            contract_cgroups,
             _policy_dir: policy_dir,
             actors,
             veth_actor,
@@ -654,7 +780,7 @@ impl Bench {
         for path in self.paths() {
             // nginx and squid log a request when it ends, and a bulk request cut at the
             // deadline ends when they see the close: wait for the previous path's lines.
-            let (before_nginx, before_squid) = self.settled_logs();
+            let (before_nginx, before_squid, before_nghttpx) = self.settled_logs();
             let before_agent = self.path_agent(path).map(|a| a.connection_lines().len());
             let mut requests = 0;
             for tls in [false, true] {
@@ -691,7 +817,7 @@ impl Bench {
                 expect_clean(path, "check (bulk)", &out);
                 requests += out["requests"].as_u64().unwrap_or(0) + 1;
             }
-            let (after, squid_after) = self.settled_logs();
+            let (after, squid_after, _) = self.settled_logs();
             let from = |m: &BTreeMap<IpAddr, u64>, ip| m.get(&ip).copied().unwrap_or(0);
             let client = self.expected_client(path);
             let got = from(&after, client) - from(&before_nginx, client);
@@ -718,7 +844,7 @@ impl Bench {
             let via_squid = matches!(
                 path,
                 Path::EgressPep | Path::SquidExplicit | Path::SquidIntercept
-            );
+            ) || Path::CONTRACT.contains(&path);
             assert!(
                 if via_squid {
                     squid_seen >= 4
@@ -728,13 +854,84 @@ impl Bench {
                 "path {}: squid logged {squid_seen} requests",
                 path.name()
             );
+            if Path::CONTRACT.contains(&path) {
+                self.check_contract_path(path, before_squid, before_nghttpx);
+            }
         }
     }
 
-    /// nginx's requests by client and squid's line count, once neither has changed for half a
-    /// second (at most 10 s): a polled wait, not a fixed sleep.
-    fn settled_logs(&self) -> (BTreeMap<IpAddr, u64>, usize) {
-        let read = || (self.nginx.requests_by_client(), squid_lines(&self.squid));
+    /// The PEP of a contract path saw what the path names: every tunnel under the actor's
+    /// certificate; through nghttpx, HTTP/2 streams sharing a connection (`egress+h2`) or
+    /// HTTP/1.1 with a TLS connection per tunnel (`egress+nghttpx-h1`). Without this the
+    /// pooling figure could compare two paths that both pooled, or neither.
+    fn check_contract_path(&self, path: Path, squid_from: usize, nghttpx_from: usize) {
+        let cn = format!("CN={}", contract_actor(path));
+        if path == Path::EgressMtls {
+            let entries: Vec<_> = self
+                .squid
+                .access_log_entries()
+                .into_iter()
+                .skip(squid_from)
+                .filter(|e| e.method == "CONNECT")
+                .collect();
+            assert!(
+                entries.len() >= 12
+                    && entries.iter().all(|e| e
+                        .client_cert_subject
+                        .as_deref()
+                        .is_some_and(|s| s.contains(&cn))),
+                "path {}: squid's CONNECTs should all carry {cn}: {entries:#?}",
+                path.name()
+            );
+            return;
+        }
+        let entries: Vec<_> = self
+            .nghttpx
+            .access_log_entries()
+            .into_iter()
+            .skip(nghttpx_from)
+            .collect();
+        let alpn = if path == Path::EgressH2 {
+            "h2"
+        } else {
+            "http/1.1"
+        };
+        assert!(
+            entries.len() >= 12
+                && entries.iter().all(|e| e.method == "CONNECT"
+                    && e.alpn.as_deref() == Some(alpn)
+                    && e.client_subject.as_deref().is_some_and(|s| s.contains(&cn))),
+            "path {}: nghttpx's tunnels should all be {alpn} CONNECTs under {cn}: {entries:#?}",
+            path.name()
+        );
+        let ports: std::collections::BTreeSet<u16> =
+            entries.iter().map(|e| e.remote_port).collect();
+        let pooled = ports.len() <= egress_agent::tunnel::h2::MAX_CONNECTIONS_PER_KEY
+            && ports.len() < entries.len();
+        assert!(
+            if path == Path::EgressH2 {
+                pooled
+            } else {
+                ports.len() == entries.len()
+            },
+            "path {}: {} tunnels on {} connections to nghttpx (HTTP/2 pools them, HTTP/1.1 \
+             opens one each): {entries:#?}",
+            path.name(),
+            entries.len(),
+            ports.len()
+        );
+    }
+
+    /// nginx's requests by client, squid's line count and nghttpx's entry count, once none has
+    /// changed for half a second (at most 10 s): a polled wait, not a fixed sleep.
+    fn settled_logs(&self) -> (BTreeMap<IpAddr, u64>, usize, usize) {
+        let read = || {
+            (
+                self.nginx.requests_by_client(),
+                squid_lines(&self.squid),
+                self.nghttpx.access_log_entries().len(),
+            )
+        };
         let mut last = read();
         let mut stable_since = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -756,7 +953,10 @@ impl Bench {
             Path::Egress => Some(&self.agent_egress),
             Path::EgressPep => Some(&self.agent_pep),
             Path::NftAgent => Some(&self.agent_nft),
-            _ => None,
+            Path::EgressMtls | Path::EgressH2 | Path::EgressNghttpxH1 => {
+                self.contract_agents.get(&path)
+            }
+            Path::Direct | Path::SquidExplicit | Path::SquidIntercept => None,
         }
     }
 
@@ -768,6 +968,28 @@ impl Bench {
             Path::EgressPep => vec![self.agent_pep.pid(), self.squid.pid()],
             Path::SquidExplicit | Path::SquidIntercept => vec![self.squid.pid()],
             Path::NftAgent => vec![self.agent_nft.pid()],
+            Path::EgressMtls => vec![self.contract_agent(path).pid(), self.squid.pid()],
+            Path::EgressH2 | Path::EgressNghttpxH1 => vec![
+                self.contract_agent(path).pid(),
+                self.nghttpx.pid(),
+                self.squid.pid(),
+            ],
+        }
+    }
+
+    fn contract_agent(&self, path: Path) -> &Agent {
+        self.contract_agents
+            .get(&path)
+            .unwrap_or_else(|| panic!("path {} has no agent", path.name()))
+    }
+
+    /// The `egress+h2` agent's pool counters, from `egress-agent status --json`.
+    fn pool_run(&self) -> PoolRun {
+        let s = agent_status(self.contract_agent(Path::EgressH2));
+        let pool = &s["pools"][0];
+        PoolRun {
+            connections_opened: pool["connections_opened_total"].as_u64().unwrap_or(0),
+            streams_opened: pool["streams_opened_total"].as_u64().unwrap_or(0),
         }
     }
 
@@ -778,7 +1000,7 @@ impl Bench {
             Path::NftAgent => (&self.veth_actor, None),
             Path::Egress => (&self.actors[&path].0, Some(&self.cgroup_egress)),
             Path::EgressPep => (&self.actors[&path].0, Some(&self.cgroup_pep)),
-            _ => (&self.actors[&path].0, None),
+            _ => (&self.actors[&path].0, self.contract_cgroups.get(&path)),
         };
         let mut cmd = crate::process::command_in(&self.bins.load, Some(netns), cgroup);
         let port = if tls { 443 } else { 80 };
@@ -882,6 +1104,14 @@ impl Bench {
             ));
             results.short = Some(short);
         }
+        if paths.contains(&Path::EgressH2) {
+            let pool = self.pool_run();
+            progress(&format!(
+                "egress+h2: {} tunnels on {} pooled HTTP/2 connections",
+                pool.streams_opened, pool.connections_opened
+            ));
+            results.pool = Some(pool);
+        }
         results.elapsed = started.elapsed();
         results
     }
@@ -925,9 +1155,11 @@ impl Bench {
         if verify {
             args.push("--verify");
         }
-        let cpu_before = cpu_seconds(&pids);
+        let agent: Vec<u32> = self.path_agent(path).map(Agent::pid).into_iter().collect();
+        let (cpu_before, agent_before) = (cpu_seconds(&pids), cpu_seconds(&agent));
         let out = self.load(path, tls, &args);
         let cpu_s = cpu_seconds(&pids) - cpu_before;
+        let agent_cpu_s = cpu_seconds(&agent) - agent_before;
         expect_clean(path, &metric.name(), &out);
         let seconds = out["seconds"].as_f64().unwrap_or(f64::NAN);
         match metric {
@@ -948,6 +1180,7 @@ impl Bench {
                     value: bytes * 8.0 / seconds / 1e9,
                     units: bytes,
                     cpu_s,
+                    agent_cpu_s,
                     ..Sample::default()
                 }
             }
@@ -957,6 +1190,7 @@ impl Bench {
                 p50_us: out["latency_us"]["p50"].as_f64(),
                 p99_us: out["latency_us"]["p99"].as_f64(),
                 cpu_s,
+                agent_cpu_s,
             },
         }
     }
@@ -1114,6 +1348,10 @@ impl Bench {
         v.insert("squid", first_line(Command::new("squid").arg("-v")));
         v.insert("nginx", first_line(Command::new("nginx").arg("-v")));
         v.insert(
+            "nghttpx",
+            first_line(Command::new("nghttpx").arg("--version")),
+        );
+        v.insert(
             "agent",
             first_line(Command::new(&self.bins.agent).arg("--version")),
         );
@@ -1139,15 +1377,22 @@ impl Bench {
 
     /// The namespaces and processes, for an operator looking at a run in progress.
     pub fn describe(&self) -> String {
+        let contract: Vec<String> = self
+            .contract_agents
+            .values()
+            .map(|a| a.pid().to_string())
+            .collect();
         format!(
-            "node {} upstream {} (nginx pid {}) squid pid {} agents {} {} {}",
+            "node {} upstream {} (nginx pid {}) squid pid {} nghttpx pid {} agents {} {} {} {}",
             self.node.name(),
             self.upstream.name(),
             self.nginx.pid(),
             self.squid.pid(),
+            self.nghttpx.pid(),
             self.agent_egress.pid(),
             self.agent_pep.pid(),
-            self.agent_nft.pid()
+            self.agent_nft.pid(),
+            contract.join(" ")
         )
     }
 }
@@ -1170,6 +1415,42 @@ fn expect_clean(path: Path, what: &str, out: &Value) {
             path.name(),
             out["first_error"]
         );
+    }
+}
+
+/// The actor of a contract path: its id and its certificate's CN.
+fn contract_actor(path: Path) -> String {
+    format!("bench-{}", path.name().trim_start_matches("egress+"))
+}
+
+/// `egress-agent status --json` of `agent`.
+fn agent_status(agent: &Agent) -> Value {
+    let out = agent.control(&["status", "--json"]);
+    out.expect_success("egress-agent status --json");
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("egress-agent status printed no JSON ({e}): {}", out.stdout))
+}
+
+/// Waits until `agent` shows a certificate for `actor` (its `files` source has read it): until
+/// then the actor's connections are reset (`no_certificate`), and the checks would fail.
+fn wait_for_certificate(agent: &Agent, actor: &str) {
+    let cn = format!("CN={actor}");
+    let deadline = Instant::now() + T;
+    loop {
+        let s = agent_status(agent);
+        let found = s["actor_certs"].as_array().is_some_and(|certs| {
+            certs.iter().any(|c| {
+                c["actor"] == actor && c["subject"].as_str().is_some_and(|s| s.contains(&cn))
+            })
+        });
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never loaded {actor}'s certificate ({cn}): {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -1368,6 +1649,101 @@ pub fn targets(r: &Results) -> Vec<Target> {
     t
 }
 
+/// The paths of the HTTP/2 pooling figure, in its columns' order: (a) HTTP/1.1 over mTLS to
+/// squid, (b) HTTP/2 pooled through nghttpx, (c) HTTP/1.1 over mTLS through the same nghttpx,
+/// and plain TCP to squid for scale.
+pub const POOLING_PATHS: [Path; 4] = [
+    Path::EgressMtls,
+    Path::EgressH2,
+    Path::EgressNghttpxH1,
+    Path::EgressPep,
+];
+
+/// One row of the HTTP/2 pooling figure: one figure on each of [`POOLING_PATHS`].
+#[derive(Debug, Clone)]
+pub struct PoolingRow {
+    /// What the row measures, with its unit.
+    pub what: String,
+    /// The figure on each of [`POOLING_PATHS`], in that order.
+    pub values: [Option<f64>; 4],
+}
+
+impl PoolingRow {
+    /// (b) / (a): HTTP/2 pooled against HTTP/1.1 mTLS to squid (the figure issue 8 asks for).
+    pub fn h2_vs_mtls(&self) -> Option<f64> {
+        ratio(self.values[1], self.values[0])
+    }
+
+    /// (b) / (c): pooled against a TLS connection per tunnel through the same nghttpx.
+    pub fn h2_vs_nghttpx_h1(&self) -> Option<f64> {
+        ratio(self.values[1], self.values[2])
+    }
+
+    /// (b) / `egress+pep`: against plain TCP to squid, for scale.
+    pub fn h2_vs_plain(&self) -> Option<f64> {
+        ratio(self.values[1], self.values[3])
+    }
+}
+
+/// The HTTP/2 pooling figure: what a new actor connection costs on each of
+/// [`POOLING_PATHS`]. The first two rows are the setup time the path adds to a new
+/// connection (p50 connect-to-first-byte over `direct`'s), plain HTTP then TLS; then the
+/// latencies themselves, the connection rates and the CPU per connection. Empty when the run
+/// measured neither (a) nor (b).
+pub fn pooling(r: &Results) -> Vec<PoolingRow> {
+    if !POOLING_PATHS[..2]
+        .iter()
+        .any(|p| r.samples.keys().any(|(q, _)| q == p))
+    {
+        return Vec::new();
+    }
+    let row = |what: String, f: &dyn Fn(Path) -> Option<f64>| PoolingRow {
+        what,
+        values: POOLING_PATHS.map(f),
+    };
+    let mut rows = Vec::new();
+    for tls in [false, true] {
+        let kind = if tls { "TLS" } else { "plain HTTP" };
+        rows.push(row(
+            format!("setup time per new connection, {kind} (added p50 over direct, µs)"),
+            &|p| match (r.p50(p, tls), r.p50(Path::Direct, tls)) {
+                (Some(a), Some(d)) => Some(a - d),
+                _ => None,
+            },
+        ));
+    }
+    for tls in [false, true] {
+        let kind = if tls { "TLS" } else { "plain HTTP" };
+        rows.push(row(
+            format!("connect-to-first-byte p50, {kind} (µs)"),
+            &|p| r.p50(p, tls),
+        ));
+        rows.push(row(
+            format!("connect-to-first-byte p99, {kind} (µs)"),
+            &|p| r.p99(p, tls),
+        ));
+    }
+    for metric in Metric::ALL {
+        if matches!(metric, Metric::Rate { .. }) && r.samples.keys().any(|(_, m)| *m == metric) {
+            rows.push(row(format!("{} (conn/s)", metric.name()), &|p| {
+                r.median(p, metric)
+            }));
+        }
+    }
+    for tls in [false, true] {
+        let kind = if tls { "TLS" } else { "plain HTTP" };
+        rows.push(row(
+            format!("CPU of agent + PEP per 10,000 connections, {kind} (s)"),
+            &|p| r.cpu_per_10k(p, tls),
+        ));
+        rows.push(row(
+            format!("CPU of the agent alone per 10,000 connections, {kind} (s)"),
+            &|p| r.agent_cpu_per_10k(p, tls),
+        ));
+    }
+    rows
+}
+
 fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}"))
         .unwrap_or_else(|| "–".into())
@@ -1455,7 +1831,7 @@ pub fn markdown(r: &Results) -> String {
         ));
     }
     s.push_str(
-        "\n**CPU of the path's intermediaries (agent, squid), seconds per GB and per 10,000 connections**\n\n\
+        "\n**CPU of the path's intermediaries (agent, squid, nghttpx), seconds per GB and per 10,000 connections**\n\n\
          | path | per GB plain | per GB TLS | per 10k conns plain | per 10k conns TLS |\n|---|---|---|---|---|\n",
     );
     for &p in paths.iter().filter(|p| **p != Path::Direct) {
@@ -1499,6 +1875,42 @@ pub fn markdown(r: &Results) -> String {
             sh.rss_kib.last().copied().unwrap_or(0),
         ));
     }
+    let rows = pooling(r);
+    if !rows.is_empty() {
+        let digits = |what: &str| if what.starts_with("CPU") { 2 } else { 0 };
+        s.push_str(
+            "\n**HTTP/2 pooling: setup time per new connection vs HTTP/1.1 mTLS** (`headers` \
+             profile, the actor's certificate on every PEP connection). (a) `egress+mtls`: a TLS \
+             connection to squid's `https_port` per tunnel; (b) `egress+h2`: a CONNECT stream on \
+             the actor's pooled HTTP/2 connection to nghttpx, which opens a plain connection to \
+             squid per tunnel; (c) `egress+nghttpx-h1`: a TLS connection per tunnel to the same \
+             nghttpx. nghttpx is a hop (a) does not have: (b)/(c) is pooling alone, (b)/(a) \
+             includes the hop.\n\n\
+             | figure | (a) egress+mtls | (b) egress+h2 | (c) egress+nghttpx-h1 | egress+pep (plain TCP) | (b)/(a) | (b)/(c) | (b)/egress+pep |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        for row in &rows {
+            let d = digits(&row.what);
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                row.what,
+                fmt(row.values[0], d),
+                fmt(row.values[1], d),
+                fmt(row.values[2], d),
+                fmt(row.values[3], d),
+                fmt(row.h2_vs_mtls(), 2),
+                fmt(row.h2_vs_nghttpx_h1(), 2),
+                fmt(row.h2_vs_plain(), 2),
+            ));
+        }
+        if let Some(pool) = &r.pool {
+            s.push_str(&format!(
+                "\n`egress+h2`'s agent opened {} HTTP/2 connection(s) to nghttpx for {} tunnels \
+                 over the run.\n",
+                pool.connections_opened, pool.streams_opened
+            ));
+        }
+    }
     let t = targets(r);
     if !t.is_empty() {
         s.push_str("\n**Targets (issue 6)**\n\n| target | measured | verdict |\n|---|---|---|\n");
@@ -1527,6 +1939,7 @@ pub fn to_json(r: &Results, meta: Value) -> Value {
             "ratio_squid_intercept": ratio(r.median(*p, *m), r.median(Path::SquidIntercept, *m)),
             "reps": v.iter().map(|s| json!({
                 "value": s.value, "units": s.units, "p50_us": s.p50_us, "p99_us": s.p99_us, "cpu_s": s.cpu_s,
+                "agent_cpu_s": s.agent_cpu_s,
             })).collect::<Vec<_>>(),
         }));
     }
@@ -1558,6 +1971,17 @@ pub fn to_json(r: &Results, meta: Value) -> Value {
             "ok": s.ok, "rate": s.rate, "sockets_left": s.sockets_left, "conns_left": s.conns_left,
             "rss_kib": s.rss_kib,
         })),
+        "pooling": {
+            "paths": POOLING_PATHS.map(Path::name),
+            "rows": pooling(r).iter().map(|row| json!({
+                "figure": row.what, "values": row.values,
+                "h2_vs_mtls": row.h2_vs_mtls(), "h2_vs_nghttpx_h1": row.h2_vs_nghttpx_h1(),
+                "h2_vs_plain_tcp": row.h2_vs_plain(),
+            })).collect::<Vec<_>>(),
+            "pool": r.pool.as_ref().map(|p| json!({
+                "connections_opened": p.connections_opened, "streams_opened": p.streams_opened,
+            })),
+        },
         "targets": targets(r).iter().map(|t| json!({
             "target": t.what, "measured": t.measured, "bound": t.bound, "verdict": t.verdict(),
         })).collect::<Vec<_>>(),
@@ -1615,6 +2039,7 @@ mod tests {
             p50_us: p50,
             p99_us: p50,
             cpu_s: 0.5,
+            agent_cpu_s: 0.25,
         };
         r.samples.insert((Path::Direct, bulk), vec![s(10.0, None)]);
         r.samples.insert(
@@ -1642,5 +2067,67 @@ mod tests {
         assert!(md.contains("| egress | 9.20 (0.92 / 2.30) |"), "{md}");
         let j = to_json(&r, json!({}));
         assert_eq!(j["paths"]["egress"]["p50_us_plain"], json!(180.0));
+        // No contract path measured: no pooling figure.
+        assert!(pooling(&r).is_empty());
+        assert!(!md.contains("HTTP/2 pooling"), "{md}");
+    }
+
+    #[test]
+    fn pooling_figure_is_the_ratio_of_setup_times() {
+        let mut r = Results::default();
+        let rate = |tls| Metric::Rate {
+            tls,
+            concurrency: 1,
+        };
+        let s = |value, p50: f64| Sample {
+            value,
+            units: 1e4,
+            p50_us: Some(p50),
+            p99_us: Some(p50 * 2.0),
+            cpu_s: 2.0,
+            agent_cpu_s: 0.5,
+        };
+        for (path, plain, tls) in [
+            (Path::Direct, 100.0, 1000.0),
+            (Path::EgressMtls, 2100.0, 3000.0),
+            (Path::EgressH2, 600.0, 1800.0),
+            (Path::EgressNghttpxH1, 2600.0, 3400.0),
+        ] {
+            r.samples
+                .insert((path, rate(false)), vec![s(1e6 / plain, plain)]);
+            r.samples
+                .insert((path, rate(true)), vec![s(1e6 / tls, tls)]);
+        }
+        r.pool = Some(PoolRun {
+            connections_opened: 2,
+            streams_opened: 40,
+        });
+        let rows = pooling(&r);
+        // Added over direct: (600 - 100) / (2100 - 100) plain, (1800 - 1000) / (3000 - 1000) TLS.
+        assert!(rows[0].what.contains("setup time") && rows[0].what.contains("plain"));
+        assert_eq!(rows[0].h2_vs_mtls(), Some(0.25));
+        assert_eq!(rows[0].h2_vs_nghttpx_h1(), Some(0.2));
+        assert_eq!(rows[0].h2_vs_plain(), None, "egress+pep was not measured");
+        assert_eq!(rows[1].h2_vs_mtls(), Some(0.4));
+        let agent_cpu = rows
+            .iter()
+            .find(|r| r.what.starts_with("CPU of the agent alone"))
+            .unwrap();
+        // 0.5 s over 10,000 connections: 0.5 s per 10k.
+        assert_eq!(agent_cpu.values[1], Some(0.5));
+        let conn = rows
+            .iter()
+            .find(|r| r.what.starts_with("conn-plain-1"))
+            .unwrap();
+        assert!((conn.h2_vs_mtls().unwrap() - 3.5).abs() < 1e-9);
+        let md = markdown(&r);
+        assert!(
+            md.contains("| setup time per new connection, plain HTTP (added p50 over direct, µs) | 2000 | 500 | 2500 | – | 0.25 | 0.20 | – |"),
+            "{md}"
+        );
+        assert!(md.contains("opened 2 HTTP/2 connection(s) to nghttpx for 40 tunnels"));
+        let j = to_json(&r, json!({}));
+        assert_eq!(j["pooling"]["rows"][0]["h2_vs_mtls"], json!(0.25));
+        assert_eq!(j["pooling"]["pool"]["streams_opened"], json!(40));
     }
 }

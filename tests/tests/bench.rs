@@ -1,7 +1,8 @@
 //! The bench's short run (`egress_tests::bench`, `Profile::quick`): every path set up as
 //! `cargo xtask bench` sets it up, a fraction of a second per figure, every body byte checked
-//! against the pattern, every path checked to go through what it names. Nothing here is a
-//! timing assertion: the figures are printed, not judged.
+//! against the pattern, every path checked to go through what it names (for the HTTP/2
+//! pooling figure: pooled or not, under the actor's certificate). Nothing here is a timing
+//! assertion: the figures are printed, not judged.
 
 use egress_tests::bench::{self, Bench, Bins, Path, Profile};
 
@@ -40,6 +41,21 @@ fn every_path_delivers_correct_bytes() {
     ] {
         assert_eq!(r.idle[&path].open, profile.idle as u64, "{}", path.name());
     }
+    // The HTTP/2 pooling figure: every row has its ratio, and the pooled path's agent
+    // multiplexed its tunnels (the checks in `Bench::new` saw it per path; this is the run).
+    let rows = bench::pooling(&r);
+    assert!(!rows.is_empty());
+    for row in &rows {
+        assert!(
+            row.h2_vs_mtls().is_some() && row.h2_vs_nghttpx_h1().is_some(),
+            "pooling figure row without its ratio: {row:?}"
+        );
+    }
+    let pool = r.pool.clone().expect("egress+h2's pool counters");
+    assert!(
+        pool.connections_opened >= 1 && pool.streams_opened > 10 * pool.connections_opened,
+        "egress+h2 should carry many tunnels per HTTP/2 connection: {pool:?}"
+    );
     let short = r.short.expect("short run");
     assert_eq!(short.ok, profile.short);
     assert_eq!(

@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         bench::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     eprintln!(
-        "bench: setting up every path (namespaces, nginx, squid, three agents) and checking each one"
+        "bench: setting up every path (namespaces, nginx, squid, nghttpx, six agents) and checking each one"
     );
     let b = Bench::new(profile.clone(), Bins { load, agent });
     eprintln!("bench: {}", b.describe());
