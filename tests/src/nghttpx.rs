@@ -140,7 +140,8 @@ impl Nghttpx {
         let conf = render_config(dir.path(), &config);
         let conf_path = dir.path().join("nghttpx.conf");
         std::fs::write(&conf_path, &conf).expect("write nghttpx.conf");
-        let out = std::fs::File::create(dir.path().join("nghttpx.out")).expect("create nghttpx.out");
+        let out =
+            std::fs::File::create(dir.path().join("nghttpx.out")).expect("create nghttpx.out");
         let mut cmd = crate::process::command_in("nghttpx", Some(netns), None);
         // --conf: otherwise it reads /etc/nghttpx/nghttpx.conf.
         cmd.arg(format!("--conf={}", conf_path.display()))
@@ -332,7 +333,10 @@ mod tests {
 
     #[test]
     fn rejects_other_formats() {
-        assert_eq!(AccessEntry::parse("127.0.0.1 - - [x] \"CONNECT x:1 HTTP/2\" 200 0"), None);
+        assert_eq!(
+            AccessEntry::parse("127.0.0.1 - - [x] \"CONNECT x:1 HTTP/2\" 200 0"),
+            None
+        );
     }
 
     #[test]
