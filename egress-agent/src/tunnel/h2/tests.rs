@@ -39,7 +39,7 @@ struct Seen {
     requests: Mutex<Vec<(String, String, String)>>,
     /// Flood tunnels whose write failed (the client reset the stream).
     write_failures: AtomicUsize,
-    /// Echo tunnels that saw the client's END_STREAM and then wrote their answer.
+    /// Echo tunnels that saw the client's END_STREAM.
     echoed: AtomicUsize,
 }
 
@@ -267,8 +267,10 @@ async fn handle(
                 Err(_) => return,
             }
         }
-        if io.write_all(b"|eof").await.is_ok() && io.shutdown().await.is_ok() {
-            seen.echoed.fetch_add(1, Ordering::SeqCst);
+        // Counted before the answer, so a client that read `|eof` is counted already.
+        seen.echoed.fetch_add(1, Ordering::SeqCst);
+        if io.write_all(b"|eof").await.is_ok() {
+            let _ = io.shutdown().await;
         }
     });
     answer(StatusCode::OK)
