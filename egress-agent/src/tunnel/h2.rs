@@ -19,15 +19,20 @@
 //!   up to the PEP's own stream limit, not past it.
 //! - Dropping a [`Stream`] resets that stream (RST_STREAM CANCEL after END_STREAM), never the
 //!   connection. Shutting a stream's write side down sends END_STREAM (a half-close).
+//! - On a new TLS connection nothing is written after the handshake until the PEP has sent
+//!   its SETTINGS (or an alert): a PEP refusing the client certificate (TLS 1.3 says so only
+//!   after the handshake) is then reported as [`Error::Tls`] with its alert, not as a reset.
+//!   A PEP silent for [`SPEAKS_FIRST_WAIT`] (HTTP/2 lets it wait for the client's preface)
+//!   is remembered and not waited for again.
 //! - A connection without streams for [`IDLE_TIMEOUT`] is closed; every connection pings the
 //!   PEP every [`KEEP_ALIVE_INTERVAL`], so a dead PEP is noticed even while idle.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     io,
     pin::Pin,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -40,7 +45,7 @@ use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::{Notify, OwnedMutexGuard},
 };
@@ -63,6 +68,10 @@ pub const MAX_STREAMS: usize = 1000;
 pub const MIN_WINDOW: u32 = 65_535;
 /// Largest flow-control window HTTP/2 allows (2^31 - 1).
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// How long a new TLS connection waits for the PEP to speak first (see the module docs).
+pub const SPEAKS_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// Bound on the PEPs remembered as not speaking first.
+const MAX_SILENT_PEPS: usize = 64;
 /// The ALPN protocol id of HTTP/2 over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -197,6 +206,8 @@ struct Inner {
     settings: Settings,
     limits: Limits,
     keys: Mutex<HashMap<Key, Entry>>,
+    /// PEPs that send nothing before the client's preface (see [`Pool::hear_first`]).
+    silent: Mutex<HashSet<String>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
     streams: AtomicUsize,
@@ -213,7 +224,83 @@ struct Entry {
 }
 
 type Connection =
-    hyper::client::conn::http2::Connection<TokioIo<PepStream>, Empty<Bytes>, TokioExecutor>;
+    hyper::client::conn::http2::Connection<TokioIo<Watched>, Empty<Bytes>, TokioExecutor>;
+
+/// The connection to the PEP, remembering the first TLS error on it (a later alert, e.g.
+/// the PEP rejecting an expired certificate, otherwise reaches the opens only as
+/// "connection closed"), and first serving the bytes read before hyper took over (see
+/// [`Pool::hear_first`]).
+struct Watched {
+    io: PepStream,
+    prefix: Bytes,
+    tls_failure: Arc<OnceLock<String>>,
+}
+
+impl Watched {
+    fn watch<T>(&self, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &poll
+            && let Some(reason) = super::tls_reason(e)
+        {
+            let _ = self.tls_failure.set(reason);
+        }
+        poll
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let poll = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.watch(poll)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(poll)
+    }
+}
 
 /// One pooled HTTP/2 connection.
 struct Conn {
@@ -230,6 +317,8 @@ struct Conn {
     idle_since: Mutex<Instant>,
     /// Wakes the driver: the connection was closed, or its last stream ended.
     wake: Notify,
+    /// The first TLS error on the connection (see [`Watched`]).
+    tls_failure: Arc<OnceLock<String>>,
     /// Counts the connection out of [`Stats::connections`] when the last reference goes.
     pool: Weak<Inner>,
 }
@@ -366,6 +455,7 @@ impl Pool {
                 settings: settings.clamped(),
                 limits,
                 keys: Mutex::new(HashMap::new()),
+                silent: Mutex::new(HashSet::new()),
                 next_id: AtomicU64::new(1),
                 connections: AtomicUsize::new(0),
                 streams: AtomicUsize::new(0),
@@ -426,6 +516,15 @@ impl Pool {
                 Ok(Err(Attempt::Refused(status))) => return Err(Error::Refused(status)),
                 Ok(Err(Attempt::Http(e))) => e,
             };
+            if let Some(reason) = slot.conn.tls_failure.get() {
+                // TLS failed under HTTP/2: the PEP refused us; no other connection would fare
+                // better.
+                slot.conn.close();
+                return Err(Error::Tls {
+                    pep: key.pep.clone(),
+                    reason: reason.clone(),
+                });
+            }
             match unprocessed(&error) {
                 None => return Err(http_error(key, error)),
                 // The PEP refused the stream (over its limit): the connection is fine.
@@ -502,7 +601,7 @@ impl Pool {
                 waiting: self.inner.settings.max_streams,
             });
         };
-        let stream = dial().await?;
+        let mut stream = dial().await?;
         if let PepStream::Tls(tls) = &stream
             && tls.get_ref().1.alpn_protocol() != Some(ALPN_H2)
         {
@@ -513,7 +612,8 @@ impl Pool {
                     .into(),
             });
         }
-        let conn = tokio::time::timeout(response_timeout, self.handshake(key, stream))
+        let prefix = self.hear_first(key, &mut stream, response_timeout).await?;
+        let conn = tokio::time::timeout(response_timeout, self.handshake(key, stream, prefix))
             .await
             .map_err(|_| Error::Timeout(response_timeout))?
             .map_err(|e| http_error(key, e))?;
@@ -526,10 +626,62 @@ impl Pool {
         Ok((slot, Some(turn)))
     }
 
-    async fn handshake(&self, key: &Key, stream: PepStream) -> Result<Arc<Conn>, hyper::Error> {
+    /// Over TLS, waits for the PEP to speak first (its SETTINGS) before anything is written
+    /// after the handshake, and returns what it sent. In TLS 1.3 the PEP judges the client
+    /// certificate after the client's handshake is done; when it refuses, it sends an alert
+    /// and closes. Had we written meanwhile (the HTTP/2 preface), its close would turn into a
+    /// reset that discards the alert before we read it, and the refusal would be reported as
+    /// an anonymous connection failure. Costs half a round trip, on new connections only.
+    ///
+    /// HTTP/2 lets a server wait for the client's preface before sending its own: a PEP that
+    /// says nothing within [`SPEAKS_FIRST_WAIT`] is remembered as one that waits, and is not
+    /// waited for again.
+    async fn hear_first(
+        &self,
+        key: &Key,
+        stream: &mut PepStream,
+        response_timeout: Duration,
+    ) -> Result<Bytes, Error> {
+        if matches!(stream, PepStream::Plain(_)) || lock(&self.inner.silent).contains(&key.pep) {
+            return Ok(Bytes::new());
+        }
+        let wait = SPEAKS_FIRST_WAIT.min(response_timeout);
+        let mut buf = vec![0u8; 16 * 1024];
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Ok(n)) => {
+                // n == 0: the PEP closed; hyper's handshake and request report it.
+                buf.truncate(n);
+                Ok(Bytes::from(buf))
+            }
+            Ok(Err(e)) => Err(Error::Tls {
+                pep: key.pep.clone(),
+                reason: super::tls_reason(&e).unwrap_or_else(|| {
+                    format!("the PEP ended the connection right after the TLS handshake: {e}")
+                }),
+            }),
+            Err(_) => {
+                // Cancel-safe: rustls keeps whatever part of a record it has read.
+                let mut silent = lock(&self.inner.silent);
+                if silent.len() < MAX_SILENT_PEPS {
+                    silent.insert(key.pep.clone());
+                }
+                info!(pep = %key.pep, waited = ?wait,
+                    "the PEP sends nothing before the client's HTTP/2 preface: not waiting for it again");
+                Ok(Bytes::new())
+            }
+        }
+    }
+
+    async fn handshake(
+        &self,
+        key: &Key,
+        stream: PepStream,
+        prefix: Bytes,
+    ) -> Result<Arc<Conn>, hyper::Error> {
         // Many streams' small frames share this socket: Nagle would hold one stream's HEADERS
         // behind another's unacknowledged bytes (a delayed-ACK stall of ~40 ms).
         let _ = stream.tcp().set_nodelay(true);
+        let tls_failure = Arc::new(OnceLock::new());
         let s = self.inner.settings;
         let (sender, task) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -539,7 +691,11 @@ impl Pool {
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(Watched {
+                io: stream,
+                prefix,
+                tls_failure: tls_failure.clone(),
+            }))
             .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
@@ -550,6 +706,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             wake: Notify::new(),
+            tls_failure,
             pool: Arc::downgrade(&self.inner),
         });
         self.inner.connections.fetch_add(1, Ordering::AcqRel);

@@ -39,7 +39,7 @@ struct Seen {
     requests: Mutex<Vec<(String, String, String)>>,
     /// Flood tunnels whose write failed (the client reset the stream).
     write_failures: AtomicUsize,
-    /// Echo tunnels that saw the client's END_STREAM and then wrote their answer.
+    /// Echo tunnels that saw the client's END_STREAM.
     echoed: AtomicUsize,
 }
 
@@ -59,6 +59,9 @@ struct ServerOptions {
     /// How long a new connection waits before the server speaks (its SETTINGS come late,
     /// as from a distant PEP).
     delay: Duration,
+    /// Over TLS: says nothing until the client has sent something (HTTP/2 allows a server to
+    /// wait for the client's preface).
+    silent: bool,
 }
 
 impl TestPep {
@@ -85,10 +88,23 @@ impl TestPep {
                     match acceptor {
                         None => serve_h2(tcp, options, seen.clone(), goaway).await,
                         Some(acceptor) => {
-                            let Ok(tls) = acceptor.accept(tcp).await else {
+                            let Ok(mut tls) = acceptor.accept(tcp).await else {
                                 return;
                             };
-                            if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                            let mut first = Vec::new();
+                            if options.silent {
+                                // Reads through TLS: rustls may hold the bytes already.
+                                first = vec![0u8; 1024];
+                                let Ok(n) = tls.read(&mut first).await else {
+                                    return;
+                                };
+                                first.truncate(n);
+                            }
+                            let tls = Replay {
+                                first: Bytes::from(first),
+                                io: tls,
+                            };
+                            if tls.io.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
                                 serve_h2(tls, options, seen.clone(), goaway).await
                             } else {
                                 serve_h1(tls).await
@@ -120,6 +136,46 @@ impl TestPep {
             .iter()
             .map(|r| r.0.clone())
             .collect()
+    }
+}
+
+/// A connection whose first bytes were read already: they are read again first.
+struct Replay<T> {
+    first: Bytes,
+    io: T,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -211,8 +267,10 @@ async fn handle(
                 Err(_) => return,
             }
         }
-        if io.write_all(b"|eof").await.is_ok() && io.shutdown().await.is_ok() {
-            seen.echoed.fetch_add(1, Ordering::SeqCst);
+        // Counted before the answer, so a client that read `|eof` is counted already.
+        seen.echoed.fetch_add(1, Ordering::SeqCst);
+        if io.write_all(b"|eof").await.is_ok() {
+            let _ = io.shutdown().await;
         }
     });
     answer(StatusCode::OK)
@@ -458,6 +516,7 @@ async fn a_burst_learns_the_peps_stream_limit_before_piling_on() {
         ServerOptions {
             max_streams: Some(5),
             delay: Duration::from_millis(300),
+            ..ServerOptions::default()
         },
         None,
     )
@@ -811,6 +870,12 @@ struct Pki {
 }
 
 fn pki() -> Pki {
+    pki_with(false)
+}
+
+/// `require_client`: the server demands a client certificate from its CA (and the client
+/// config from [`tls_pep`] has none).
+fn pki_with(require_client: bool) -> Pki {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let dir = tempfile::tempdir().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -824,17 +889,27 @@ fn pki() -> Pki {
         .unwrap()
         .signed_by(&key, &ca, &ca_key)
         .unwrap();
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from(cert.der().to_vec())],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap();
+    let builder = if require_client {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap(),
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut server = builder
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
     server.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Pki {
         _dir: dir,
@@ -906,6 +981,75 @@ async fn over_tls_with_alpn_h2_and_refused_without() {
         "{err}"
     );
     assert_eq!(server.authorities(), ["echo.test:443"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pep_refusing_the_client_certificate_is_a_tls_error() {
+    // TLS 1.3: the client's handshake is done before the PEP judges its certificate; the
+    // alert comes after. It must surface as TLS every time, not as a lost "connection closed".
+    let pki = pki_with(true);
+    let server = TestPep::start(ServerOptions::default(), Some(pki.server.clone())).await;
+    let pep = tls_pep(server.addr, &pki);
+    let config = with_alpn_h2(&pep.tls.as_ref().unwrap().client_config());
+    let pool = Pool::new(Settings::default());
+    for _ in 0..20 {
+        let err = pool
+            .open(
+                &key("a1"),
+                tls_dial(&pep, config.clone()),
+                request("a1", ECHO),
+                T,
+            )
+            .await
+            .expect_err("no client certificate");
+        assert!(
+            matches!(&err, Error::Tls { reason, .. } if reason.contains("alert")),
+            "{err:?}"
+        );
+    }
+    assert!(server.authorities().is_empty());
+    assert!(lock(&pool.inner.keys).is_empty(), "nothing pooled");
+}
+
+#[tokio::test]
+async fn a_pep_that_waits_for_the_clients_preface_is_waited_for_once() {
+    let pki = pki();
+    let options = ServerOptions {
+        silent: true,
+        ..ServerOptions::default()
+    };
+    let server = TestPep::start(options, Some(pki.server.clone())).await;
+    let pep = tls_pep(server.addr, &pki);
+    let config = with_alpn_h2(&pep.tls.as_ref().unwrap().client_config());
+    let pool = Pool::new(Settings::default());
+    let start = Instant::now();
+    let mut first = pool
+        .open(
+            &key("a1"),
+            tls_dial(&pep, config.clone()),
+            request("a1", ECHO),
+            T,
+        )
+        .await
+        .expect("works, after the wait");
+    assert!(
+        start.elapsed() >= SPEAKS_FIRST_WAIT,
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(echo(&mut first, b"1").await, b"1|eof");
+    // Another connection (another actor) to the same PEP does not wait again.
+    let start = Instant::now();
+    let mut second = pool
+        .open(&key("a2"), tls_dial(&pep, config), request("a2", ECHO), T)
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < SPEAKS_FIRST_WAIT / 2,
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(echo(&mut second, b"2").await, b"2|eof");
 }
 
 /// The setup cost of one new tunnel: (a) TCP + TLS 1.3 + HTTP/1.1 CONNECT on a new
