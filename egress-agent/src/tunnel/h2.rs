@@ -14,9 +14,11 @@
 //!   processed is safe to retry). The streams already open on it finish undisturbed. A
 //!   stream the PEP refuses (REFUSED_STREAM) is retried once as well, without retiring its
 //!   connection.
-//! - The open that dials a connection keeps the key's dial turn until its CONNECT is answered
-//!   (the answer comes after the PEP's SETTINGS): a burst of opens then fills the connection
-//!   up to the PEP's own stream limit, not past it.
+//! - The open that dials a connection keeps the key's dial turn until the PEP's SETTINGS
+//!   are in force (h2 applies them as it writes our SETTINGS ACK, which [`Watched`] sees go
+//!   out), or until its own CONNECT is answered or fails: a burst of opens then fills the
+//!   connection up to the PEP's own stream limit, not past it, and a first CONNECT the PEP is
+//!   slow to answer (a blackholed destination) holds up none of the actor's other opens.
 //! - Dropping a [`Stream`] resets that stream (RST_STREAM CANCEL after END_STREAM), never the
 //!   connection. Shutting a stream's write side down sends END_STREAM (a half-close).
 //! - On a new TLS connection nothing is written after the handshake until the PEP has sent
@@ -228,12 +230,14 @@ type Connection =
 
 /// The connection to the PEP, remembering the first TLS error on it (a later alert, e.g.
 /// the PEP rejecting an expired certificate, otherwise reaches the opens only as
-/// "connection closed"), and first serving the bytes read before hyper took over (see
-/// [`Pool::hear_first`]).
+/// "connection closed"), first serving the bytes read before hyper took over (see
+/// [`Pool::hear_first`]), and telling when the PEP's SETTINGS are in force (see
+/// [`AckWatch`]).
 struct Watched {
     io: PepStream,
     prefix: Bytes,
     tls_failure: Arc<OnceLock<String>>,
+    ack: AckWatch,
 }
 
 impl Watched {
@@ -244,6 +248,76 @@ impl Watched {
             let _ = self.tls_failure.set(reason);
         }
         poll
+    }
+}
+
+/// Follows the frames the client writes, up to its first SETTINGS ACK. h2 applies the PEP's
+/// SETTINGS (its `SETTINGS_MAX_CONCURRENT_STREAMS` among them) in the same step that queues
+/// the ACK, so once the ACK has been written the stream limit the pool reads is the PEP's
+/// own. Dropped with the connection, which also ends every wait (see [`Conn::settled`]).
+struct AckWatch {
+    /// Set once the ACK is out.
+    settled: tokio::sync::watch::Sender<bool>,
+    /// Bytes still to pass before the next frame header: the client preface, then each
+    /// frame's payload.
+    skip: usize,
+    header: [u8; FRAME_HEADER],
+    have: usize,
+}
+
+/// The client connection preface (`PRI * HTTP/2.0...`), RFC 9113 section 3.4.
+const PREFACE_LEN: usize = 24;
+/// An HTTP/2 frame header: length (24 bits), type, flags, stream id (RFC 9113 section 4.1).
+const FRAME_HEADER: usize = 9;
+const FRAME_SETTINGS: u8 = 0x4;
+const FLAG_ACK: u8 = 0x1;
+
+impl AckWatch {
+    fn new() -> (AckWatch, tokio::sync::watch::Receiver<bool>) {
+        let (settled, rx) = tokio::sync::watch::channel(false);
+        let watch = AckWatch {
+            settled,
+            skip: PREFACE_LEN,
+            header: [0; FRAME_HEADER],
+            have: 0,
+        };
+        (watch, rx)
+    }
+
+    /// Takes in bytes the client has written (in order, each once).
+    fn wrote(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !*self.settled.borrow() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEADER {
+                self.have = 0;
+                let h = self.header;
+                if h[3] == FRAME_SETTINGS && h[4] & FLAG_ACK != 0 {
+                    self.settled.send_replace(true);
+                    return;
+                }
+                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            }
+        }
+    }
+
+    fn wrote_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        for buf in bufs {
+            if n == 0 {
+                break;
+            }
+            let take = n.min(buf.len());
+            self.wrote(&buf[..take]);
+            n -= take;
+        }
     }
 }
 
@@ -272,6 +346,9 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &poll {
+            this.ack.wrote(&buf[..*n]);
+        }
         this.watch(poll)
     }
 
@@ -282,6 +359,9 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            this.ack.wrote_vectored(bufs, *n);
+        }
         this.watch(poll)
     }
 
@@ -319,6 +399,8 @@ struct Conn {
     wake: Notify,
     /// The first TLS error on the connection (see [`Watched`]).
     tls_failure: Arc<OnceLock<String>>,
+    /// True once the PEP's SETTINGS are in force (see [`AckWatch`]).
+    settled: tokio::sync::watch::Receiver<bool>,
     /// Counts the connection out of [`Stats::connections`] when the last reference goes.
     pool: Weak<Inner>,
 }
@@ -337,6 +419,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Conn {
+    /// Returns once the PEP's SETTINGS are in force, or the connection is gone.
+    async fn settled(&self) {
+        let mut settled = self.settled.clone();
+        let _ = settled.wait_for(|s| *s).await;
+    }
+
     /// The PEP's `SETTINGS_MAX_CONCURRENT_STREAMS` as last received (our own initial
     /// assumption until its SETTINGS arrive).
     fn peer_max_streams(&self) -> usize {
@@ -499,10 +587,23 @@ impl Pool {
                 Some(slot) => (slot, None),
                 None => self.dial(key, &mut dial, response_timeout).await?,
             };
-            let attempt = tokio::time::timeout(response_timeout, connect(&slot, &request)).await;
-            // The answer on a fresh connection came after the PEP's SETTINGS (its first
-            // frame): the opens waiting for this dial now see the PEP's stream limit.
-            drop(turn);
+            let attempt = tokio::time::timeout(response_timeout, async {
+                let connect = connect(&slot, &request);
+                let Some(turn) = turn else {
+                    return connect.await;
+                };
+                // The opens waiting for this dial go on once the PEP's stream limit is known
+                // (or this CONNECT is answered, which comes after the PEP's SETTINGS).
+                tokio::pin!(connect);
+                tokio::select! {
+                    attempt = &mut connect => attempt,
+                    () = slot.conn.settled() => {
+                        drop(turn);
+                        connect.await
+                    }
+                }
+            })
+            .await;
             let error = match attempt {
                 Err(_) => return Err(Error::Timeout(response_timeout)),
                 Ok(Ok((io, status))) => {
@@ -545,9 +646,9 @@ impl Pool {
 
     /// Waits for the key's dial turn, then reserves on a connection another open dialed
     /// meanwhile, or dials one (if `dial` is still unused and the key has room). After a
-    /// dial, the turn is handed back still held: it is released once the first CONNECT on
-    /// the new connection is answered, so that a burst of opens does not pile onto the
-    /// connection before the PEP's SETTINGS say how many streams it takes.
+    /// dial, the turn is handed back still held: it is released once the PEP's SETTINGS are
+    /// in force (or the first CONNECT on the new connection is answered), so that a burst of
+    /// opens does not pile onto the connection before the PEP says how many streams it takes.
     async fn dial<F, Fut>(
         &self,
         key: &Key,
@@ -682,6 +783,7 @@ impl Pool {
         // behind another's unacknowledged bytes (a delayed-ACK stall of ~40 ms).
         let _ = stream.tcp().set_nodelay(true);
         let tls_failure = Arc::new(OnceLock::new());
+        let (ack, settled) = AckWatch::new();
         let s = self.inner.settings;
         let (sender, task) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -695,6 +797,7 @@ impl Pool {
                 io: stream,
                 prefix,
                 tls_failure: tls_failure.clone(),
+                ack,
             }))
             .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -707,6 +810,7 @@ impl Pool {
             idle_since: Mutex::new(Instant::now()),
             wake: Notify::new(),
             tls_failure,
+            settled,
             pool: Arc::downgrade(&self.inner),
         });
         self.inner.connections.fetch_add(1, Ordering::AcqRel);

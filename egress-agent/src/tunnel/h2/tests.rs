@@ -559,6 +559,95 @@ async fn a_burst_learns_the_peps_stream_limit_before_piling_on() {
     assert_eq!(dials.load(Ordering::SeqCst), 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_connect_the_pep_is_slow_to_answer_holds_up_no_other_open() {
+    // The first open of a new key dials (slowly, so the second arrives meanwhile and waits for
+    // the dial turn) and then asks for a destination the PEP answers only after 30 s. The
+    // second open must go on once the PEP's SETTINGS are in, on the same connection, well
+    // before the first's answer (or its own 3 s bound).
+    let pep = TestPep::start(ServerOptions::default(), None).await;
+    let pool = Pool::new(Settings::default());
+    let dials = Arc::new(AtomicUsize::new(0));
+    let slow_dial = {
+        let dial = pep.dial(&dials);
+        move || -> DialFuture {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                dial().await
+            })
+        }
+    };
+    let first = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.open(
+                &key("a1"),
+                slow_dial,
+                request("a1", SLOW),
+                Duration::from_secs(30),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut second = pool
+        .open(
+            &key("a1"),
+            pep.dial(&dials),
+            request("a1", ECHO),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("the second open is not held up by the first's unanswered CONNECT");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the second open waited {waited:?}, as long as the first's answer"
+    );
+    assert_eq!(echo(&mut second, b"ping").await, b"ping|eof");
+    assert_eq!(dials.load(Ordering::SeqCst), 1, "one connection for both");
+    assert!(
+        !first.is_finished(),
+        "the first is still waiting for its answer"
+    );
+    first.abort();
+}
+
+#[test]
+fn the_settings_ack_is_found_however_the_writes_are_cut() {
+    // The client preface, SETTINGS (12 bytes of payload), WINDOW_UPDATE, then the ACK.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend([0, 0, 12, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+    // A payload that looks like an ACK header must be skipped as payload.
+    bytes.extend([0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0, 0, 0, 0]);
+    bytes.extend([0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]);
+    let before_ack = bytes.len();
+    bytes.extend([0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0]);
+    for cut in 1..=bytes.len() {
+        let (mut watch, settled) = AckWatch::new();
+        for chunk in bytes[..before_ack].chunks(cut) {
+            watch.wrote(chunk);
+        }
+        assert!(!*settled.borrow(), "no ACK yet (writes of {cut})");
+        let (mut watch, settled) = AckWatch::new();
+        for chunk in bytes.chunks(cut) {
+            watch.wrote(chunk);
+        }
+        assert!(*settled.borrow(), "the ACK, in writes of {cut}");
+    }
+    // Vectored: only the n bytes written count.
+    let (mut watch, settled) = AckWatch::new();
+    let slices = [
+        io::IoSlice::new(&bytes[..30]),
+        io::IoSlice::new(&bytes[30..]),
+    ];
+    watch.wrote_vectored(&slices, bytes.len() - 1);
+    assert!(!*settled.borrow());
+    watch.wrote(&bytes[bytes.len() - 1..]);
+    assert!(*settled.borrow());
+}
+
 #[tokio::test]
 async fn connections_per_key_are_bounded() {
     let pep = TestPep::start(ServerOptions::default(), None).await;
