@@ -60,13 +60,62 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup toolchain name given to Debian's rustc-web.
 pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
 
+/// Free space a cold `cargo xtask test` wants for its target dir (measured: the debug, eBPF
+/// and bench release builds together came to about 6 GiB; see docs/testing.md), with room.
+const COLD_BUILD_GIB: u64 = 10;
+
 /// Runs the whole setup.
 pub fn run() -> anyhow::Result<()> {
+    report_disk();
     let toolchain = ensure_toolchain()?;
     ensure_bpffs()?;
     crate::manifests::ensure_validator()?;
     println!("setup: done (eBPF toolchain: {toolchain})");
     Ok(())
+}
+
+/// Says how much space the target dir's filesystem has, and warns when a cold build may not
+/// fit: a full disk shows up much later, as a linker killed by SIGBUS.
+fn report_disk() {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::image::repo_root().join("target"));
+    let dir = if target.exists() {
+        target.as_path()
+    } else {
+        crate::image::repo_root()
+    };
+    let Some(free_kib) = Command::new("df")
+        .args(["-Pk", "--"])
+        .arg(dir)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            // POSIX format: the second line's fourth field is the space available, in KiB.
+            out.lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+    else {
+        println!(
+            "setup: could not read the free space under {}",
+            dir.display()
+        );
+        return;
+    };
+    let free_gib = free_kib / (1024 * 1024);
+    println!("setup: {free_gib} GiB free under {}", dir.display());
+    if free_gib < COLD_BUILD_GIB {
+        println!(
+            "setup: WARNING: a cold `cargo xtask test` needs about {COLD_BUILD_GIB} GiB for \
+             {}; with less, the build may fail late (a linker killed by SIGBUS or `No space \
+             left on device`). Free space or point CARGO_TARGET_DIR elsewhere.",
+            target.display()
+        );
+    }
 }
 
 /// Installs what is missing and returns the rustup toolchain that builds the eBPF crate.
