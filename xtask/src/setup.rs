@@ -80,11 +80,11 @@ fn report_disk() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| crate::image::repo_root().join("target"));
-    let dir = if target.exists() {
-        target.as_path()
-    } else {
-        crate::image::repo_root()
-    };
+    // The filesystem it will be on: its nearest existing ancestor's.
+    let dir = target
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(crate::image::repo_root());
     let Some(free_kib) = Command::new("df")
         .args(["-Pk", "--"])
         .arg(dir)

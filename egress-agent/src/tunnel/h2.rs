@@ -15,7 +15,7 @@
 //!   stream the PEP refuses (REFUSED_STREAM) is retried once as well, without retiring its
 //!   connection.
 //! - The open that dials a connection keeps the key's dial turn until the PEP's SETTINGS
-//!   are in force (h2 applies them as it writes our SETTINGS ACK, which [`Watched`] sees go
+//!   are in force (h2 applies them as it writes our SETTINGS ACK, which the pool sees go
 //!   out), or until its own CONNECT is answered or fails: a burst of opens then fills the
 //!   connection up to the PEP's own stream limit, not past it, and a first CONNECT the PEP is
 //!   slow to answer (a blackholed destination) holds up none of the actor's other opens.
@@ -25,11 +25,11 @@
 //!   its SETTINGS (or an alert): a PEP refusing the client certificate (TLS 1.3 says so only
 //!   after the handshake) is then reported as [`Error::Tls`] with its alert, not as a reset.
 //!   A PEP silent for [`SPEAKS_FIRST_WAIT`] (HTTP/2 lets it wait for the client's preface)
-//!   is remembered and not waited for again.
+//!   is remembered for [`SILENT_FOR`] and not waited for meanwhile.
 //! - A connection without streams for [`IDLE_TIMEOUT`] is closed; every connection pings the
 //!   PEP every [`KEEP_ALIVE_INTERVAL`], so a dead PEP is noticed even while idle.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     future::Future,
     io,
     pin::Pin,
@@ -74,6 +74,9 @@ pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 pub const SPEAKS_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// Bound on the PEPs remembered as not speaking first.
 const MAX_SILENT_PEPS: usize = 64;
+/// How long a PEP found not to speak first is remembered as such (one slow answer must not
+/// label a PEP for the agent's lifetime).
+pub const SILENT_FOR: Duration = Duration::from_secs(600);
 /// The ALPN protocol id of HTTP/2 over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -209,7 +212,7 @@ struct Inner {
     limits: Limits,
     keys: Mutex<HashMap<Key, Entry>>,
     /// PEPs that send nothing before the client's preface (see [`Pool::hear_first`]).
-    silent: Mutex<HashSet<String>>,
+    silent: Mutex<HashMap<String, Instant>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
     streams: AtomicUsize,
@@ -258,6 +261,8 @@ impl Watched {
 struct AckWatch {
     /// Set once the ACK is out.
     settled: tokio::sync::watch::Sender<bool>,
+    /// The ACK was seen: nothing more to follow.
+    done: bool,
     /// Bytes still to pass before the next frame header: the client preface, then each
     /// frame's payload.
     skip: usize,
@@ -277,6 +282,7 @@ impl AckWatch {
         let (settled, rx) = tokio::sync::watch::channel(false);
         let watch = AckWatch {
             settled,
+            done: false,
             skip: PREFACE_LEN,
             header: [0; FRAME_HEADER],
             have: 0,
@@ -286,7 +292,7 @@ impl AckWatch {
 
     /// Takes in bytes the client has written (in order, each once).
     fn wrote(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() && !*self.settled.borrow() {
+        while !bytes.is_empty() && !self.done {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
                 self.skip -= n;
@@ -301,6 +307,7 @@ impl AckWatch {
                 self.have = 0;
                 let h = self.header;
                 if h[3] == FRAME_SETTINGS && h[4] & FLAG_ACK != 0 {
+                    self.done = true;
                     self.settled.send_replace(true);
                     return;
                 }
@@ -543,7 +550,7 @@ impl Pool {
                 settings: settings.clamped(),
                 limits,
                 keys: Mutex::new(HashMap::new()),
-                silent: Mutex::new(HashSet::new()),
+                silent: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 connections: AtomicUsize::new(0),
                 streams: AtomicUsize::new(0),
@@ -732,42 +739,54 @@ impl Pool {
     /// certificate after the client's handshake is done; when it refuses, it sends an alert
     /// and closes. Had we written meanwhile (the HTTP/2 preface), its close would turn into a
     /// reset that discards the alert before we read it, and the refusal would be reported as
-    /// an anonymous connection failure. Costs half a round trip, on new connections only.
+    /// an anonymous connection failure. Costs one round trip under TLS 1.3 (servers send
+    /// their first data once they have the client's Finished), on new connections only.
     ///
     /// HTTP/2 lets a server wait for the client's preface before sending its own: a PEP that
     /// says nothing within [`SPEAKS_FIRST_WAIT`] is remembered as one that waits, and is not
-    /// waited for again.
+    /// waited for again for [`SILENT_FOR`].
     async fn hear_first(
         &self,
         key: &Key,
         stream: &mut PepStream,
         response_timeout: Duration,
     ) -> Result<Bytes, Error> {
-        if matches!(stream, PepStream::Plain(_)) || lock(&self.inner.silent).contains(&key.pep) {
+        if matches!(stream, PepStream::Plain(_))
+            || lock(&self.inner.silent)
+                .get(&key.pep)
+                .is_some_and(|since| since.elapsed() < SILENT_FOR)
+        {
             return Ok(Bytes::new());
         }
         let wait = SPEAKS_FIRST_WAIT.min(response_timeout);
         let mut buf = vec![0u8; 16 * 1024];
         match tokio::time::timeout(wait, stream.read(&mut buf)).await {
-            Ok(Ok(n)) => {
-                // n == 0: the PEP closed; hyper's handshake and request report it.
-                buf.truncate(n);
-                Ok(Bytes::from(buf))
-            }
-            Ok(Err(e)) => Err(Error::Tls {
-                pep: key.pep.clone(),
-                reason: super::tls_reason(&e).unwrap_or_else(|| {
-                    format!("the PEP ended the connection right after the TLS handshake: {e}")
+            // n == 0: the PEP closed; hyper's handshake and request report it.
+            Ok(Ok(n)) => Ok(Bytes::copy_from_slice(&buf[..n])),
+            Ok(Err(e)) => match super::tls_reason(&e) {
+                Some(reason) => Err(Error::Tls {
+                    pep: key.pep.clone(),
+                    reason,
                 }),
-            }),
+                // Not TLS (a reset, an EOF without close_notify): the connection's failure,
+                // reported by the handshake and request as any other.
+                None => {
+                    debug!(pep = %key.pep, error = %e, "the PEP's connection failed right after the TLS handshake");
+                    Ok(Bytes::new())
+                }
+            },
             Err(_) => {
                 // Cancel-safe: rustls keeps whatever part of a record it has read.
                 let mut silent = lock(&self.inner.silent);
+                silent.retain(|_, since| since.elapsed() < SILENT_FOR);
                 if silent.len() < MAX_SILENT_PEPS {
-                    silent.insert(key.pep.clone());
+                    silent.insert(key.pep.clone(), Instant::now());
+                    info!(pep = %key.pep, waited = ?wait, remembered = ?SILENT_FOR,
+                        "the PEP sends nothing before the client's HTTP/2 preface: not waiting for it meanwhile");
+                } else {
+                    info!(pep = %key.pep, waited = ?wait,
+                        "the PEP sends nothing before the client's HTTP/2 preface (too many such PEPs to remember it)");
                 }
-                info!(pep = %key.pep, waited = ?wait,
-                    "the PEP sends nothing before the client's HTTP/2 preface: not waiting for it again");
                 Ok(Bytes::new())
             }
         }
