@@ -38,6 +38,19 @@ const ECHO_PORT: u16 = 2222;
 const PEP_NAME: &str = "pep.egress.test";
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// squid (which resolves the echo service's name) and nghttpx in front of it, on `netns`'s
+/// loopback: nghttpx's certificate from `pep_ca`, client certificates from `actors_ca` required.
+fn squid_behind_nghttpx(netns: &Netns, pep_ca: &TestCa, actors_ca: &TestCa) -> (Squid, Nghttpx) {
+    let squid = Squid::start(netns, SquidConfig::default().host(ECHO, LOOPBACK));
+    let (cert, key) = pep_ca.write_issued("nghttpx", &pep_ca.issue(&[PEP_NAME, "127.0.0.1"]));
+    let nghttpx = Nghttpx::start(
+        netns,
+        NghttpxConfig::new(SocketAddr::new(LOOPBACK, 3129), squid.addr(), &cert, &key)
+            .client_ca(&actors_ca.cert_path()),
+    );
+    (squid, nghttpx)
+}
+
 /// An actor's client identity: its TLS configuration towards nghttpx (ALPN h2, its own
 /// certificate from the actors' CA).
 fn client_tls(pep_ca: &TestCa, actors_ca: &TestCa, actor: &str, pep: SocketAddr) -> Tls {
@@ -176,13 +189,7 @@ fn many_streams_per_connection_through_nghttpx_to_squid() {
     let actors_ca = TestCa::with_name("egress test actors CA");
     let echo = SocketAddr::new(LOOPBACK, ECHO_PORT);
     let _upstream = Upstream::start(&netns, &upstream_ca, UpstreamSpec::new().banner(echo));
-    let squid = Squid::start(&netns, SquidConfig::default().host(ECHO, LOOPBACK));
-    let (cert, key) = pep_ca.write_issued("nghttpx", &pep_ca.issue(&[PEP_NAME, "127.0.0.1"]));
-    let nghttpx = Nghttpx::start(
-        &netns,
-        NghttpxConfig::new(SocketAddr::new(LOOPBACK, 3129), squid.addr(), &cert, &key)
-            .client_ca(&actors_ca.cert_path()),
-    );
+    let (squid, nghttpx) = squid_behind_nghttpx(&netns, &pep_ca, &actors_ca);
     let pep = nghttpx.addr();
     let a1 = client_tls(&pep_ca, &actors_ca, "a1", pep);
     let a2 = client_tls(&pep_ca, &actors_ca, "a2", pep);
@@ -261,13 +268,7 @@ fn a_client_certificate_from_another_ca_is_refused_as_tls() {
     let pep_ca = TestCa::with_name("egress test PEP CA");
     let actors_ca = TestCa::with_name("egress test actors CA");
     let other_ca = TestCa::with_name("another CA");
-    let squid = Squid::start(&netns, SquidConfig::default().host(ECHO, LOOPBACK));
-    let (cert, key) = pep_ca.write_issued("nghttpx", &pep_ca.issue(&[PEP_NAME, "127.0.0.1"]));
-    let nghttpx = Nghttpx::start(
-        &netns,
-        NghttpxConfig::new(SocketAddr::new(LOOPBACK, 3129), squid.addr(), &cert, &key)
-            .client_ca(&actors_ca.cert_path()),
-    );
+    let (_squid, nghttpx) = squid_behind_nghttpx(&netns, &pep_ca, &actors_ca);
     let pep = nghttpx.addr();
     let stranger = client_tls(&pep_ca, &other_ca, "a1", pep);
     let err = netns.run(move || {
