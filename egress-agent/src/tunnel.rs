@@ -117,6 +117,64 @@ impl Error {
     }
 }
 
+/// `AsyncRead` and `AsyncWrite` for an enum whose every variant holds one `Unpin` byte stream
+/// (boxed or not): each call goes to the variant's stream.
+macro_rules! delegate_io {
+    ($name:ident { $($variant:ident),+ $(,)? }) => {
+        impl AsyncRead for $name {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($name::$variant(s) => Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl AsyncWrite for $name {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($name::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($name::$variant(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $($name::$variant(s) => s.is_write_vectored(),)+
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($name::$variant(s) => Pin::new(s).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($name::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+
 /// The connection to the PEP: plain TCP or TLS over TCP.
 pub enum PepStream {
     /// Plain TCP.
@@ -135,64 +193,8 @@ impl PepStream {
     }
 }
 
-impl AsyncRead for PepStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PepStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for PepStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PepStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PepStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            PepStream::Plain(s) => s.is_write_vectored(),
-            PepStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PepStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    /// For TLS: close_notify, then the TCP half-close.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PepStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            PepStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+// For TLS, shutting down sends close_notify, then the TCP half-close.
+delegate_io!(PepStream { Plain, Tls });
 
 /// A tunnel's byte pipe: an HTTP/1.1 connection of its own, or a stream on a pooled HTTP/2
 /// connection.
@@ -223,63 +225,7 @@ impl crate::relay::Peer for TunnelIo {
     }
 }
 
-impl AsyncRead for TunnelIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            TunnelIo::Http1(s) => Pin::new(s).poll_read(cx, buf),
-            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for TunnelIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            TunnelIo::Http1(s) => Pin::new(s).poll_write(cx, buf),
-            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            TunnelIo::Http1(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            TunnelIo::Http1(s) => s.is_write_vectored(),
-            TunnelIo::Http2(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            TunnelIo::Http1(s) => Pin::new(s).poll_flush(cx),
-            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            TunnelIo::Http1(s) => Pin::new(s).poll_shutdown(cx),
-            TunnelIo::Http2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+delegate_io!(TunnelIo { Http1, Http2 });
 
 /// An open tunnel: the connection to the PEP after its 2xx answer, and any bytes the PEP
 /// already sent past that answer (a server-first upstream's banner can arrive with it).
