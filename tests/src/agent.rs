@@ -757,12 +757,7 @@ impl Agent {
 
     /// Sends SIGTERM and waits up to `timeout` for a graceful exit.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        use nix::sys::signal::{Signal, kill};
-        let _ = kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            Signal::SIGTERM,
-        );
-        crate::process::wait_timeout(&mut self.child, timeout)
+        crate::process::terminate(&mut self.child, timeout)
     }
 
     /// Runs `egress-agent ARGS --control-socket SOCKET` (e.g. `actor list`, `veth up ...`)

@@ -142,16 +142,8 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        use nix::sys::signal::{Signal, kill};
         // SIGTERM: fast shutdown of the master and its workers.
-        let _ = kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            Signal::SIGTERM,
-        );
-        if crate::process::wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::process::stop(&mut self.child, Duration::from_secs(5));
     }
 }
 

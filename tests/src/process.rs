@@ -177,6 +177,23 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
+/// Stops `child` the graceful way: SIGTERM, up to `grace` to exit, then SIGKILL; reaps it.
+pub fn stop(child: &mut Child, grace: Duration) {
+    if terminate(child, grace).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `child` SIGTERM and waits up to `timeout` for it to exit; `None` if it still runs.
+pub fn terminate(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    wait_timeout(child, timeout)
+}
+
 /// A running child that is killed and reaped on drop (e.g. a long-lived actor process).
 #[derive(Debug)]
 pub struct ChildGuard {

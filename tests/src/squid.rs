@@ -435,14 +435,8 @@ impl Squid {
 
 impl Drop for Squid {
     fn drop(&mut self) {
-        use nix::sys::signal::{Signal, kill};
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
         // shutdown_lifetime is 1 s; give it a little more before SIGKILL.
-        if crate::process::wait_timeout(&mut self.child, Duration::from_secs(3)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::process::stop(&mut self.child, Duration::from_secs(3));
     }
 }
 
