@@ -106,11 +106,31 @@ impl Policy {
     /// The policy when no file is given: every template has no rules, so the agent denies
     /// everything it would decide itself; templates still defer to the PEP when there is one.
     pub fn deny_all() -> Policy {
+        Policy::new(
+            Path::new("(no policy file)"),
+            TemplatePolicy::empty("no policy file"),
+        )
+    }
+
+    /// A policy from `origin` with only `default`; the parsers add the templates' entries.
+    fn new(origin: &Path, default: TemplatePolicy) -> Policy {
         Policy {
-            origin: PathBuf::from("(no policy file)"),
-            default: TemplatePolicy::empty("no policy file"),
+            origin: origin.to_path_buf(),
+            default,
             namespaced: HashMap::new(),
             any_namespace: HashMap::new(),
+        }
+    }
+
+    /// Adds the rules of template `name` in `namespace`, or in any namespace when `None`.
+    fn add(&mut self, namespace: Option<String>, name: String, rules: TemplatePolicy) {
+        match namespace {
+            Some(ns) => {
+                self.namespaced.entry(ns).or_default().insert(name, rules);
+            }
+            None => {
+                self.any_namespace.insert(name, rules);
+            }
         }
     }
 

@@ -151,8 +151,7 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
         None => TemplatePolicy::empty("default (no [default] in the policy file)"),
     };
 
-    let mut namespaced: HashMap<String, HashMap<String, TemplatePolicy>> = HashMap::new();
-    let mut any_namespace: HashMap<String, TemplatePolicy> = HashMap::new();
+    let mut policy = Policy::new(origin, default);
     // Where each (namespace, name) was first listed, for the duplicate message.
     let mut first_seen: HashMap<(Option<String>, String), usize> = HashMap::new();
     for entry in doc.template {
@@ -191,29 +190,17 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
         )?;
         let deny = compile_rules(text, origin, &label, "deny", entry.deny)?;
         let allow = compile_rules(text, origin, &label, "allow", entry.allow)?;
-        let policy = TemplatePolicy::new(
+        let rules = TemplatePolicy::new(
             &label,
             entry.pep.unwrap_or(true),
             entry.prefilter.is_some_and(|p| *p.get_ref()),
             deny,
             allow,
         );
-        match namespace {
-            Some(ns) => {
-                namespaced.entry(ns).or_default().insert(name, policy);
-            }
-            None => {
-                any_namespace.insert(name, policy);
-            }
-        }
+        policy.add(namespace, name, rules);
     }
 
-    Ok(Policy {
-        origin: origin.to_path_buf(),
-        default,
-        namespaced,
-        any_namespace,
-    })
+    Ok(policy)
 }
 
 pub(super) fn check_identity(what: &str, value: &str) -> Result<(), String> {

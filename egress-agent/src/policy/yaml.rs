@@ -97,8 +97,10 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
         }
     };
     let mut seen = HashMap::new();
-    let mut namespaced: HashMap<String, HashMap<String, TemplatePolicy>> = HashMap::new();
-    let mut any_namespace: HashMap<String, TemplatePolicy> = HashMap::new();
+    let mut policy = Policy::new(
+        origin,
+        TemplatePolicy::empty("default (no EgressPolicy names the template)"),
+    );
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let seed = DocumentSeed {
             seen: &mut seen,
@@ -112,22 +114,10 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Policy, Error> {
         else {
             continue;
         };
-        let policy = compile(&Document::label(&name, namespace.as_deref()), rules);
-        match namespace {
-            Some(ns) => {
-                namespaced.entry(ns).or_default().insert(name, policy);
-            }
-            None => {
-                any_namespace.insert(name, policy);
-            }
-        }
+        let rules = compile(&Document::label(&name, namespace.as_deref()), rules);
+        policy.add(namespace, name, rules);
     }
-    Ok(Policy {
-        origin: origin.to_path_buf(),
-        default: TemplatePolicy::empty("default (no EgressPolicy names the template)"),
-        namespaced,
-        any_namespace,
-    })
+    Ok(policy)
 }
 
 /// One `EgressPolicy` document, checked.
