@@ -880,17 +880,15 @@ pub fn try_admin_get(
 
 /// Polls `GET /readyz` until it answers 200; panics with the last answer after `timeout`.
 pub fn wait_admin_ready(netns: &Netns, addr: SocketAddr, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = try_admin_get(netns, addr, "/readyz");
-        if matches!(&last, Ok((200, _))) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!("/readyz on {addr} not 200 within {timeout:?}: {last:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::process::poll(
+        timeout,
+        Duration::from_millis(50),
+        || match try_admin_get(netns, addr, "/readyz") {
+            Ok((200, _)) => Ok(()),
+            last => Err(last),
+        },
+        |last| format!("/readyz on {addr} not 200 within {timeout:?}: {last:?}"),
+    )
 }
 
 #[cfg(test)]

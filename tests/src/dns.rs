@@ -160,19 +160,22 @@ impl Dns {
 
     /// Waits until a query for `name` is logged and returns it; panics with the log on timeout.
     pub fn wait_for_query(&self, name: &str, timeout: Duration) -> Query {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(q) = self.queries().into_iter().find(|q| q.name == name) {
-                return q;
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(20),
+            || {
+                self.queries()
+                    .into_iter()
+                    .find(|q| q.name == name)
+                    .ok_or(())
+            },
+            |()| {
+                format!(
                     "dnsmasq: no query for {name} within {timeout:?}\n{}",
                     self.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                )
+            },
+        )
     }
 
     fn diagnostics(&self) -> String {

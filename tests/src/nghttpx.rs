@@ -219,22 +219,26 @@ impl Nghttpx {
     /// Waits until the access log has at least `n` entries; panics with diagnostics on
     /// timeout.
     pub fn wait_for_entries(&self, n: usize, timeout: Duration) -> Vec<AccessEntry> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.access_log_entries();
-            if entries.len() >= n {
-                return entries;
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                let entries = self.access_log_entries();
+                if entries.len() >= n {
+                    Ok(entries)
+                } else {
+                    Err(entries)
+                }
+            },
+            |entries| {
+                format!(
                     "nghttpx: expected {n} access-log entries within {timeout:?}, have {}: \
                      {entries:#?}\n{}",
                     entries.len(),
                     self.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                )
+            },
+        )
     }
 
     /// The error log (nghttpx's own diagnostics).

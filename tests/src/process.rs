@@ -177,6 +177,24 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
+/// Calls `attempt` every `every` until it returns `Ok`, and returns that. Once `timeout` has
+/// passed, the next `Err` panics with `failed(that error)`: the last state seen, described.
+pub fn poll<T, E>(
+    timeout: Duration,
+    every: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+    failed: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(found) => return found,
+            Err(last) if Instant::now() >= deadline => panic!("{}", failed(last)),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
 /// Stops `child` the graceful way: SIGTERM, up to `grace` to exit, then SIGKILL; reaps it.
 pub fn stop(child: &mut Child, grace: Duration) {
     if terminate(child, grace).is_none() {

@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::netns::Netns;
 use crate::pki::TestCa;
@@ -140,17 +140,20 @@ impl Signer {
 
     /// Waits up to `timeout` until at least `n` certificates were issued; panics otherwise.
     pub fn wait_for_issued(&self, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.issued() < n {
-            if Instant::now() > deadline {
-                panic!(
-                    "signer: {} certificates issued within {timeout:?}, wanted {n}; requests: {:?}",
-                    self.issued(),
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(20),
+            || {
+                let issued = self.issued();
+                if issued >= n { Ok(()) } else { Err(issued) }
+            },
+            |issued| {
+                format!(
+                    "signer: {issued} certificates issued within {timeout:?}, wanted {n}; requests: {:?}",
                     self.requests()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                )
+            },
+        )
     }
 }
 
@@ -295,6 +298,8 @@ fn respond(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use egress_agent::certs::{SourceConfig, Store};
 
     use super::*;

@@ -374,21 +374,25 @@ impl Squid {
 
     /// Waits until the access log has at least `n` entries; panics with diagnostics on timeout.
     pub fn wait_for_entries(&self, n: usize, timeout: Duration) -> Vec<AccessEntry> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.access_log_entries();
-            if entries.len() >= n {
-                return entries;
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                let entries = self.access_log_entries();
+                if entries.len() >= n {
+                    Ok(entries)
+                } else {
+                    Err(entries)
+                }
+            },
+            |entries| {
+                format!(
                     "squid: expected {n} access-log entries within {timeout:?}, have {}: {entries:#?}\n{}",
                     entries.len(),
                     self.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                )
+            },
+        )
     }
 
     /// Waits for the first access-log entry that satisfies `pred` (e.g. method and URI);
@@ -398,20 +402,20 @@ impl Squid {
         timeout: Duration,
         pred: impl Fn(&AccessEntry) -> bool,
     ) -> AccessEntry {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.access_log_entries();
-            if let Some(e) = entries.iter().find(|e| pred(e)) {
-                return e.clone();
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                let entries = self.access_log_entries();
+                entries.iter().find(|e| pred(e)).cloned().ok_or(entries)
+            },
+            |entries| {
+                format!(
                     "squid: no matching access-log entry within {timeout:?}: {entries:#?}\n{}",
                     self.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                )
+            },
+        )
     }
 
     /// Waits for the entry with this method and URI (`%ru`, the authority for CONNECT).

@@ -104,20 +104,24 @@ impl UdpEcho {
 
     /// Waits until at least `n` datagrams were echoed; panics with what was seen on timeout.
     pub fn wait_for_peers(&self, n: usize, timeout: Duration) -> Vec<SocketAddr> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let peers = self.peers();
-            if peers.len() >= n {
-                return peers;
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(10),
+            || {
+                let peers = self.peers();
+                if peers.len() >= n {
+                    Ok(peers)
+                } else {
+                    Err(peers)
+                }
+            },
+            |peers| {
+                format!(
                     "udp echo {}: expected {n} datagrams within {timeout:?}, saw {peers:?}",
                     self.addr
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                )
+            },
+        )
     }
 
     fn lines(&self) -> Vec<String> {

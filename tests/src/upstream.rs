@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -197,20 +197,20 @@ impl Upstream {
 
     /// Waits until at least `n` connections are recorded; panics with what was seen on timeout.
     pub fn wait_for_seen(&self, n: usize, timeout: Duration) -> Vec<Seen> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let seen = self.seen();
-            if seen.len() >= n {
-                return seen;
-            }
-            if Instant::now() >= deadline {
-                panic!(
+        crate::process::poll(
+            timeout,
+            Duration::from_millis(20),
+            || {
+                let seen = self.seen();
+                if seen.len() >= n { Ok(seen) } else { Err(seen) }
+            },
+            |seen| {
+                format!(
                     "upstream: expected {n} connections within {timeout:?}, saw {}: {seen:#?}",
                     seen.len()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                )
+            },
+        )
     }
 
     /// Connections accepted so far by the listener bound to `addr` (counted at accept,

@@ -79,23 +79,20 @@ fn status(agent: &Agent) -> serde_json::Value {
 
 /// Waits until `status` shows `actor`'s certificate subject containing `cn`.
 fn wait_for_subject(agent: &Agent, actor: &str, cn: &str) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let s = status(agent);
-        let cert = s["actor_certs"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["actor"] == actor).cloned());
-        if let Some(c) = &cert
-            && c["subject"].as_str().is_some_and(|s| s.contains(cn))
-        {
-            return c.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "status never showed {actor}'s certificate {cn}: {s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    process::poll(
+        T,
+        Duration::from_millis(100),
+        || {
+            let s = status(agent);
+            s["actor_certs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["actor"] == actor))
+                .filter(|c| c["subject"].as_str().is_some_and(|s| s.contains(cn)))
+                .cloned()
+                .ok_or(s)
+        },
+        |s| format!("status never showed {actor}'s certificate {cn}: {s:#}"),
+    )
 }
 
 #[test]
@@ -567,23 +564,23 @@ fn http2_pools_each_actor_on_its_own_connection_with_many_tunnels() {
     );
     // squid logs a tunnel when it closes, and nghttpx closes its side a moment after the
     // stream ends: wait until all are logged.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let connects = squid
-            .access_log_entries()
-            .iter()
-            .filter(|e| e.method == "CONNECT" && e.uri == format!("{NAME}:443"))
-            .count();
-        if connects == 2 * PER_ACTOR {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "squid logged {connects} CONNECTs, not {}",
-            2 * PER_ACTOR
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    process::poll(
+        T,
+        Duration::from_millis(100),
+        || {
+            let connects = squid
+                .access_log_entries()
+                .iter()
+                .filter(|e| e.method == "CONNECT" && e.uri == format!("{NAME}:443"))
+                .count();
+            if connects == 2 * PER_ACTOR {
+                Ok(())
+            } else {
+                Err(connects)
+            }
+        },
+        |connects| format!("squid logged {connects} CONNECTs, not {}", 2 * PER_ACTOR),
+    );
     assert_eq!(
         upstream.seen_on(topo.upstream_addr(443)).len(),
         2 * PER_ACTOR
