@@ -252,10 +252,13 @@ pub struct CertStatus {
     pub not_after: Option<SystemTime>,
     /// Its generation.
     pub generation: Option<u64>,
-    /// The last failure to get or load a certificate, cleared by the next success.
+    /// The last failure to get or load a certificate, cleared by the next success; else, for
+    /// a certificate in place but unusable now (expired, not yet valid), why.
     pub last_error: Option<String>,
     /// How many times a new certificate replaced the previous one.
     pub renewals: u64,
+    /// Whether a tunnel of the actor could present a valid certificate this moment.
+    pub usable: bool,
 }
 
 fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -559,6 +562,8 @@ impl Slot {
     }
 
     fn status(&self) -> CertStatus {
+        // Before the state's lock is taken below: `current` takes it too.
+        let now = self.current(SystemTime::now());
         let state = lock(&self.state);
         let current = state.current.as_ref();
         CertStatus {
@@ -567,8 +572,12 @@ impl Slot {
             serial: current.map(|c| c.serial.clone()),
             not_after: current.map(|c| c.not_after),
             generation: current.map(|c| c.generation),
-            last_error: state.last_error.clone(),
+            last_error: state
+                .last_error
+                .clone()
+                .or_else(|| now.as_ref().err().map(ToString::to_string)),
             renewals: state.renewals,
+            usable: now.is_ok(),
         }
     }
 }

@@ -830,9 +830,12 @@ impl Collector for PepLinks {
                 None,
                 MetricType::Gauge,
             )?;
-            for (pep, actor, usable) in ctx.actor_certs_usable() {
-                let labels = [("pep", pep.as_str()), ("actor", actor.as_str())];
-                ConstGauge::new(i64::from(usable)).encode(family.encode_family(&labels)?)?;
+            for (pep, all) in &certs {
+                for cert in all {
+                    let labels = [("pep", pep.as_str()), ("actor", cert.actor.as_str())];
+                    ConstGauge::new(i64::from(cert.usable))
+                        .encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         let pools = ctx.pools();

@@ -430,39 +430,9 @@ impl Context {
         let mut all: Vec<_> = self
             .connectors
             .iter()
-            .filter_map(|(name, c)| {
-                c.certs().map(|store| {
-                    let mut all = store.status();
-                    // A certificate in place but unusable now (expired, not yet valid) says so.
-                    for cert in &mut all {
-                        if cert.last_error.is_none()
-                            && let Err(e) = store.current(&cert.actor)
-                        {
-                            cert.last_error = Some(e.to_string());
-                        }
-                    }
-                    (name.clone(), all)
-                })
-            })
+            .filter_map(|(name, c)| c.certs().map(|store| (name.clone(), store.status())))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
-    /// Every actor with per-actor certificates, as `(pep name, actor, usable now)`: whether a
-    /// tunnel of it could present a valid certificate this moment.
-    pub fn actor_certs_usable(&self) -> Vec<(String, String, bool)> {
-        let mut all = Vec::new();
-        for (name, connector) in &self.connectors {
-            let Some(store) = connector.certs() else {
-                continue;
-            };
-            for cert in store.status() {
-                let usable = store.current(&cert.actor).is_ok();
-                all.push((name.clone(), cert.actor, usable));
-            }
-        }
-        all.sort();
         all
     }
 
