@@ -403,16 +403,18 @@ impl Connector {
         request: Request<Empty<Bytes>>,
         actor_id: &str,
     ) -> Result<Tunnel, Error> {
-        let (tls, generation) = self.tls_for(actor_id)?;
+        let cert = self.actor_cert(actor_id)?;
         let timeout = self.pep.response_timeout;
         if let Some(pool) = &self.h2 {
             let key = h2::Key {
                 pep: self.pep.name.clone(),
                 actor: actor_id.to_string(),
-                generation,
+                generation: cert.as_ref().map_or(0, |c| c.generation),
             };
+            // The TLS configuration is made only if the pool has to dial.
+            let dial = || self.connect_with(self.tls_with(cert));
             let stream = pool
-                .open(&key, || self.connect_with(tls), request, timeout)
+                .open(&key, dial, request, timeout)
                 .await
                 .map_err(|e| match e {
                     Error::Http(e) if self.tls.is_some() => self.tls_error(e),
@@ -425,7 +427,7 @@ impl Connector {
                 status,
             });
         }
-        let stream = self.connect_with(tls).await?;
+        let stream = self.connect_with(self.tls_with(cert)).await?;
         match tokio::time::timeout(timeout, exchange(stream, request)).await {
             Err(_) => Err(Error::Timeout(timeout)),
             Ok(Err(Error::Http(e))) if self.tls.is_some() => Err(self.tls_error(e)),
@@ -433,20 +435,27 @@ impl Connector {
         }
     }
 
-    /// The TLS configuration for `actor_id`'s connections and its certificate generation (0
-    /// without per-actor certificates): fails when the actor has no valid certificate now.
-    fn tls_for(&self, actor_id: &str) -> Result<(Option<Arc<rustls::ClientConfig>>, u64), Error> {
-        let (Some(base), Some(certs)) = (&self.tls, &self.certs) else {
-            return Ok((self.tls.clone(), 0));
+    /// `actor_id`'s certificate valid now, when this PEP takes per-actor certificates over
+    /// TLS (`None` otherwise): fails when the actor has no valid certificate now.
+    fn actor_cert(&self, actor_id: &str) -> Result<Option<crate::certs::Current>, Error> {
+        match (&self.tls, &self.certs) {
+            (Some(_), Some(certs)) => Ok(Some(certs.current(actor_id)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The TLS configuration of a new connection: presenting `cert` (an actor's), or as
+    /// configured (the agent-wide certificate, if any) without one.
+    fn tls_with(&self, cert: Option<crate::certs::Current>) -> Option<Arc<rustls::ClientConfig>> {
+        let (Some(base), Some(cert)) = (&self.tls, cert) else {
+            return self.tls.clone();
         };
-        let current = certs.current(actor_id)?;
-        let generation = current.generation;
         let mut config = (**base).clone();
-        config.client_auth_cert_resolver = Arc::new(current);
+        config.client_auth_cert_resolver = Arc::new(cert);
         // A resumed session would carry another handshake's (another certificate's)
         // authentication: every connection does a full handshake with its actor's certificate.
         config.resumption = rustls::client::Resumption::disabled();
-        Ok((Some(Arc::new(config)), generation))
+        Some(Arc::new(config))
     }
 
     /// A connection to the PEP, TLS done if configured (with the agent-wide certificate if
