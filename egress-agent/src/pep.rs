@@ -20,6 +20,8 @@ use http::{HeaderName, HeaderValue};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use serde::Deserialize;
 
+use crate::tunnel::h2;
+
 /// Default bound on TCP connect + TLS handshake with the PEP.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default bound on the PEP's answer to CONNECT.
@@ -244,7 +246,7 @@ pub struct Pep {
     /// `substrate`: the header carrying the derived name (SNI, Host, DNS) as a hint.
     pub hint_header: HeaderName,
     /// HTTP/2 windows and bounds (with `http = "2"`).
-    pub http2: Http2,
+    pub http2: h2::Settings,
     /// TLS to the PEP; `None`: plain TCP (a PEP on the same host or a trusted network only).
     pub tls: Option<Tls>,
     /// `Proxy-Authorization` sent on every CONNECT.
@@ -270,7 +272,7 @@ impl Pep {
             profile: Profile::Headers,
             http: HttpVersion::Http1,
             hint_header: HeaderName::from_static(HEADER_CONNECT_AUTHORITY),
-            http2: Http2::default(),
+            http2: h2::Settings::default(),
             tls: None,
             authorization: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -386,7 +388,7 @@ impl Pep {
             pep.hint_header = Headers::check_name("hint_header", hint)?;
         }
         if let Some(http2) = &file.http2 {
-            pep.http2 = Http2::from_file(http2)?;
+            pep.http2 = http2_from_file(http2)?;
         }
         if let Some(ms) = connect_timeout_ms {
             pep.connect_timeout = nonzero_ms("--pep-connect-timeout-ms", ms)?;
@@ -678,77 +680,41 @@ impl HttpVersion {
     }
 }
 
-/// Default most concurrent tunnels (streams) on one HTTP/2 connection.
-pub const DEFAULT_H2_MAX_STREAMS: u32 = 100;
-/// Default HTTP/2 stream receive window: 4 MiB, a bulk transfer's bandwidth-delay product.
-pub const DEFAULT_H2_STREAM_WINDOW: u32 = 4 << 20;
-/// Default HTTP/2 connection receive window: 16 MiB, shared by the connection's streams.
-pub const DEFAULT_H2_CONNECTION_WINDOW: u32 = 16 << 20;
-/// Largest window HTTP/2 allows (2^31 - 1).
-const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
-
-/// `[pep.http2]`: windows and bounds of pooled HTTP/2 connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Http2 {
-    /// Most tunnels on one connection (the PEP's `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
-    pub max_streams: u32,
-    /// Receive window of each stream, in bytes.
-    pub stream_window: u32,
-    /// Receive window of each connection, in bytes.
-    pub connection_window: u32,
-}
-
-impl Default for Http2 {
-    fn default() -> Self {
-        Http2 {
-            max_streams: DEFAULT_H2_MAX_STREAMS,
-            stream_window: DEFAULT_H2_STREAM_WINDOW,
-            connection_window: DEFAULT_H2_CONNECTION_WINDOW,
+/// `[pep.http2]` checked against what HTTP/2 and the pool allow ([`h2::MAX_STREAMS`],
+/// [`h2::MIN_WINDOW`], [`h2::MAX_WINDOW`]); what is not given keeps the pool's default.
+fn http2_from_file(file: &Http2File) -> Result<h2::Settings, Error> {
+    fn check(
+        setting: &'static str,
+        value: Option<u64>,
+        (min, max): (u64, u64),
+        problem: &'static str,
+    ) -> Result<Option<u64>, Error> {
+        match value {
+            Some(value) if !(min..=max).contains(&value) => Err(Error::Http2 {
+                setting,
+                value,
+                problem,
+            }),
+            value => Ok(value),
         }
     }
-}
-
-impl Http2 {
-    fn from_file(file: &Http2File) -> Result<Http2, Error> {
-        let mut h2 = Http2::default();
-        for (setting, given, slot, min, max, problem) in [
-            (
-                "max_streams",
-                file.max_streams,
-                &mut h2.max_streams,
-                1u32,
-                1_000u32,
-                "give 1 to 1000",
-            ),
-            (
-                "stream_window",
-                file.stream_window,
-                &mut h2.stream_window,
-                65_535,
-                H2_MAX_WINDOW,
-                "give 65535 (HTTP/2's initial window) to 2147483647",
-            ),
-            (
-                "connection_window",
-                file.connection_window,
-                &mut h2.connection_window,
-                65_535,
-                H2_MAX_WINDOW,
-                "give 65535 (HTTP/2's initial window) to 2147483647",
-            ),
-        ] {
-            let Some(value) = given else { continue };
-            if value < u64::from(min) || value > u64::from(max) {
-                return Err(Error::Http2 {
-                    setting,
-                    value,
-                    problem,
-                });
-            }
-            *slot = value as u32;
-        }
-        Ok(h2)
-    }
+    const WINDOW: &str = "give 65535 (HTTP/2's initial window) to 2147483647";
+    let windows = (u64::from(h2::MIN_WINDOW), u64::from(h2::MAX_WINDOW));
+    let default = h2::Settings::default();
+    // The casts cannot truncate: each value was checked against its type's range.
+    Ok(h2::Settings {
+        max_streams: check(
+            "max_streams",
+            file.max_streams,
+            (1, h2::MAX_STREAMS as u64),
+            "give 1 to 1000",
+        )?
+        .map_or(default.max_streams, |v| v as usize),
+        stream_window: check("stream_window", file.stream_window, windows, WINDOW)?
+            .map_or(default.stream_window, |v| v as u32),
+        connection_window: check("connection_window", file.connection_window, windows, WINDOW)?
+            .map_or(default.connection_window, |v| v as u32),
+    })
 }
 
 fn nonzero_ms(setting: &'static str, ms: u64) -> Result<Duration, Error> {
@@ -1719,7 +1685,10 @@ mod tests {
             (Profile::Headers, HttpVersion::Http2)
         );
         assert_eq!(pep.http2.max_streams, 8);
-        assert_eq!(pep.http2.stream_window, DEFAULT_H2_STREAM_WINDOW);
+        assert_eq!(
+            pep.http2.stream_window,
+            h2::Settings::default().stream_window
+        );
         for bad in ["default", "none", "Squid", "a_b", ""] {
             assert!(
                 matches!(Pep::load_named(bad, &plain), Err(Error::Name(_))),
@@ -1733,14 +1702,32 @@ mod tests {
         ));
         for (key, value) in [
             ("max_streams", "0"),
+            ("max_streams", "1001"),
             ("stream_window", "100"),
+            ("stream_window", "4294967295"),
+            ("connection_window", "1"),
             ("connection_window", "4294967295"),
         ] {
             let f: PepFile =
                 toml::from_str(&format!("address = \"p:1\"\n[http2]\n{key} = {value}\n")).unwrap();
-            let err = Pep::load_named("x", &f).unwrap_err().to_string();
-            assert!(err.contains(key), "{err}");
+            let err = Pep::load_named("x", &f).unwrap_err();
+            assert!(
+                matches!(&err, Error::Http2 { setting, value: v, .. }
+                    if *setting == key && v.to_string() == value),
+                "{err}"
+            );
         }
+        // The bounds themselves are taken.
+        let f: PepFile = toml::from_str(
+            "address = \"p:1\"\n[http2]\nmax_streams = 1000\nstream_window = 65535\n\
+             connection_window = 2147483647\n",
+        )
+        .unwrap();
+        let h2 = Pep::load_named("x", &f).unwrap().http2;
+        assert_eq!(
+            (h2.max_streams, h2.stream_window, h2.connection_window),
+            (1000, 65_535, 2_147_483_647)
+        );
         assert!(toml::from_str::<PepFile>("http = \"3\"").is_err());
         assert!(toml::from_str::<PepFile>("profile = \"envoy\"").is_err());
     }

@@ -335,13 +335,7 @@ impl Connector {
             Some(source) => Some(crate::certs::Store::with_sockets(source, sockets.clone())?),
             None => None,
         };
-        let h2 = (pep.http == pep::HttpVersion::Http2).then(|| {
-            h2::Pool::new(h2::Settings {
-                max_streams: pep.http2.max_streams as usize,
-                stream_window: pep.http2.stream_window,
-                connection_window: pep.http2.connection_window,
-            })
-        });
+        let h2 = (pep.http == pep::HttpVersion::Http2).then(|| h2::Pool::new(pep.http2));
         let tls = pep.tls.as_ref().map(|t| match h2 {
             Some(_) => h2::with_alpn_h2(&t.client_config()),
             None => t.client_config(),

@@ -80,7 +80,7 @@ pub const SILENT_FOR: Duration = Duration::from_secs(600);
 /// The ALPN protocol id of HTTP/2 over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// How the pooled connections are sized (`[pep.http2]`).
+/// How the pooled connections are sized (`[pep.http2]`, checked where the config is read).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Most CONNECT streams on one connection (the PEP's own limit applies too).
@@ -107,39 +107,7 @@ impl Default for Settings {
     }
 }
 
-/// A [`Settings`] value outside what HTTP/2 (or the pool) allows.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SettingsError {
-    /// `max_streams` is 0 or above [`MAX_STREAMS`].
-    #[error("pep.http2.max_streams = {0}: give 1 to {MAX_STREAMS}")]
-    MaxStreams(usize),
-    /// A window outside [`MIN_WINDOW`]..=[`MAX_WINDOW`].
-    #[error("pep.http2.{name} = {value}: give {MIN_WINDOW} to {MAX_WINDOW} bytes")]
-    Window {
-        /// The setting.
-        name: &'static str,
-        /// Its value.
-        value: u32,
-    },
-}
-
 impl Settings {
-    /// Checks the values against what HTTP/2 and the pool allow (for config validation).
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        if self.max_streams == 0 || self.max_streams > MAX_STREAMS {
-            return Err(SettingsError::MaxStreams(self.max_streams));
-        }
-        for (name, value) in [
-            ("stream_window", self.stream_window),
-            ("connection_window", self.connection_window),
-        ] {
-            if !(MIN_WINDOW..=MAX_WINDOW).contains(&value) {
-                return Err(SettingsError::Window { name, value });
-            }
-        }
-        Ok(())
-    }
-
     /// The values brought into range (h2 asserts on windows above [`MAX_WINDOW`]).
     fn clamped(self) -> Settings {
         Settings {
@@ -538,8 +506,8 @@ impl Inner {
 }
 
 impl Pool {
-    /// An empty pool; `settings` out of range are brought into range (see
-    /// [`Settings::validate`] for the check that reports them).
+    /// An empty pool; `settings` out of range are brought into range (the config refuses
+    /// them: `[pep.http2]` in [`crate::pep`]).
     pub fn new(settings: Settings) -> Pool {
         Pool::with_limits(settings, Limits::default())
     }
